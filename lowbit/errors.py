@@ -1,0 +1,21 @@
+"""Exceptions lowbit raises for bad input; each message names the problem and the fix."""
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises on purpose."""
+
+
+class RecipeError(LowbitError, ValueError):
+    """A recipe (YAML file, dict or dataclass) asks for something invalid."""
+
+
+class CalibrationError(LowbitError, ValueError):
+    """Calibration data is empty, non-finite or unusable for a layer."""
+
+
+class DataError(LowbitError, FileNotFoundError):
+    """A dataset file is missing, truncated or malformed."""
+
+
+class CheckpointError(LowbitError, ValueError):
+    """A checkpoint is not safetensors, is damaged, or does not match the model."""

@@ -1,0 +1,60 @@
+"""Registry of reference models and their shipped Fashion-MNIST checkpoints.
+
+``create_model("resnet20")`` builds an untrained model; ``pretrained("resnet20")`` also
+loads the checkpoint shipped in ``lowbit/zoo/checkpoints`` (trained by ``lowbit train``;
+its JSON sidecar records the command, seed and test accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.checkpoint import load_into, sidecar_path
+from lowbit.errors import CheckpointError
+from lowbit.zoo.models import MLP, VGG, MobileNet, ResNet
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": lambda **kw: ResNet(blocks_per_stage=3, **kw),
+    "vgg": VGG,
+    "mobilenet": MobileNet,
+    "mlp": lambda in_size=28, **kw: MLP(in_features=in_size * in_size, **kw),
+}
+_TAKES_IN_SIZE = {"mlp"}
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_size: int = 28) -> nn.Module:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; the zoo has {list_models()}")
+    kw = {"in_channels": in_channels, "num_classes": num_classes}
+    if name in _TAKES_IN_SIZE:
+        kw["in_size"] = in_size
+    return _REGISTRY[name](**kw)
+
+
+def checkpoint_path(name: str, dataset: str = "fashion-mnist") -> Path:
+    return CHECKPOINT_DIR / f"{name}-{dataset}.safetensors"
+
+
+def pretrained(name: str, dataset: str = "fashion-mnist") -> nn.Module:
+    """The zoo model ``name`` with its shipped full-precision weights, in eval mode."""
+    path = checkpoint_path(name, dataset)
+    if not path.is_file():
+        raise CheckpointError(f"no shipped checkpoint {path.name}; train one with "
+                              f"`lowbit train --model {name} --dataset {dataset}`")
+    model = create_model(name)
+    return load_into(model, path).eval()
+
+
+def checkpoint_meta(name: str, dataset: str = "fashion-mnist") -> dict:
+    side = sidecar_path(checkpoint_path(name, dataset))
+    return json.loads(side.read_text()) if side.is_file() else {}
