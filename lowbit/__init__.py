@@ -1,0 +1,14 @@
+"""lowbit: accurate 2-, 3-, 4- and 8-bit PyTorch networks that provably run in integer arithmetic.
+
+    import lowbit
+    qmodel = lowbit.quantize(model, "ptq-w8a8", calib_data=loader)
+    print(lowbit.summary(qmodel))
+"""
+
+from lowbit.prepare import calibrate, quantize
+from lowbit.recipe import Recipe, list_recipes, load_recipe
+from lowbit.summary import stored_size_bytes, summary
+
+__version__ = "0.1.0"
+__all__ = ["Recipe", "__version__", "calibrate", "list_recipes", "load_recipe", "quantize", "stored_size_bytes",
+           "summary"]

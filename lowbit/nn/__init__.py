@@ -1,0 +1,5 @@
+"""Quantized layers: float Conv/Linear layers with a weight quantizer and an input quantizer."""
+
+from lowbit.nn.modules import QUANT_MODULES, QuantConv1d, QuantConv2d, QuantLinear, QuantMixin, is_quantized
+
+__all__ = ["QUANT_MODULES", "QuantConv1d", "QuantConv2d", "QuantLinear", "QuantMixin", "is_quantized"]

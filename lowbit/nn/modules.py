@@ -1,0 +1,86 @@
+"""Quantized Conv1d / Conv2d / Linear.
+
+Each is a subclass of the float layer it replaces, sharing that layer's weight and bias
+``Parameter`` objects (so the float parameters stay, and state-dict keys stay ``conv1.weight``),
+plus two quantizers:
+
+    y = layer(input_quantizer(x), weight_quantizer(W), b)
+
+Either quantizer may be ``None`` (that side stays float). ``isinstance(m, nn.Conv2d)`` still
+holds, so code that walks a model by layer type keeps working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lowbit.quant.base import Quantizer
+
+
+class QuantMixin:
+    weight_quantizer: Quantizer | None
+    input_quantizer: Quantizer | None
+
+    def _init_quant(self, weight_quantizer: Quantizer | None, input_quantizer: Quantizer | None) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    @classmethod
+    def from_float(cls, module: nn.Module, weight_quantizer: Quantizer | None,
+                   input_quantizer: Quantizer | None):
+        """A quantized layer sharing ``module``'s parameters (and buffers, hooks excluded)."""
+        q = cls.__new__(cls)
+        nn.Module.__init__(q)
+        q.__dict__.update({k: v for k, v in module.__dict__.items()
+                           if k not in ("_parameters", "_buffers", "_modules", "training")})
+        q._parameters = dict(module._parameters)
+        q._buffers = dict(module._buffers)
+        q._modules = dict(module._modules)
+        q.train(module.training)
+        q._init_quant(weight_quantizer, input_quantizer)
+        if weight_quantizer is not None and not bool(weight_quantizer.initialized):
+            weight_quantizer.init_from(q.weight.detach())
+        return q
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def to_float(self) -> nn.Module:
+        """The plain float layer (same parameters) without the quantizers."""
+        base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
+        m = base.__new__(base)
+        nn.Module.__init__(m)
+        m.__dict__.update({k: v for k, v in self.__dict__.items()
+                           if k not in ("_parameters", "_buffers", "_modules", "training")})
+        m._parameters, m._buffers = dict(self._parameters), dict(self._buffers)
+        m._modules = {k: v for k, v in self._modules.items() if k not in ("weight_quantizer", "input_quantizer")}
+        m.train(self.training)
+        return m
+
+
+class QuantConv1d(QuantMixin, nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(QuantMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear,
+}
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return isinstance(module, QuantMixin)

@@ -1,0 +1,209 @@
+"""Model surgery: recipe + float model -> quantized model.
+
+:func:`quantize` finds every Conv1d/Conv2d/Linear of any ``nn.Module``, resolves its recipe
+spec (defaults, ``layers`` overrides by glob, ``@first``/``@last``, ``skip``), swaps in the
+quantized layer (sharing the float parameters), and calibrates the activation quantizers on
+``calib_data`` if given. Layers it cannot quantize stay float and are listed in
+``qmodel.lowbit_report``. A failed call leaves the caller's model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.errors import CalibrationError, RecipeError
+from lowbit.nn.modules import QUANT_MODULES, QuantMixin
+from lowbit.quant import make_quantizer
+from lowbit.quant.base import Quantizer
+from lowbit.recipe import FIRST, LAST, Recipe, load_recipe
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize` did: the spec of each quantized layer, and the layers left float (with why)."""
+
+    recipe: Recipe
+    quantized: dict[str, dict] = field(default_factory=dict)
+    left_float: dict[str, str] = field(default_factory=dict)
+    calibration_batches: int = 0
+
+
+def quantizable_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Conv/Linear layers lowbit can swap, in ``named_modules()`` order, and those it cannot (with why)."""
+    ok, refused = {}, {}
+    functional = set()
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            functional.add(f"{name}.out_proj" if name else "out_proj")
+            refused[name] = "nn.MultiheadAttention uses in_proj_weight functionally; write attention with Linear layers to quantize it"
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMixin):
+            raise RecipeError(f"layer {name!r} is already quantized; quantize the float model instead")
+        base = next((b for b in QUANT_MODULES if isinstance(m, b)), None)
+        if base is None:
+            continue
+        if name in functional:
+            refused[name] = "out_proj of nn.MultiheadAttention is applied functionally, not through its forward"
+        elif type(m) not in QUANT_MODULES:
+            refused[name] = f"{type(m).__name__} is a subclass of {base.__name__} whose forward lowbit cannot wrap"
+        else:
+            ok[name] = m
+    return ok, refused
+
+
+def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict | None, dict | None]], dict[str, str]]:
+    """``{layer name: (weight spec, activation spec)}`` for every layer to quantize, plus layers left float."""
+    layers, left_float = quantizable_layers(model)
+    names = list(layers)
+    if not names:
+        raise RecipeError(f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer lowbit can quantize"
+                          + (f" (left float: {left_float})" if left_float else ""))
+    aliases = {FIRST: names[0], LAST: names[-1]}
+
+    def matches(pattern: str) -> list[str]:
+        if pattern in aliases:
+            return [aliases[pattern]]
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+    for pattern in list(recipe.layers) + recipe.skip:
+        if not matches(pattern):
+            shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+            raise RecipeError(f"recipe pattern {pattern!r} matches no quantizable layer; layers are: {shown}")
+    skipped = {n for p in recipe.skip for n in matches(p)}
+    plan = {}
+    for name in names:
+        if name in skipped:
+            left_float[name] = "skipped by the recipe"
+            continue
+        patterns = [p for p in recipe.layers if name in matches(p)]
+        w_spec, a_spec = recipe.spec_for(name, "weights", patterns), recipe.spec_for(name, "activations", patterns)
+        if w_spec is None and a_spec is None:
+            left_float[name] = "both weights and activations set to float by the recipe"
+            continue
+        plan[name] = (w_spec, a_spec)
+    return plan, left_float
+
+
+def build_quantizer(spec: dict | None, role: str, name: str) -> Quantizer | None:
+    if spec is None:
+        return None
+    opts = {k: v for k, v in spec.items() if k not in ("method", "bits", "granularity", "signed")}
+    signed = spec.get("signed", "auto")
+    try:
+        q = make_quantizer(spec["method"], bits=spec["bits"], role=role,
+                           signed=None if signed in ("auto", None) else bool(signed),
+                           granularity=spec.get("granularity"), **opts)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"layer {name!r} {role}s: {exc}") from None
+    q.name = f"{name}.{'weight' if role == 'weight' else 'input'}"
+    return q
+
+
+def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, *, inplace: bool = False,
+             calib_batches: int | None = None) -> nn.Module:
+    """Return a quantized copy of ``model`` (or ``model`` itself with ``inplace=True``).
+
+    ``recipe``: a :class:`~lowbit.recipe.Recipe`, dict, YAML path or shipped recipe name
+    (default: min-max W8A8, per-channel weights). ``calib_data``: any iterable of input
+    tensors, ``(input, target)`` pairs or keyword dicts; at most ``calib_batches`` are used.
+    Without calibration data, activation quantizers initialise from the first batch they see.
+    """
+    recipe = load_recipe(recipe if recipe is not None else Recipe())
+    plan, left_float = resolve_plan(model, recipe)
+    target = model if inplace else copy.deepcopy(model)
+    modules = dict(target.named_modules())
+    originals: dict[str, nn.Module] = {}
+    report = QuantReport(recipe, left_float=left_float)
+    try:
+        for name, (w_spec, a_spec) in plan.items():
+            layer = modules[name]
+            wq = build_quantizer(w_spec, "weight", name)
+            aq = build_quantizer(a_spec, "activation", name)
+            if wq is not None and not torch.isfinite(layer.weight).all():
+                raise RecipeError(f"layer {name!r}: its weight holds NaN or Inf; fix the model before quantizing")
+            qlayer = QUANT_MODULES[type(layer)].from_float(layer, wq, aq)
+            _set_submodule(target, name, qlayer)
+            originals[name] = layer
+            report.quantized[name] = {"weights": w_spec, "activations": a_spec}
+        if calib_data is not None:
+            report.calibration_batches = calibrate(target, calib_data, max_batches=calib_batches)
+    except Exception:
+        for name, layer in originals.items():  # undo the swap: the caller's model is left as it was
+            _set_submodule(target, name, layer)
+        raise
+    target.lowbit_report = report
+    return target
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _forward(model: nn.Module, batch) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(batch)
+    elif isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)) and batch:
+        model(batch[0])
+    else:
+        raise CalibrationError(f"calibration batches must be tensors, (input, target) pairs or dicts, "
+                               f"got {type(batch).__name__}")
+
+
+def input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    return {name: m.input_quantizer for name, m in model.named_modules()
+            if isinstance(m, QuantMixin) and m.input_quantizer is not None}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = None) -> int:
+    """Run ``data`` through ``model`` in eval mode, then set every activation quantizer's grid.
+
+    Returns the number of batches used. Raises :class:`CalibrationError` for an empty
+    loader or non-finite activations (naming the layer).
+    """
+    quantizers = input_quantizers(model)
+    if not quantizers:
+        return 0
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for q in quantizers.values():
+            q._reset_stats()
+            q.calibrating = True
+        for batch in data:
+            if max_batches is not None and seen >= max_batches:
+                break
+            _forward(model, batch)
+            seen += 1
+    finally:
+        for q in quantizers.values():
+            q.calibrating = False
+        model.train(was_training)
+    if seen == 0:
+        raise CalibrationError("the calibration data yielded no batches; pass a non-empty loader "
+                               "(e.g. a few hundred training images)")
+    unused = []
+    for name, q in quantizers.items():
+        try:
+            q.finalize()
+        except CalibrationError:
+            if q.signed is None:  # never reached by the data: initialise on first use instead
+                unused.append(name)
+                continue
+            raise
+    if unused:
+        warnings.warn(f"calibration never reached layer(s) {unused}; their activation grids will be set "
+                      "from the first batch they see", stacklevel=2)
+    return seen

@@ -1,0 +1,194 @@
+"""The one integer grid under every lowbit quantizer, and the fake-quant op on it.
+
+    q     = clamp(round(x / s + z), qmin, qmax)      # integers
+    x_hat = (q - z) * s                              # what the float model sees
+
+``s`` (step) and ``z`` (zero point) are per tensor, per channel along an axis, or per
+group of ``group_size`` consecutive elements of each output channel (weights). Methods
+differ only in how ``s`` is chosen or learned (DESIGN.md, "One idea at the core").
+
+:func:`fake_quant` is one autograd function for all of them. Its forward computes
+``(q - z) * s`` literally, so the fake-quantized tensor equals the integer tensor times the
+step bit for bit. Its backward is the straight-through estimator for ``x`` and, on request,
+one of two gradients for ``s``:
+
+- ``"lsq"`` (Esser et al. 2020, Eq. 3): ``d x_hat / d s = round(x/s) - x/s`` where
+  ``qmin < x/s + z < qmax``, ``qmin - z`` where ``x/s + z <= qmin`` and ``qmax - z`` where
+  ``x/s + z >= qmax``;
+- ``"clip"`` (PACT, Choi et al. 2018, Eq. 3, written for ``s = alpha / qmax``): only the
+  clipped terms, so ``d x_hat / d alpha = 1`` exactly where ``x >= alpha``.
+
+The ``x`` gradient is 1 strictly inside the range and 0 where clipped (or 1 everywhere
+with ``pass_through``).
+
+The ``s`` gradient is multiplied by ``grad_scale`` inside the backward (LSQ's ``g``), so the
+forward value of ``s`` is never perturbed by the usual ``(s - g s).detach() + g s`` trick.
+
+The zero point is added before rounding, ``round(x/s + z)``: for the usual integer ``z`` this
+is ``round(x/s) + z`` (up to ties under half-to-even), and it also serves SAWB's even level
+set, whose zero point is the half-integer ``(2^b - 1) / 2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROUND_MODES = ("half_even", "half_up")
+
+
+def int_range(bits: int, signed: bool, restricted: bool = False) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide code.
+
+    unsigned ``[0, 2^b - 1]``; signed ``[-2^(b-1), 2^(b-1) - 1]``; signed restricted
+    (symmetric) ``[-(2^(b-1) - 1), 2^(b-1) - 1]``.
+    """
+    check_bits(bits)
+    if not signed:
+        return 0, 2**bits - 1
+    if restricted and bits < 2:
+        raise ValueError("a restricted signed grid needs at least 2 bits (1 bit leaves only the level 0)")
+    return -(2 ** (bits - 1)) + int(restricted), 2 ** (bits - 1) - 1
+
+
+def check_bits(bits, where: str = "") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+        raise ValueError(f"{where}bits must be an integer from 1 to 16, got {bits!r}")
+    return bits
+
+
+def round_(x: torch.Tensor, mode: str = "half_even") -> torch.Tensor:
+    """Round to nearest: ties to even (``torch.round``) or ties away from zero upwards (``floor(x + 0.5)``)."""
+    if mode == "half_even":
+        return torch.round(x)
+    if mode == "half_up":
+        return torch.floor(x + 0.5)
+    raise ValueError(f"round mode must be one of {ROUND_MODES}, got {mode!r}")
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """Which elements share one step: ``tensor``, ``channel`` (along ``axis``) or ``group``.
+
+    ``group`` splits each output channel (axis 0) of a weight, flattened to
+    ``[C, K]``, into ``K / group_size`` consecutive groups with a step each.
+    Steps are stored compactly: ``[]`` per tensor, ``[C]`` per channel, ``[C, K/g]`` per group.
+    """
+
+    kind: str = "tensor"
+    axis: int = 0
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("tensor", "channel", "group"):
+            raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {self.kind!r}")
+        if self.kind == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group granularity needs a positive integer group_size, got {self.group_size!r}")
+
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` reshaped so that a step of :meth:`param_shape` broadcasts after :meth:`expand`."""
+        if self.kind != "group":
+            return x
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] % self.group_size:
+            raise ValueError(f"group_size {self.group_size} does not divide the {flat.shape[1]} elements "
+                             f"of each output channel of a tensor of shape {tuple(x.shape)}")
+        return flat.reshape(x.shape[0], -1, self.group_size)
+
+    def reduce_dims(self, x: torch.Tensor) -> tuple[int, ...]:
+        """Dimensions of ``view(x)`` that one step covers."""
+        if self.kind == "tensor":
+            return tuple(range(x.dim()))
+        if self.kind == "channel":
+            axis = self.axis % x.dim()
+            return tuple(d for d in range(x.dim()) if d != axis)
+        return (2,)
+
+    def param_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if self.kind == "tensor":
+            return ()
+        if self.kind == "channel":
+            return (x.shape[self.axis % x.dim()],)
+        v = self.view(x)
+        return tuple(v.shape[:2])
+
+    def expand(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Reshape a compact step/zero point ``p`` to broadcast against the view ``v``."""
+        if self.kind == "tensor" or p.dim() == 0:
+            return p
+        if self.kind == "channel":
+            shape = [1] * v.dim()
+            shape[self.axis % v.dim()] = -1
+            return p.reshape(shape)
+        return p.unsqueeze(-1)
+
+    def reduce(self, v: torch.Tensor, fn: str) -> torch.Tensor:
+        """Reduce the view ``v`` over the dims one step covers with ``amin``/``amax``/``mean``; compact shape."""
+        dims = self.reduce_dims(v)
+        return getattr(torch, fn)(v, dim=dims) if dims else v
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "axis": self.axis, "group_size": self.group_size}
+
+
+class _FakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through):
+        xs = x / scale
+        q = torch.clamp(round_(xs + zero_point, round_mode), qmin, qmax)
+        ctx.save_for_backward(xs, q, zero_point, scale)
+        ctx.cfg = (qmin, qmax, round_mode, scale_grad, grad_scale, pass_through)
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, q, zero_point, scale = ctx.saved_tensors
+        qmin, qmax, round_mode, scale_grad, grad_scale, pass_through = ctx.cfg
+        pre = xs + zero_point  # unrounded code: the clip test of LSQ Eq. 3 and PACT Eq. 3
+        below, above = pre <= qmin, pre >= qmax
+        inside = ~(below | above)
+        grad_x = grad if pass_through else grad * inside
+        grad_s = None
+        if scale_grad is not None and ctx.needs_input_grad[1]:
+            local = torch.where(below, qmin - zero_point, torch.where(above, qmax - zero_point, torch.zeros_like(xs)))
+            if scale_grad == "lsq":
+                local = local + inside * (round_(pre, round_mode) - pre)
+            grad_s = _sum_to(grad * local, scale.shape) * grad_scale
+        return grad_x, grad_s, None, None, None, None, None, None, None
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a broadcast gradient back to ``shape`` (the shape of the expanded step)."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead else t
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, *,
+               round_mode: str = "half_even", scale_grad: str | None = None, grad_scale: float = 1.0,
+               pass_through: bool = False) -> torch.Tensor:
+    """Quantize to the grid and back: ``(clamp(round(x/s + z), qmin, qmax) - z) * s``.
+
+    ``scale`` and ``zero_point`` must already broadcast against ``x``. ``scale_grad`` is
+    ``None`` (no step gradient), ``"lsq"`` or ``"clip"``; ``pass_through=True`` passes the
+    ``x`` gradient everywhere (SAWB+) instead of zeroing it where ``x`` is clipped.
+    """
+    if scale_grad not in (None, "lsq", "clip"):
+        raise ValueError(f"scale_grad must be None, 'lsq' or 'clip', got {scale_grad!r}")
+    return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through)
+
+
+def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                 round_mode: str = "half_even") -> torch.Tensor:
+    """The integer codes ``q`` (as an int32 tensor) of ``x`` on the grid; no gradient."""
+    with torch.no_grad():
+        return torch.clamp(round_(x / scale + zero_point, round_mode), qmin, qmax).to(torch.int32)
+
+
+def pow2ceil(x: torch.Tensor) -> torch.Tensor:
+    """``2 ** ceil(log2 x)``: the smallest power of two >= ``x`` (FAQ's step rule)."""
+    return torch.exp2(torch.ceil(torch.log2(x)))

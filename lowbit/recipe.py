@@ -1,0 +1,166 @@
+"""Recipes: plain data that says which layers get which quantizer.
+
+A recipe is a YAML file, a dict of the same shape, or a :class:`Recipe`::
+
+    weights: {method: sawb, bits: 4, granularity: channel}
+    activations: {method: pact, bits: 4}
+    layers:                       # overrides, by shell-style glob on named_modules() names
+      "conv1": {weights: {bits: 8}, activations: {bits: 8}}
+      "@last": {weights: {bits: 8}, activations: {bits: 8}}   # @first / @last: first / last quantizable layer
+    skip: ["head.*"]              # these stay float
+
+A quantizer spec takes ``method``, ``bits``, ``granularity`` (``tensor``, ``channel``,
+``group:SIZE``), ``signed`` (``auto``/true/false) and the method's own options (e.g.
+``percentile``, ``prior``, ``convention``). ``weights: null`` or ``activations: null`` keeps that
+side float. Overrides merge over the defaults; an override that changes ``method`` drops the
+default's method-specific options. Later patterns win over earlier ones. Other top-level
+sections (``calibration``, ``ptq``, ``qat``, ``mixed``, ``name``, ``description``) are kept for
+the pipelines that read them.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowbit.errors import RecipeError
+from lowbit.quant import QUANTIZERS, make_granularity, quantizer_options
+from lowbit.quant.grid import check_bits
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+SIDES = ("weights", "activations")
+COMMON_KEYS = {"method", "bits", "granularity", "signed"}
+PIPELINE_SECTIONS = {"name", "description", "calibration", "ptq", "qat", "mixed", "export"}
+TOP_KEYS = set(SIDES) | {"layers", "skip"} | PIPELINE_SECTIONS
+FIRST, LAST = "@first", "@last"
+
+
+@dataclass
+class Recipe:
+    weights: dict | None = field(default_factory=lambda: {"method": "minmax", "bits": 8, "granularity": "channel"})
+    activations: dict | None = field(default_factory=lambda: {"method": "minmax", "bits": 8})
+    layers: dict[str, dict] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+    sections: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for side in SIDES:
+            if getattr(self, side) is not None:
+                setattr(self, side, validate_spec(getattr(self, side), f"{side}", full=True))
+        if not isinstance(self.layers, dict):
+            raise RecipeError(f"'layers' must map name patterns to overrides, got {type(self.layers).__name__}")
+        for pattern, override in self.layers.items():
+            if not isinstance(override, dict) or set(override) - set(SIDES):
+                raise RecipeError(f"layers[{pattern!r}] must be a mapping with keys among {SIDES}, got {override!r}")
+            for side, spec in override.items():
+                if spec is not None:
+                    validate_spec(spec, f"layers[{pattern!r}].{side}", full=False)
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise RecipeError(f"'skip' must be a list of name patterns, got {self.skip!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}")
+        unknown = set(data) - TOP_KEYS
+        if unknown:
+            raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+        defaults = cls()
+        data = copy.deepcopy(data)
+        return cls(weights=data.get("weights", defaults.weights),
+                   activations=data.get("activations", defaults.activations),
+                   layers=data.get("layers") or {}, skip=list(data.get("skip") or []),
+                   sections={k: data[k] for k in PIPELINE_SECTIONS if k in data})
+
+    def to_dict(self) -> dict:
+        out = {"weights": copy.deepcopy(self.weights), "activations": copy.deepcopy(self.activations)}
+        if self.layers:
+            out["layers"] = copy.deepcopy(self.layers)
+        if self.skip:
+            out["skip"] = list(self.skip)
+        out.update(copy.deepcopy(self.sections))
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        import yaml
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def spec_for(self, name: str, side: str, matched_patterns: list[str]) -> dict | None:
+        """The merged spec of one layer's ``side`` given the override patterns that match it."""
+        spec = copy.deepcopy(getattr(self, side))
+        for pattern in matched_patterns:
+            override = self.layers[pattern]
+            if side not in override:
+                continue
+            if override[side] is None:
+                spec = None
+                continue
+            if spec is None:
+                spec = {}
+            if "method" in override[side] and override[side]["method"] != spec.get("method"):
+                spec = {k: v for k, v in spec.items() if k in COMMON_KEYS}
+            spec.update(override[side])
+        if spec is not None:
+            spec = validate_spec(spec, f"layer {name!r} {side}", full=True)
+        return spec
+
+
+def validate_spec(spec, where: str, *, full: bool) -> dict:
+    """Check one quantizer spec; ``full`` specs must name a method and bits."""
+    if not isinstance(spec, dict):
+        raise RecipeError(f"{where}: a quantizer spec is a mapping like {{method: lsq, bits: 4}}, got {spec!r}")
+    spec = dict(spec)
+    if full and ("method" not in spec or "bits" not in spec):
+        raise RecipeError(f"{where}: needs both 'method' and 'bits', got {spec}")
+    method = spec.get("method")
+    if method is not None and method not in QUANTIZERS:
+        raise RecipeError(f"{where}: unknown method {method!r}; choose one of {sorted(QUANTIZERS)}")
+    if "bits" in spec:
+        try:
+            check_bits(spec["bits"])
+        except ValueError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+    if spec.get("signed", "auto") not in ("auto", True, False, None):
+        raise RecipeError(f"{where}: signed must be auto, true or false, got {spec['signed']!r}")
+    if "granularity" in spec:
+        try:
+            make_granularity(spec["granularity"], "weight" if where.endswith("weights") else "activation")
+        except ValueError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+    if method is not None and full:
+        unknown = set(spec) - COMMON_KEYS - quantizer_options(method)
+        if unknown:
+            allowed = sorted(quantizer_options(method) - {"bits", "signed", "granularity", "role"})
+            raise RecipeError(f"{where}: {method} does not take option(s) {sorted(unknown)}; it takes {allowed}")
+    return spec
+
+
+def load_recipe(recipe) -> Recipe:
+    """A :class:`Recipe` from a Recipe, a dict, a YAML path, or the name of a shipped recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, (str, os.PathLike)):
+        path = Path(recipe)
+        if not path.is_file() and (RECIPE_DIR / f"{recipe}.yaml").is_file():
+            path = RECIPE_DIR / f"{recipe}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"recipe {str(recipe)!r} is neither a file nor a shipped recipe; shipped: "
+                              f"{list_recipes()}")
+        import yaml
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+        try:
+            return Recipe.from_dict(data)
+        except RecipeError as exc:
+            raise RecipeError(f"{path}: {exc}") from None
+    raise RecipeError(f"a recipe is a Recipe, a dict or a YAML path, got {type(recipe).__name__}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))

@@ -1,0 +1,110 @@
+"""Per-layer table of a quantized model and its stored size.
+
+Stored size counts what an export holds: each quantized weight at its bit width, one
+fp32 step (and zero point where it is not zero) per step group, biases as 32-bit, and every
+other parameter or buffer of the model (batch norm, embeddings, float layers) as fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lowbit.nn.modules import QuantMixin
+from lowbit.quant.base import Quantizer
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    weight: str
+    activation: str
+    params: int
+    size_bytes: float
+
+
+def quantizer_label(q: Quantizer | None) -> str:
+    if q is None:
+        return "float"
+    gran = {"tensor": "", "channel": "/ch"}.get(q.granularity.kind, f"/g{q.granularity.group_size}")
+    return f"{q.bits}b {q.method}{gran}"
+
+
+def weight_bits(q: Quantizer | None, numel: int) -> float:
+    """Bits to store one weight tensor with its grid (32 for a float weight)."""
+    if q is None:
+        return 32.0 * numel
+    n_steps = max(1, q.get_scale().numel())
+    zero_point_bits = 0 if bool((q.zero_point == 0).all()) else 32 * n_steps
+    return q.bits * numel + 32.0 * n_steps + zero_point_bits
+
+
+def _layer_bytes(m: QuantMixin) -> float:
+    bits = weight_bits(m.weight_quantizer, m.weight.numel())
+    if m.bias is not None:
+        bits += 32.0 * m.bias.numel()
+    if m.input_quantizer is not None:
+        bits += 64.0 * max(1, m.input_quantizer.get_scale().numel())  # activation step + zero point
+    return bits / 8.0
+
+
+class Summary:
+    """Rows of quantized layers, the layers left float, and totals; ``str()`` renders a table."""
+
+    def __init__(self, model: nn.Module):
+        self.rows: list[LayerRow] = []
+        counted: set[int] = set()
+        for name, m in model.named_modules():
+            if isinstance(m, QuantMixin):
+                self.rows.append(LayerRow(name, type(m).__name__.replace("Quant", ""),
+                                          quantizer_label(m.weight_quantizer), quantizer_label(m.input_quantizer),
+                                          m.weight.numel() + (m.bias.numel() if m.bias is not None else 0),
+                                          _layer_bytes(m)))
+                counted |= {id(p) for p in (m.weight, m.bias) if p is not None}
+        report = getattr(model, "lowbit_report", None)
+        self.left_float = dict(report.left_float) if report is not None else {}
+        quantizer_ids = _quantizer_tensor_ids(model)
+        model_tensors = [t for t in list(model.parameters()) + list(model.buffers())
+                         if t.is_floating_point() and id(t) not in quantizer_ids]
+        self.float_bytes = 4.0 * sum(t.numel() for t in model_tensors if id(t) not in counted)
+        self.fp32_bytes = 4.0 * sum(t.numel() for t in model_tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return int(round(sum(r.size_bytes for r in self.rows) + self.float_bytes))
+
+    def __str__(self) -> str:
+        head = ("layer", "type", "weights", "activations", "params", "bytes")
+        body = [(r.name, r.kind, r.weight, r.activation, f"{r.params:,}", f"{r.size_bytes:,.0f}") for r in self.rows]
+        widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 4 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        lines.append(f"stored size {self.total_bytes:,} bytes (fp32 {self.fp32_bytes:,.0f} bytes, "
+                     f"{self.fp32_bytes / max(1, self.total_bytes):.1f}x smaller); other float tensors "
+                     f"{self.float_bytes:,.0f} bytes")
+        for name, why in self.left_float.items():
+            lines.append(f"left float: {name or '<model>'}: {why}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _quantizer_tensor_ids(model: nn.Module) -> set[int]:
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            ids |= {id(t) for t in list(m.parameters()) + list(m.buffers())}
+    return ids
+
+
+def summary(model: nn.Module) -> Summary:
+    """Per-layer table (name, type, weight bits/method, activation bits/method, params, stored bytes)."""
+    return Summary(model)
+
+
+def stored_size_bytes(model: nn.Module) -> int:
+    """Bytes an export of ``model`` holds (see the module docstring)."""
+    return Summary(model).total_bytes
