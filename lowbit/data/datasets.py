@@ -32,11 +32,12 @@ class DatasetInfo:
     mean: float
     std: float
     calib_size: int
+    hflip: bool = True  # whether mirrored images keep their class (augmentation may flip them)
 
 
 DATASETS = {
     "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, FMNIST_MEAN, FMNIST_STD, 5000),
-    "digits": DatasetInfo("digits", 1, 8, 10, 0.3060, 0.3762, 180),
+    "digits": DatasetInfo("digits", 1, 8, 10, 0.3060, 0.3762, 180, hflip=False),  # a mirrored 2 is no 2
 }
 
 
@@ -98,4 +99,5 @@ def make_loader(name: str, split: str, batch_size: int = 128, *, shuffle: bool =
             raise ValueError(f"limit must be >= 1, got {limit}")
         images, labels = images[:limit], labels[:limit]
     return TensorLoader(images, labels, batch_size, shuffle=shuffle, augment=augment,
-                        pad=2 if info.image_size >= 16 else 1, seed=seed, mean=info.mean, std=info.std)
+                        pad=2 if info.image_size >= 16 else 1, seed=seed, mean=info.mean, std=info.std,
+                        flip=info.hflip)

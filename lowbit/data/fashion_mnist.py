@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def read_idx(path: Path, expected_dims: int, expected_count: int) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot be read ({exc}); the file is damaged or truncated. {HOW_TO_GET}") from exc
     if len(raw) < 4 + 4 * expected_dims:
         raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header. {HOW_TO_GET}")

@@ -17,21 +17,22 @@ class TensorLoader:
 
     ``x`` is float32, scaled to [0, 1] and normalised with ``(x - mean) / std``.
     With ``augment=True`` each image gets a random crop from a ``pad``-pixel zero-padded
-    copy and a random horizontal flip (the standard CIFAR-style augmentation).
+    copy and, if ``flip``, a random horizontal flip (the standard CIFAR-style augmentation;
+    turn ``flip`` off where mirroring changes the class, e.g. digits).
     Shuffling and augmentation draw from a private generator seeded by ``seed`` and the
     epoch number, so every epoch is reproducible on its own (needed for resume).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 128, *,
                  shuffle: bool = False, augment: bool = False, pad: int = 2, seed: int = 0,
-                 mean: float = 0.0, std: float = 1.0, drop_last: bool = False):
+                 mean: float = 0.0, std: float = 1.0, drop_last: bool = False, flip: bool = True):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.augment, self.pad = batch_size, shuffle, augment, pad
-        self.seed, self.mean, self.std, self.drop_last = seed, mean, std, drop_last
+        self.seed, self.mean, self.std, self.drop_last, self.flip = seed, mean, std, drop_last, flip
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -49,12 +50,12 @@ class TensorLoader:
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx].float().div_(255.0)
             if self.augment:
-                x = random_crop_flip(x, self.pad, gen)
+                x = random_crop_flip(x, self.pad, gen, flip=self.flip)
             yield (x - self.mean) / self.std, self.labels[idx]
 
 
-def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Random ``pad``-pixel translation (zero fill) and horizontal flip, per image."""
+def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, *, flip: bool = True) -> torch.Tensor:
+    """Random ``pad``-pixel translation (zero fill) and, if ``flip``, horizontal flip, per image."""
     n, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
@@ -62,6 +63,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.T
     rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
     out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
+    if flip:
+        mirrored = torch.rand(n, generator=gen) < 0.5
+        out[mirrored] = out[mirrored].flip(-1)
     return out

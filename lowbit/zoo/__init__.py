@@ -51,7 +51,11 @@ def pretrained(name: str, dataset: str = "fashion-mnist") -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"no shipped checkpoint {path.name}; train one with "
                               f"`lowbit train --model {name} --dataset {dataset}`")
-    model = create_model(name)
+    from lowbit.data.datasets import DATASETS
+
+    info = DATASETS.get(dataset)
+    shape = {"in_channels": info.in_channels, "in_size": info.image_size} if info is not None else {}
+    model = create_model(name, **shape)  # e.g. the digits MLP takes 8x8 inputs, not 28x28
     return load_into(model, path).eval()
 
 

@@ -1,0 +1,54 @@
+# Developer and CI entry points. `make test` builds everything it needs from scratch.
+PY ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FMNIST_PROBE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
+
+.PHONY: venv data test demo bench clean-venv
+
+venv: $(VENV)/.stamp
+
+# torch first, pinned: that exact CPU build lies on local disk, while a plain `torch`
+# (asked for by `pip install -e .`) would download a multi-GB CUDA build.
+# The stamp skips the reinstall until pyproject.toml changes.
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install $(TORCH)
+	$(VENV)/bin/pip install -e '.[dev]'
+	@touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package; never fail hard here:
+# the tests that need it skip, and the error messages say how to get it.
+data:
+	@if [ -f "$(FMNIST_PROBE)" ]; then \
+		echo "Fashion-MNIST found in $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=""; \
+		if [ "$$(id -u)" != "0" ]; then \
+			if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else \
+				echo "Not root and no sudo: cannot apt-get install dataset-fashion-mnist."; \
+				echo "Run as root: apt-get install dataset-fashion-mnist, or set LOWBIT_FASHION_MNIST to a folder with the IDX files."; \
+				exit 0; fi; \
+		fi; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist \
+		|| { $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; } \
+		|| echo "Could not install dataset-fashion-mnist; tests that need Fashion-MNIST will skip."; \
+	else \
+		echo "Fashion-MNIST not found in $(FMNIST_DIR) and apt-get is unavailable."; \
+		echo "Get it with: apt-get install dataset-fashion-mnist (Debian/Ubuntu), or download the four"; \
+		echo "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz files and set LOWBIT_FASHION_MNIST=<folder>."; \
+	fi
+
+test: venv data
+	$(VENV)/bin/python -m pytest
+
+demo: venv data
+	$(VENV)/bin/lowbit demo
+
+bench: venv data
+	@if [ -f benchmarks/run_all.sh ]; then bash benchmarks/run_all.sh; \
+	else echo "benchmarks/run_all.sh not present yet: nothing to run"; fi
+
+clean-venv:
+	rm -rf $(VENV)
