@@ -1,0 +1,141 @@
+"""The ``lowbit`` command line: a thin layer over the Python API.
+
+    lowbit summary --model resnet20 --recipe ptq-w8a8
+    lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24
+    lowbit demo    [--quick] [--out lowbit-demo]
+
+Errors lowbit raises on purpose (bad recipe, missing data, wrong checkpoint) print one
+line on stderr and exit with status 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+
+from lowbit.errors import LowbitError
+
+PENDING = {
+    "ptq": "post-training quantization with ACIQ, bit allocation and bias correction (issue 4)",
+    "qat": "quantization-aware fine-tuning with FAQ/LSQ/PACT+SAWB (issue 5)",
+    "mixed": "mixed-precision selection with EAGL/ALPS (issue 6)",
+    "export": "packed integer export and ONNX (issue 7)",
+}
+
+
+def build_model(name: str, weights: str | None, dataset: str):
+    """A zoo model by name: its shipped checkpoint, or ``weights`` (safetensors / .pt state dict)."""
+    from lowbit.checkpoint import load_into
+    from lowbit.data.datasets import dataset_info
+    from lowbit.zoo import create_model, pretrained
+
+    if weights is None:
+        return pretrained(name, dataset)
+    info = dataset_info(dataset)
+    model = create_model(name, in_channels=info.in_channels, num_classes=info.num_classes, in_size=info.image_size)
+    return load_into(model, weights).eval()
+
+
+def cmd_summary(args) -> None:
+    import lowbit
+    from lowbit.data.datasets import make_loader
+
+    model = build_model(args.model, args.weights, args.dataset)
+    calib = make_loader(args.dataset, "calib", 128, limit=args.calib_images) if args.calib_images else None
+    qmodel = lowbit.quantize(model, args.recipe, calib_data=calib)
+    print(lowbit.summary(qmodel))
+
+
+def cmd_train(args) -> None:
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.data.datasets import dataset_info
+    from lowbit.train import TrainConfig, train_fp
+    from lowbit.zoo import checkpoint_path, create_model
+
+    info = dataset_info(args.dataset)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      augment=args.augment, seed=args.seed)
+    model = create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                         in_size=info.image_size)
+    meta = train_fp(model, args.dataset, cfg)
+    meta.update(model=args.model, date=datetime.date.today().isoformat(),
+                command="lowbit " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    out = args.out or checkpoint_path(args.model, args.dataset)
+    save_checkpoint(model, out, meta)
+    print(f"saved {out} (test top-1 {meta['test_top1']:.2f}%)")
+
+
+def cmd_demo(args) -> None:
+    from lowbit.demo import run_demo
+
+    run_demo(args.out, model_name=args.model, quick=args.quick, calib_images=args.calib_images)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize PyTorch models to 2-8 bits and prove "
+                                "they run in integer arithmetic.")
+    p.add_argument("--version", action="version", version=f"lowbit {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_args(sp):
+        sp.add_argument("--model", default="resnet20", help="zoo model name (default: resnet20)")
+        sp.add_argument("--weights", help="weights to load instead of the shipped checkpoint (.safetensors or .pt)")
+        sp.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or digits")
+
+    sp = sub.add_parser("summary", help="quantize a model with a recipe and print the per-layer table")
+    model_args(sp)
+    sp.add_argument("--recipe", default="ptq-w8a8", help="recipe YAML path or shipped recipe name")
+    sp.add_argument("--calib-images", type=int, default=0, help="calibrate on this many held-out training images")
+    sp.set_defaults(func=cmd_summary)
+
+    sp = sub.add_parser("train", help="train a zoo model in full precision (reproducible, seeded)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--dataset", default="fashion-mnist")
+    sp.add_argument("--epochs", type=int, default=20)
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--lr", type=float, default=0.2)
+    sp.add_argument("--weight-decay", type=float, default=5e-4)
+    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", help="checkpoint path (default: the zoo's shipped checkpoint path)")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("demo", help="quantize the default model with every method and write a results table")
+    sp.add_argument("--model", default="resnet20")
+    sp.add_argument("--out", default="lowbit-demo")
+    sp.add_argument("--quick", action="store_true", help="2,000 test images: under a minute")
+    sp.add_argument("--calib-images", type=int, default=512)
+    sp.set_defaults(func=cmd_demo)
+
+    for name, what in PENDING.items():
+        sp = sub.add_parser(name, help=f"{what}: not available yet")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=_pending(name, what))
+    return p
+
+
+def _pending(name: str, what: str):
+    def run(_args):
+        raise LowbitError(f"`lowbit {name}` ({what}) is not implemented in this version yet")
+    return run
+
+
+def _version() -> str:
+    from lowbit import __version__
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LowbitError as exc:
+        print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
