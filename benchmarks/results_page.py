@@ -1,0 +1,62 @@
+"""Write one suite's section of docs/RESULTS.md, stamped with command, seed, commit and machine.
+
+Each suite owns the text between ``<!-- BEGIN name -->`` and ``<!-- END name -->``; running a
+suite rebuilds its section from scratch and leaves the others alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "RESULTS.md"
+HEADER = ("# lowbit results\n\nEvery figure on this page is written by a script in `benchmarks/`; "
+          "each section names the command that regenerates it, the seed, the git commit and the machine.\n")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def stamp(seed: int) -> str:
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    return (f"_Command: `{cmd}` · seed {seed} · commit {git_commit()} · {datetime.date.today().isoformat()} · "
+            f"machine: {machine()}_")
+
+
+def write_section(name: str, title: str, body: str, seed: int) -> None:
+    """Replace (or append) the section ``name`` of docs/RESULTS.md."""
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp(seed)}\n\n{body.strip()}\n<!-- END {name} -->"
+    pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    RESULTS.write_text(text)
+    print(f"updated section '{name}' of {RESULTS}")
