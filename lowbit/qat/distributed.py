@@ -1,0 +1,114 @@
+"""torch.distributed for the fine-tuning loop (launch with ``torchrun --nproc_per_node=N``).
+
+Every rank iterates the same global batches (the loaders are seeded, so the order is the
+same everywhere) and trains on its own contiguous slice of each, so N processes see
+exactly the batches one process would, split N ways. DistributedDataParallel averages the
+gradients; the local loss is weighted by ``n_local * N / n_global`` so the average is the
+gradient of the global-batch mean even when the slices differ in size.
+
+Quantizer state stays identical on every rank: LSQ steps and PACT clips are ordinary
+parameters (DDP all-reduces their gradients and the updates are identical); SAWB and
+min-max weight steps are recomputed from weights that are identical; calibration runs on
+the same (full) batches on every rank; buffers (batch-norm statistics) are broadcast from
+rank 0. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    created: bool = False  # this module initialised the process group (and tears it down)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> DistInfo:
+    """Join the process group torchrun describes (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), if any."""
+    if not dist.is_available():
+        return DistInfo()
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    return DistInfo(rank, world, local, created=True)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.created and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device_for(info: DistInfo, model: nn.Module) -> torch.device:
+    if info.enabled and dist.get_backend() == "nccl":
+        return torch.device("cuda", info.local_rank)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    if not info.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids, output_device=device.index if ids else None)
+
+
+def shard(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """This rank's contiguous slice of a global batch."""
+    if not info.enabled:
+        return x
+    return torch.tensor_split(x, info.world_size)[info.rank]
+
+
+def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) -> list[float]:
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+@torch.no_grad()
+def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
+    """Make every rank's buffers (batch-norm statistics, quantizer grids) rank 0's."""
+    if not info.enabled:
+        return
+    for b in model.buffers():
+        if b.dtype == torch.bool:  # not every backend broadcasts bool
+            tmp = b.to(torch.uint8)
+            dist.broadcast(tmp, 0)
+            b.copy_(tmp.bool())
+        else:
+            dist.broadcast(b, 0)

@@ -1,0 +1,362 @@
+"""The quantization-aware fine-tuning loop: :func:`finetune`.
+
+    qmodel = lowbit.quantize(model, "lsq-w4a4", calib_data=calib)
+    result = lowbit.finetune(qmodel, train_loader, eval_data=val_loader, teacher=model,
+                             config=FinetuneConfig.from_recipe("lsq-w4a4"), checkpoint_dir="runs/lsq4")
+
+One step: rate from the schedule, forward (fake-quantized; SAWB/min-max weight steps are
+re-derived from the current weights), loss (cross-entropy, or mixed with distillation from
+the teacher), a NaN/Inf check, backward, optional gradient clipping, the optimizer update,
+learned steps/clips kept positive. Batch norm may be frozen after a number of epochs or
+steps. Checkpoints every ``checkpoint_every`` steps, at each epoch end and at the end;
+``resume=True`` continues from ``checkpoint_dir`` so that the end result is bit-identical to
+an uninterrupted run (same seed, CPU). Under ``torchrun`` it trains with DDP
+(:mod:`lowbit.qat.distributed`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lowbit.errors import CheckpointError
+from lowbit.evaluate import evaluate
+from lowbit.progress import progress
+from lowbit.qat import distributed as D
+from lowbit.qat.config import BOOKKEEPING, FinetuneConfig
+from lowbit.qat.distill import check_teacher_output, distillation_loss
+from lowbit.qat.optim import build_optimizer, clamp_quantizer_parameters, set_lr
+from lowbit.qat.schedule import LRSchedule
+from lowbit.qat.state import (NonFiniteError, check_compatible, checkpoint_paths, fingerprint, load_training_state,
+                              model_tensors, rng_state, save_training_state, seed_everything, set_rng_state)
+from lowbit.quant.base import Quantizer
+
+METRICS_FILE = "metrics.jsonl"
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def resolve_config(config, qmodel: nn.Module) -> FinetuneConfig:
+    """``config`` as a :class:`FinetuneConfig`; None: the ``qat:`` section of the model's recipe."""
+    if isinstance(config, FinetuneConfig):
+        return config
+    if isinstance(config, dict):
+        return FinetuneConfig.from_dict(config)
+    if config is None:
+        report = getattr(qmodel, "lowbit_report", None)
+        return FinetuneConfig.from_recipe(report.recipe) if report is not None else FinetuneConfig()
+    raise TypeError(f"config must be a FinetuneConfig, a dict or None, got {type(config).__name__}")
+
+
+def _set_epoch(data, epoch: int) -> None:
+    for obj in (data, getattr(data, "sampler", None), getattr(data, "batch_sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
+def _split_batch(batch):
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError("finetune trains classifiers on (input, target) batches; got "
+                    f"{type(batch).__name__}{' of length ' + str(len(batch)) if hasattr(batch, '__len__') else ''}")
+
+
+def ensure_quantizers_initialized(model: nn.Module, data: Iterable, max_batches: int, log=print) -> int:
+    """Calibrate the quantizers that never saw data, on the first ``max_batches`` training batches.
+
+    LSQ steps and PACT clips must exist (with their final shapes) before the optimizer
+    captures them. Quantizers already initialised keep their grids. Returns the batches used.
+    """
+    from lowbit.prepare import calibrate
+
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and m.enabled]
+    pending = [q for q in quantizers if not bool(q.initialized)]
+    if not pending:
+        return 0
+    keep = {id(q): {k: v.clone() for k, v in q.state_dict().items()} for q in quantizers if bool(q.initialized)}
+    _set_epoch(data, 0)
+    n = calibrate(model, data, max_batches=max_batches)
+    for q in quantizers:
+        if id(q) in keep:
+            q.load_state_dict(keep[id(q)])
+    log(f"initialised {len(pending)} quantizer(s) that were not calibrated, on {n} training batch(es)")
+    return n
+
+
+class _Run:
+    def __init__(self, qmodel, train_data, eval_data, teacher, cfg: FinetuneConfig, checkpoint_dir, resume, log,
+                 on_step, dist: D.DistInfo):
+        self.model, self.train_data, self.eval_data, self.teacher = qmodel, train_data, eval_data, teacher
+        self.cfg, self.resume, self.on_step, self.dist = cfg, resume, on_step, dist
+        self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.main = dist.is_main
+        self.log = log if self.main else (lambda *a, **k: None)
+        self.writer = None
+        self.last_saved: int | None = None
+
+    # ----- setup ------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        try:
+            self.steps_per_epoch = len(self.train_data)
+        except TypeError:
+            raise TypeError("train_data must have a length (batches per epoch), e.g. a TensorLoader or "
+                            "DataLoader") from None
+        if self.steps_per_epoch < 1:
+            raise ValueError("train_data yields no batches")
+        self.total = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total = min(self.total, cfg.max_steps)
+        self.schedule = LRSchedule.from_config(cfg, self.steps_per_epoch, self.total)
+        if cfg.freeze_bn_steps is not None:
+            self.freeze_at = cfg.freeze_bn_steps
+        elif cfg.freeze_bn_epochs is not None:
+            self.freeze_at = int(round(cfg.freeze_bn_epochs * self.steps_per_epoch))
+        else:
+            self.freeze_at = None
+
+        seed_everything(cfg.seed)
+        self.device = D.device_for(self.dist, self.model)
+        self.model.to(self.device)
+        if self.teacher is not None:
+            if self.teacher is self.model:
+                raise ValueError("the teacher must be the full-precision model, not the model being fine-tuned")
+            self.teacher.to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        ensure_quantizers_initialized(self.model, self.train_data, cfg.calib_batches, self.log)
+
+        self.step, self.history = 0, []
+        self.stats = {"epoch": [0.0, 0.0, 0.0], "window": [0.0, 0.0, 0.0]}  # loss sum, correct, count
+        loaded = None
+        if self.resume:
+            if self.dir is None:
+                raise CheckpointError("resume=True needs a checkpoint_dir to resume from")
+            loaded = load_training_state(self.dir)
+            if loaded is None:
+                self.log(f"no checkpoint in {self.dir}: starting from scratch")
+        if loaded is not None:
+            tensors, meta = loaded
+            where = str(checkpoint_paths(self.dir)[0])
+            check_compatible(meta, self.model, cfg.to_dict(), BOOKKEEPING, where)
+            from lowbit.checkpoint import load_into
+            load_into(self.model, model_tensors(tensors))
+        self.optimizer = build_optimizer(self.model, cfg)
+        if loaded is not None:
+            from lowbit.qat.state import optimizer_from_flat
+            optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+            self.step, self.history = int(meta["step"]), list(meta.get("history", []))
+            self.stats = meta.get("stats", self.stats)
+            self.last_saved = self.step
+            set_rng_state(meta["rng"])
+            self._truncate_metrics(self.step)
+            self.log(f"resumed from {where} at step {self.step}/{self.total} (epoch {meta['epoch'] + 1})")
+        elif self.dir is not None and self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / METRICS_FILE).write_text("")
+        self.net = D.wrap(self.model, self.dist, self.device)
+        if self.dir is not None and self.main and cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(str(self.dir / "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    # ----- bookkeeping ------------------------------------------------------------------
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+        if self.dir is None or not self.main:
+            return
+        path = self.dir / METRICS_FILE
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def record(self, rec: dict) -> None:
+        if self.dir is None or not self.main:
+            return
+        with open(self.dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if self.writer is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    self.writer.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
+            self.writer.flush()
+
+    def save(self, epoch: int) -> None:
+        if self.dir is None:
+            return
+        if self.main:
+            meta = {"step": self.step, "epoch": epoch, "total_steps": self.total,
+                    "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict(),
+                    "schedule": self.schedule.state_dict(self.step), "rng": rng_state(),
+                    "fingerprint": fingerprint(self.model), "history": self.history, "stats": self.stats,
+                    "world_size": self.dist.world_size}
+            save_training_state(self.dir, self.model, self.optimizer, meta)
+        self.last_saved = self.step
+
+    def _global(self, key: str) -> tuple[float, float]:
+        loss_sum, correct, n = D.all_reduce_sum(self.stats[key], self.dist, self.device)
+        self.stats[key] = [0.0, 0.0, 0.0]
+        return (loss_sum / n, 100.0 * correct / n) if n else (math.nan, math.nan)
+
+    def _bn_mode(self) -> None:
+        """Training mode, with batch norm in eval mode once the freeze point is reached."""
+        self.net.train()
+        if self.freeze_at is not None and self.step >= self.freeze_at:
+            for m in self.model.modules():
+                if isinstance(m, _BN):
+                    m.eval()
+
+    # ----- one step ---------------------------------------------------------------------
+    def loss_of(self, x, y):
+        out = self.net(x)
+        if self.teacher is not None and self.cfg.distill_weight > 0:
+            with torch.no_grad():
+                t_out = self.teacher(x)
+            check_teacher_output(out, t_out)
+            loss = distillation_loss(out, t_out, y, weight=self.cfg.distill_weight, temperature=self.cfg.temperature)
+        else:
+            if self.teacher is not None and self.step == 0:
+                with torch.no_grad():
+                    check_teacher_output(out, self.teacher(x))
+            loss = F.cross_entropy(out, y)
+        return out, loss
+
+    def train_step(self, batch, epoch: int, index: int) -> dict:
+        x, y = _split_batch(batch)
+        n_global = y.shape[0]
+        x, y = D.shard(x, self.dist).to(self.device), D.shard(y, self.dist).to(self.device)
+        lr = self.schedule(self.step)
+        set_lr(self.optimizer, lr)
+        if y.shape[0] == 0:  # fewer samples than ranks: no rank trains on this batch
+            self.step += 1
+            return {"loss": math.nan, "acc": math.nan, "lr": lr, "skipped": True}
+        out, loss = self.loss_of(x, y)
+        value = loss.detach()
+        if D.any_rank(not bool(torch.isfinite(value)), self.dist, self.device):
+            self._fail(f"the loss became {value.item()} ", epoch, index, lr)
+        scale = y.shape[0] * self.dist.world_size / n_global
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * scale if scale != 1.0 else loss).backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        clamp_quantizer_parameters(self.model)
+        self.step += 1
+        correct = float((out.detach().argmax(dim=-1) == y).sum())
+        for key in ("epoch", "window"):
+            s = self.stats[key]
+            s[0] += value.item() * y.shape[0]
+            s[1] += correct
+            s[2] += y.shape[0]
+        return {"loss": value.item(), "acc": 100.0 * correct / y.shape[0], "lr": lr}
+
+    def _fail(self, what: str, epoch: int, index: int, lr: float):
+        saved = (f"the last good checkpoint ({checkpoint_paths(self.dir)[0]}, step {self.last_saved}) is kept"
+                 if self.dir is not None and self.last_saved is not None else "no checkpoint was written")
+        raise NonFiniteError(f"{what}at step {self.step + 1} (epoch {epoch + 1}, batch {index + 1}); training "
+                             f"stopped and {saved}. Lower the learning rate (now {lr:.3g}) or set grad_clip")
+
+    # ----- the loop ---------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, start = self.cfg, time.time()
+        first_epoch, skip = divmod(self.step, self.steps_per_epoch)
+        epoch = first_epoch
+        for epoch in range(first_epoch, cfg.epochs):
+            if self.step >= self.total:
+                break
+            _set_epoch(self.train_data, epoch)
+            self._bn_mode()
+            bar = progress(self.train_data, f"qat epoch {epoch + 1}/{cfg.epochs}",
+                           enabled=cfg.progress if self.main else False)
+            for index, batch in enumerate(bar):
+                if epoch == first_epoch and index < skip:
+                    continue  # already trained on before the interruption (iterated to keep the data order)
+                if self.step >= self.total:
+                    break
+                if self.freeze_at is not None and self.step == self.freeze_at:
+                    self._bn_mode()
+                info = self.train_step(batch, epoch, index)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{info['loss']:.4f}", acc=f"{info['acc']:.1f}", lr=f"{info['lr']:.3g}")
+                if cfg.log_every and self.step % cfg.log_every == 0:
+                    loss, acc = self._global("window")
+                    self.record({"kind": "step", "step": self.step, "epoch": epoch + 1, "loss": loss, "acc": acc,
+                                 "lr": info["lr"]})
+                at_end = self.step >= self.total or index == self.steps_per_epoch - 1
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not at_end:
+                    self.save(epoch)
+                if self.on_step is not None:
+                    self.on_step({"step": self.step, "epoch": epoch, "batch": index, "model": self.model, **info})
+            self.end_epoch(epoch, start)
+        self.finish()
+        last = self.history[-1] if self.history else {}
+        return {"history": self.history, "metrics": last, "steps": self.step, "total_steps": self.total,
+                "seconds": round(time.time() - start, 3), "config": cfg.to_dict(),
+                "checkpoint": str(checkpoint_paths(self.dir)[0]) if self.dir is not None else None,
+                "rank": self.dist.rank, "world_size": self.dist.world_size}
+
+    def end_epoch(self, epoch: int, start: float) -> None:
+        D.broadcast_buffers(self.model, self.dist)
+        loss, acc = self._global("epoch")
+        rec = {"kind": "epoch", "step": self.step, "epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
+               "lr": self.schedule(max(0, self.step - 1)), "seconds": round(time.time() - start, 3)}
+        if self.eval_data is not None and self.main:
+            m = evaluate(self.model, self.eval_data)
+            rec.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
+            self._bn_mode()
+        self.history.append(rec)
+        self.record(rec)
+        val = f", val top-1 {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
+        self.log(f"qat epoch {epoch + 1}/{self.cfg.epochs}: train loss {loss:.4f}, acc {acc:.2f}%{val} "
+                 f"(lr {rec['lr']:.3g}, {rec['seconds']:.0f}s)")
+        self.save(epoch)
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.last_saved != self.step:
+            self.save(max(0, (self.step - 1) // self.steps_per_epoch))
+
+
+def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | None = None,
+             teacher: nn.Module | None = None, config: FinetuneConfig | dict | None = None,
+             checkpoint_dir=None, resume: bool = False, log: Callable[[str], None] = print,
+             on_step: Callable[[dict], None] | None = None) -> dict:
+    """Quantization-aware fine-tuning of ``qmodel`` (from :func:`lowbit.quantize`) in place.
+
+    ``train_data``: ``(input, target)`` batches with a length (a seeded
+    :class:`~lowbit.data.TensorLoader` gives reproducible order, needed for exact resume).
+    ``eval_data``: evaluated after each epoch. ``teacher``: the full-precision model, for
+    distillation (``config.distill_weight``, ``config.temperature``). ``config``: a
+    :class:`FinetuneConfig`, a dict (a recipe's ``qat:`` section), or None for the ``qat:``
+    section of the recipe ``qmodel`` was prepared with. ``checkpoint_dir``: where
+    ``last.safetensors``/``last.json`` and ``metrics.jsonl`` go. ``resume``: continue from the
+    checkpoint there. ``on_step``: called after every step with a dict (step, epoch, batch,
+    loss, acc, lr, model).
+
+    Returns ``{"history": [per-epoch records], "metrics": last record, "steps", ...}``.
+    Raises :class:`~lowbit.qat.state.NonFiniteError` if the loss becomes NaN/Inf (the last
+    good checkpoint is kept), :class:`~lowbit.errors.CheckpointError` when resuming from a
+    checkpoint of another model, recipe or settings, and
+    :class:`~lowbit.qat.distill.TeacherMismatchError` when the teacher's outputs do not
+    match the student's.
+    """
+    cfg = resolve_config(config, qmodel)
+    dist = D.setup()
+    was_training = qmodel.training
+    try:
+        run = _Run(qmodel, train_data, eval_data, teacher, cfg, checkpoint_dir, resume, log, on_step, dist)
+        run.setup()
+        result = run.run()
+    finally:
+        qmodel.train(was_training)
+        D.teardown(dist)
+    return result
