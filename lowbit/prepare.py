@@ -5,6 +5,15 @@ spec (defaults, ``layers`` overrides by glob, ``@first``/``@last``, ``skip``), s
 quantized layer (sharing the float parameters), and calibrates the activation quantizers on
 ``calib_data`` if given. Layers it cannot quantize stay float and are listed in
 ``qmodel.lowbit_report``. A failed call leaves the caller's model exactly as it was.
+
+torch's ``nn.TransformerEncoderLayer`` has an inference fast path (eval mode, no grad) that
+calls one fused kernel with ``linear1``/``linear2``'s weights and never runs their forward, so
+it would silently skip the quantizers (and calibration). torch's own rule takes the slow path
+when ``activation_relu_or_gelu`` is false (it is what torch sets for an activation the kernel
+does not support), and the slow path applies ``self.activation`` as before; so :func:`quantize`
+sets it to 0 in every encoder layer holding a quantized layer, and turns off
+``nn.TransformerEncoder``'s nested-tensor conversion (``use_nested_tensor``), which no quantizer
+can read. Nothing else changes: the state dict and the float outputs stay the same.
 """
 
 from __future__ import annotations
@@ -120,6 +129,7 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     originals: dict[str, nn.Module] = {}
+    changed_flags: list[tuple[nn.Module, str, object]] = []
     report = QuantReport(recipe, left_float=left_float)
     try:
         for name, (w_spec, a_spec) in plan.items():
@@ -132,14 +142,36 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
             _set_submodule(target, name, qlayer)
             originals[name] = layer
             report.quantized[name] = {"weights": w_spec, "activations": a_spec}
+        changed_flags = _disable_fused_fast_paths(target)
         if calib_data is not None:
             report.calibration_batches = calibrate(target, calib_data, max_batches=calib_batches)
     except Exception:
         for name, layer in originals.items():  # undo the swap: the caller's model is left as it was
             _set_submodule(target, name, layer)
+        for module, attr, value in changed_flags:
+            setattr(module, attr, value)
         raise
     target.lowbit_report = report
     return target
+
+
+def _disable_fused_fast_paths(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
+    """Make torch's transformer layers run their quantized Linear forwards (module docstring).
+
+    Returns ``(module, attribute, old value)`` for each change, so a failed call can undo it.
+    """
+    changed = []
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer):
+            attr = "activation_relu_or_gelu"
+        elif isinstance(m, nn.TransformerEncoder):
+            attr = "use_nested_tensor"
+        else:
+            continue
+        if getattr(m, attr, False) and any(isinstance(sub, QuantMixin) for sub in m.modules()):
+            changed.append((m, attr, getattr(m, attr)))
+            setattr(m, attr, 0 if attr == "activation_relu_or_gelu" else False)
+    return changed
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

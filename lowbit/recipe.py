@@ -57,8 +57,9 @@ class Recipe:
             for side, spec in override.items():
                 if spec is not None:
                     validate_spec(spec, f"layers[{pattern!r}].{side}", full=False)
-        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+        if not isinstance(self.skip, (list, tuple)) or not all(isinstance(p, str) for p in self.skip):
             raise RecipeError(f"'skip' must be a list of name patterns, got {self.skip!r}")
+        self.skip = list(self.skip)
 
     @classmethod
     def from_dict(cls, data: dict) -> Recipe:
@@ -71,7 +72,7 @@ class Recipe:
         data = copy.deepcopy(data)
         return cls(weights=data.get("weights", defaults.weights),
                    activations=data.get("activations", defaults.activations),
-                   layers=data.get("layers") or {}, skip=list(data.get("skip") or []),
+                   layers=data.get("layers") or {}, skip=data.get("skip") or [],
                    sections={k: data[k] for k in PIPELINE_SECTIONS if k in data})
 
     def to_dict(self) -> dict:

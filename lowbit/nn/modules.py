@@ -12,6 +12,8 @@ holds, so code that walks a model by layer type keeps working.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -29,19 +31,32 @@ class QuantMixin:
     @classmethod
     def from_float(cls, module: nn.Module, weight_quantizer: Quantizer | None,
                    input_quantizer: Quantizer | None):
-        """A quantized layer sharing ``module``'s parameters (and buffers, hooks excluded)."""
+        """A quantized layer sharing ``module``'s parameters and buffers (hooks are copied, not shared)."""
         q = cls.__new__(cls)
         nn.Module.__init__(q)
-        q.__dict__.update({k: v for k, v in module.__dict__.items()
-                           if k not in ("_parameters", "_buffers", "_modules", "training")})
+        q.__dict__.update(_own_copy(module.__dict__))
         q._parameters = dict(module._parameters)
         q._buffers = dict(module._buffers)
         q._modules = dict(module._modules)
-        q.train(module.training)
         q._init_quant(weight_quantizer, input_quantizer)
+        q.train(module.training)  # after the quantizers are attached, so that they follow the layer's mode
         if weight_quantizer is not None and not bool(weight_quantizer.initialized):
             weight_quantizer.init_from(q.weight.detach())
         return q
+
+    def train(self, mode: bool = True):
+        """Set the mode; leaving training re-derives a dynamic weight grid from the current weight.
+
+        A dynamic weight quantizer (min-max, SAWB, ACIQ) sets its step at every training forward, so
+        after an optimizer step its stored grid belongs to the previous weights; eval and export
+        must use the grid of the weights they hold.
+        """
+        super().train(mode)
+        wq = self.weight_quantizer
+        if (not mode and wq is not None and wq.dynamic and bool(wq.initialized)
+                and bool(torch.isfinite(self.weight).all())):
+            wq.init_from(self.weight.detach())
+        return self
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
@@ -54,12 +69,18 @@ class QuantMixin:
         base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
         m = base.__new__(base)
         nn.Module.__init__(m)
-        m.__dict__.update({k: v for k, v in self.__dict__.items()
-                           if k not in ("_parameters", "_buffers", "_modules", "training")})
+        m.__dict__.update(_own_copy(self.__dict__))
         m._parameters, m._buffers = dict(self._parameters), dict(self._buffers)
         m._modules = {k: v for k, v in self._modules.items() if k not in ("weight_quantizer", "input_quantizer")}
         m.train(self.training)
         return m
+
+
+def _own_copy(attrs: dict) -> dict:
+    """A module's plain attributes for a new module: hook dicts, sets and lists are copied, not shared,
+    so a hook registered on one layer does not appear on the other."""
+    return {k: (copy.copy(v) if isinstance(v, (dict, set, list)) else v) for k, v in attrs.items()
+            if k not in ("_parameters", "_buffers", "_modules", "training", "weight_quantizer", "input_quantizer")}
 
 
 class QuantConv1d(QuantMixin, nn.Conv1d):
