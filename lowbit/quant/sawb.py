@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lowbit.quant.base import Quantizer
-from lowbit.quant.grid import Granularity, fake_quant, int_range
+from lowbit.quant.grid import Granularity, check_bits, fake_quant, int_range
 
 CONVENTIONS = ("even", "odd")
 COEFFICIENTS = {
@@ -57,6 +57,7 @@ def fit_coefficients(bits: int, convention: str = "even", samples: int = 100_000
     ``alpha*`` minimises the empirical quantization MSE over a grid of 600 clips in
     ``[0.2, 15] E|w|``; (c1, c2) is the least-squares line through the six points.
     """
+    check_bits(bits, "SAWB fit_coefficients: ")
     rng = np.random.default_rng(seed)
     draws = [rng.standard_normal(samples), rng.laplace(size=samples), rng.uniform(-1, 1, samples),
              rng.logistic(size=samples), rng.triangular(-1, 0, 1, samples), rng.vonmises(0.0, 2.0, samples)]
@@ -83,6 +84,7 @@ def _nearest(w: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
 
 
 def sawb_coefficients(bits: int, convention: str = "even") -> tuple[float, float]:
+    check_bits(bits, "SAWB: ")  # before any table look-up or (slow) fit: 4.0 == 4 and True == 1 as dict keys
     if convention not in CONVENTIONS:
         raise ValueError(f"SAWB convention must be one of {CONVENTIONS}, got {convention!r}")
     if convention == "odd" and bits < 2:
@@ -96,6 +98,7 @@ class SAWBQuantizer(Quantizer):
 
     def __init__(self, bits: int = 4, signed: bool | None = True, granularity: Granularity | None = None, *,
                  convention: str = "even", clip_grad: bool = False, role: str = "weight", **kw):
+        check_bits(bits, f"{type(self).__name__}: ")
         self.convention = convention
         self.coefficients = sawb_coefficients(bits, convention)
         self.clip_grad = clip_grad
