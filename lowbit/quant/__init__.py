@@ -48,10 +48,14 @@ def quantizer_options(method: str) -> set[str]:
     cls = QUANTIZERS[method]
     names = set()
     for klass in cls.__mro__:
-        if klass in (Quantizer, object) or not issubclass(klass, Quantizer):
+        if klass is object or not issubclass(klass, Quantizer):
             continue
         names |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kw")}
-    return names | {"restricted", "round_mode"}
+    if not cls.supports_bit_allocation:
+        names.discard("bit_allocation")
+    if getattr(cls, "learnable", False):
+        names.discard("bias_correction")
+    return names
 
 
 def make_quantizer(method: str, *, bits: int, role: str, signed: bool | None = None, granularity=None,
@@ -70,7 +74,11 @@ def make_quantizer(method: str, *, bits: int, role: str, signed: bool | None = N
     kw = dict(options)
     if "role" in quantizer_options(method):
         kw["role"] = role
-    return QUANTIZERS[method](bits, signed, make_granularity(granularity, role), **kw)
+    if role == "activation" and options.get("bias_correction"):
+        raise ValueError("bias_correction applies to weights only")
+    quantizer = QUANTIZERS[method](bits, signed, make_granularity(granularity, role), **kw)
+    quantizer.role = role
+    return quantizer
 
 
 __all__ = ["QUANTIZERS", "Grid", "Granularity", "Quantizer", "ACIQQuantizer", "FAQQuantizer", "LSQQuantizer",

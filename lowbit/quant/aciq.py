@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 
 from lowbit.quant.base import Quantizer, affine_grid, symmetric_grid
-from lowbit.quant.stats import moments
+from lowbit.quant.running import RunningStats
 
 PRIORS = ("laplace", "gaussian")
 
@@ -73,46 +73,96 @@ def optimal_clip(bits: int, prior: str = "laplace", one_sided: bool = False) -> 
 
 
 class ACIQQuantizer(Quantizer):
+    """ACIQ clipping; ``prior="auto"`` picks, per tensor, whichever of the Laplace clip, the Gaussian
+    clip or the plain min-max range gives the lowest MSE on a bounded sample of the calibration
+    data (the reference code's per-tensor selection; the sample holds at most ``sample_size``
+    rows of the step view, drawn with a fixed seed)."""
+
     method = "aciq"
     dynamic = True
+    supports_bit_allocation = True
 
     def __init__(self, bits: int = 4, signed: bool | None = None, granularity=None, *, prior: str = "laplace",
-                 symmetric: bool | None = None, role: str = "activation", **kw):
-        if prior not in PRIORS:
-            raise ValueError(f"ACIQ prior must be one of {PRIORS}, got {prior!r}")
-        self.prior = prior
+                 symmetric: bool | None = None, role: str = "activation", sample_size: int = 4096, **kw):
+        if prior not in PRIORS + ("auto",):
+            raise ValueError(f"ACIQ prior must be one of {PRIORS + ('auto',)}, got {prior!r}")
+        self.prior, self.sample_size = prior, sample_size
+        self.chosen_prior = None if prior == "auto" else prior
         self.symmetric = (role == "weight") if symmetric is None else symmetric
         super().__init__(bits, signed, granularity, **kw)
         self.dynamic = role == "weight"
 
     def _reset_stats(self):
-        self._sums, self._lo, self._hi, self._batches = None, None, None, 0
+        self._stats, self._sample = RunningStats(self.granularity), None
 
     def _observe(self, v):
-        m = moments(v, self.granularity)
-        spread = m["mad"] if self.prior == "laplace" else m["std"]
-        stats = torch.stack([m["mean"], spread])
-        self._sums = stats if self._sums is None else self._sums + stats
-        self._lo = m["min"] if self._lo is None else torch.minimum(self._lo, m["min"])
-        self._hi = m["max"] if self._hi is None else torch.maximum(self._hi, m["max"])
-        self._batches += 1
+        self._stats.update(v)
+        if self.prior == "auto":
+            self._keep_sample(v)
 
-    def clip_value(self) -> torch.Tensor:
+    def _keep_sample(self, v: torch.Tensor) -> None:
+        """Keep up to ``sample_size`` rows (positions across every step group) for the MSE comparison."""
+        g = self.granularity
+        keep = [d for d in range(v.dim()) if d not in g.reduce_dims(v)]
+        rows = v.permute(*g.reduce_dims(v), *keep).reshape(-1, *[v.shape[d] for d in keep])
+        gen = torch.Generator().manual_seed(self._stats.batches)
+        take = torch.randperm(rows.shape[0], generator=gen)[: self.sample_size]
+        rows = rows[take]
+        self._sample = rows if self._sample is None else torch.cat([self._sample, rows])[-4 * self.sample_size:]
+
+    def _allocation_spread(self, stats):
+        return stats.batch_mean("mad") if self.prior == "laplace" else stats.std
+
+    def _multiplier(self, prior: str) -> torch.Tensor | float:
+        """``alpha*/b`` or ``alpha*/sigma`` at this quantizer's width(s); per channel after bit allocation."""
+        one_sided = not self.signed
+        if not self.channel_bits.numel():
+            return optimal_clip(self.bits, prior, one_sided)
+        table = {int(b): optimal_clip(int(b), prior, one_sided) if b > 0 else 0.0
+                 for b in self.channel_bits.unique().tolist()}
+        return torch.tensor([table[int(b)] for b in self.channel_bits.tolist()])
+
+    def clip_value(self, prior: str | None = None) -> torch.Tensor:
         """``alpha = alpha*(M) * b`` (or ``* sigma``) from the batch-averaged statistics."""
-        mean, spread = self._sums / self._batches
-        return optimal_clip(self.bits, self.prior, one_sided=not self.signed) * spread
+        prior = prior or self.chosen_prior or "laplace"
+        spread = self._stats.batch_mean("mad" if prior == "laplace" else "std")
+        return self._multiplier(prior) * spread
+
+    def _grid_for(self, prior: str | None):
+        st = self._stats
+        lo, hi = st.min.float(), st.max.float()
+        if prior is None:  # plain min-max, a candidate of the auto mode
+            alpha = torch.full_like(hi, float("inf"))
+        else:
+            alpha = self.clip_value(prior)
+        mean = st.mean
+        if not self.signed:
+            top = torch.minimum(mean.clamp_min(0) + alpha, hi)
+            return symmetric_grid(top.clamp_min(0), self.qmin, self.qmax)
+        if self.symmetric:
+            return symmetric_grid(torch.minimum(alpha, torch.maximum(lo.abs(), hi.abs())), self.qmin, self.qmax)
+        low = torch.maximum(lo, mean - alpha)
+        return affine_grid(low, torch.minimum(low + 2 * alpha, hi), self.qmin, self.qmax)
 
     def _compute(self):
-        if not self._batches:
+        if not self._stats.batches:
             from lowbit.errors import CalibrationError
             raise CalibrationError(f"{self._where()}finalize() before any data was observed")
-        mean = self._sums[0] / self._batches
-        alpha = self.clip_value()
-        if not self.signed:
-            hi = torch.minimum(mean.clamp_min(0) + alpha, self._hi)
-            return symmetric_grid(hi.clamp_min(0), self.qmin, self.qmax)
-        if self.symmetric:
-            return symmetric_grid(torch.minimum(alpha, torch.maximum(self._lo.abs(), self._hi.abs())),
-                                  self.qmin, self.qmax)
-        lo = torch.maximum(self._lo, mean - alpha)
-        return affine_grid(lo, torch.minimum(lo + 2 * alpha, self._hi), self.qmin, self.qmax)
+        if self.prior != "auto":
+            return self._grid_for(self.prior)
+        errors = {}
+        for candidate in PRIORS + (None,):
+            scale, zero = self._grid_for(candidate)
+            errors[candidate] = self._sample_mse(scale.clamp_min(1e-8), zero)
+        self.chosen_prior = min(errors, key=errors.get) or "minmax"
+        return self._grid_for(None if self.chosen_prior == "minmax" else self.chosen_prior)
+
+    def _sample_mse(self, scale: torch.Tensor, zero: torch.Tensor) -> float:
+        qmin, qmax = self.qrange
+        x = self._sample
+        q = torch.clamp(torch.round(x / scale + zero), qmin, qmax)
+        return float(((q - zero) * scale - x).pow(2).mean())
+
+    def extra_repr(self):
+        return super().extra_repr() + f", prior={self.prior}" + (
+            f" ({self.chosen_prior})" if self.prior == "auto" and self.chosen_prior else "")

@@ -6,7 +6,9 @@ A quantizer is an ``nn.Module`` that fake-quantizes what passes through it. Its 
    the first tensor seen": signed if it holds a negative value);
 2. calibrated: ``observe(x)`` accumulates statistics batch by batch (in ``calibrating``
    mode the forward observes and returns ``x`` unchanged), then ``finalize()`` sets the step;
-   a quantizer never calibrated initialises itself from the first tensor it sees;
+   a quantizer never calibrated initialises itself from the first tensor it sees. An
+   auto-signed quantizer that decided "unsigned" and later sees a negative value switches to
+   signed and restarts its statistics from that batch (with a warning);
 3. used: ``forward(x)`` returns ``(q - z) * s``; in training mode a *dynamic* quantizer
    (min-max, percentile, SAWB, ACIQ on weights) re-derives its step from the current tensor;
 4. exported: :meth:`grid` hands out ``s``, ``z``, ``qmin``, ``qmax`` and
@@ -14,17 +16,36 @@ A quantizer is an ``nn.Module`` that fake-quantizes what passes through it. Its 
 
 Subclasses implement ``_reset_stats``, ``_observe`` and ``_compute`` (statistics to step);
 learned quantizers (LSQ, PACT) keep their step as a parameter instead.
+
+Post-training options shared by the statistics-based quantizers (Banner et al., NeurIPS 2019):
+
+- ``bit_allocation``: per-channel bit widths with mean ``bits`` (``"paper"``: Eqs. 10-11 with the
+  fixed-target correction; ``"exact"``: the integer optimum), from each channel's std (or its
+  Laplace ``b`` for ACIQ's Laplace prior). Then ``qmin``/``qmax`` are per-channel tensors and a
+  channel may get 0 bits (it quantizes to its zero level). Needs ``channel`` granularity.
+- ``bias_correction`` (weights): after quantizing a weight, freeze its integer codes and move each
+  channel's step and zero point so the channel's mean and spread match the float weight
+  (:mod:`lowbit.quant.bias_correction`). A frozen quantizer returns ``(codes - z) * s`` and
+  ignores later changes of the weight until :meth:`unfreeze`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 from torch import nn
 
-from lowbit.errors import CalibrationError
-from lowbit.quant.grid import ROUND_MODES, Granularity, check_bits, fake_quant, int_range, quantize_int
+from lowbit.errors import CalibrationError, RecipeError
+from lowbit.quant.bias_correction import BIAS_CORRECTION_MODES, bias_correct
+from lowbit.quant.bitalloc import allocate_bits, allocate_bits_exact
+from lowbit.quant.grid import (ROUND_MODES, Granularity, channel_int_range, check_bits, fake_quant, int_range,
+                               quantize_int)
+from lowbit.quant.running import RunningStats
+
+BIT_ALLOCATION_MODES = ("paper", "exact")
 
 EPS = 1e-8
 
@@ -47,16 +68,36 @@ class Quantizer(nn.Module):
 
     method = "base"
     dynamic = False        # re-derive the step from the tensor at every training forward
+    supports_bit_allocation = False  # per-channel widths: only quantizers whose grid reads qmin/qmax tensors
     needs_calibration = True
 
+    role = "activation"    # make_quantizer sets "weight" for weight quantizers
+
     def __init__(self, bits: int = 8, signed: bool | None = None, granularity: Granularity | None = None,
-                 restricted: bool = False, round_mode: str = "half_even"):
+                 restricted: bool = False, round_mode: str = "half_even", bit_allocation: bool | str = False,
+                 bias_correction: bool | str = False):
         super().__init__()
         check_bits(bits, f"{type(self).__name__}: ")
         if round_mode not in ROUND_MODES:
             raise ValueError(f"round_mode must be one of {ROUND_MODES}, got {round_mode!r}")
         self.bits, self.restricted, self.round_mode = bits, restricted, round_mode
         self.granularity = granularity or Granularity()
+        self.bit_allocation = "paper" if bit_allocation is True else (bit_allocation or None)
+        if self.bit_allocation is not None:
+            if self.bit_allocation not in BIT_ALLOCATION_MODES:
+                raise ValueError(f"bit_allocation must be true, false or one of {BIT_ALLOCATION_MODES}, "
+                                 f"got {bit_allocation!r}")
+            if self.granularity.kind != "channel":
+                raise ValueError("bit_allocation gives each channel its own width: use granularity 'channel'")
+        if self.bit_allocation is not None and not self.supports_bit_allocation:
+            raise ValueError(f"{self.method} does not support bit_allocation; use minmax, percentile or aciq")
+        self.bias_correction = "code" if bias_correction is True else (bias_correction or None)
+        if self.bias_correction is not None and getattr(self, "learnable", False):
+            raise ValueError(f"{self.method} learns its step; bias_correction is a post-training transform for "
+                             "minmax, percentile, aciq, faq or sawb weights")
+        if self.bias_correction is not None and self.bias_correction not in BIAS_CORRECTION_MODES:
+            raise ValueError(f"bias_correction must be true, false or one of {BIAS_CORRECTION_MODES}, "
+                             f"got {bias_correction!r}")
         self.calibrating = False
         self.enabled = True
         self.name = ""  # filled in by model preparation, used in error messages
@@ -64,6 +105,9 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("channel_bits", torch.zeros(0, dtype=torch.int16))  # empty: every channel `bits`
+        self.register_buffer("codes", torch.zeros(0, dtype=torch.int32))  # frozen integer codes, if any
+        self._alloc_stats = None
         self._reset_stats()
 
     # ----- grid -------------------------------------------------------------------------
@@ -73,10 +117,22 @@ class Quantizer(nn.Module):
         return None if flag < 0 else bool(flag)
 
     @property
-    def qrange(self) -> tuple[int, int]:
+    def qrange(self) -> tuple:
+        """``(qmin, qmax)``: ints, or per-channel float tensors after bit allocation."""
         if self.signed is None:
             raise CalibrationError(f"{self._where()}signedness is not known before the quantizer has seen data")
+        if self.channel_bits.numel():
+            return channel_int_range(self.channel_bits, self.signed, self.restricted)
         return int_range(self.bits, self.signed, self.restricted)
+
+    @property
+    def frozen(self) -> bool:
+        return self.codes.numel() > 0
+
+    @property
+    def mean_bits(self) -> float:
+        """Average bits per element (``bits`` unless bit allocation gave channels their own widths)."""
+        return float(self.channel_bits.float().mean()) if self.channel_bits.numel() else float(self.bits)
 
     @property
     def qmin(self) -> int:
@@ -92,15 +148,39 @@ class Quantizer(nn.Module):
 
     def grid(self) -> Grid:
         self._require_initialized()
-        return Grid(self.get_scale().detach().clone(), self.zero_point.detach().clone(), self.qmin, self.qmax,
+        qmin, qmax = self.qrange
+        return Grid(self.get_scale().detach().clone(), self.zero_point.detach().clone(), qmin, qmax,
                     self.bits, bool(self.signed), self.granularity)
 
+    def _bounds(self, v: torch.Tensor) -> tuple:
+        qmin, qmax = self.qrange
+        if isinstance(qmin, torch.Tensor):
+            return self.granularity.expand(qmin, v), self.granularity.expand(qmax, v)
+        return qmin, qmax
+
     def quantize_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer codes of ``x`` (int32, same shape as ``x``)."""
+        """Integer codes of ``x`` (int32, same shape as ``x``); a frozen quantizer returns its codes."""
         self._require_initialized()
+        if self.frozen:
+            self._check_frozen_shape(x)
+            return self.codes.clone()
         v = self.granularity.view(x)
         s, z = self._expanded(v)
-        return quantize_int(v, s, z, self.qmin, self.qmax, self.round_mode).reshape(x.shape)
+        return quantize_int(v, s, z, *self._bounds(v), self.round_mode).reshape(x.shape)
+
+    @torch.no_grad()
+    def freeze(self, x: torch.Tensor) -> None:
+        """Store the integer codes of ``x``; from now on the forward returns ``(codes - z) * s``."""
+        self.codes = self.quantize_int(x)
+
+    def unfreeze(self) -> None:
+        """Forget frozen codes: the forward quantizes its input again (e.g. before fine-tuning)."""
+        self.codes = torch.zeros(0, dtype=torch.int32, device=self.codes.device)
+
+    def _check_frozen_shape(self, x: torch.Tensor) -> None:
+        if x.shape != self.codes.shape:
+            raise CalibrationError(f"{self._where()}holds frozen codes of shape {tuple(self.codes.shape)} but got "
+                                   f"a tensor of shape {tuple(x.shape)}; call unfreeze() to re-quantize")
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         v = self.granularity.view(q.float())
@@ -127,13 +207,46 @@ class Quantizer(nn.Module):
         check_finite(x, self._where())
         if x.numel() == 0:
             raise CalibrationError(f"{self._where()}received an empty tensor")
+        has_negative = bool((x < 0).any())
         if self.signed is None:
-            self.signed_flag.fill_(int(bool((x < 0).any())))
-        self._observe(self.granularity.view(x.detach().float()))
+            self.signed_flag.fill_(int(has_negative))
+            self._auto_signed = True
+        elif has_negative and not self.signed and getattr(self, "_auto_signed", False):
+            warnings.warn(f"{self._where()}decided 'unsigned' from its first batch, but this batch has negative "
+                          "values: switching to a signed grid and restarting its statistics from this batch",
+                          stacklevel=3)
+            self.signed_flag.fill_(1)
+            self._reset_stats()
+            self._alloc_stats = None
+        v = self.granularity.view(x.detach().float())
+        if self.bit_allocation is not None:
+            if self._alloc_stats is None:
+                self._alloc_stats = RunningStats(self.granularity)
+            self._alloc_stats.update(v)
+        self._observe(v)
+
+    def _allocation_spread(self, stats: RunningStats) -> torch.Tensor:
+        """The per-channel ``alpha_i`` of Eq. 10: the std (ACIQ's Laplace prior overrides with ``b``)."""
+        return stats.std
+
+    @torch.no_grad()
+    def _allocate_bits(self) -> None:
+        stats, self._alloc_stats = self._alloc_stats, None
+        if stats is None:
+            return
+        spread = self._allocation_spread(stats)
+        allocate = allocate_bits if self.bit_allocation == "paper" else allocate_bits_exact
+        try:
+            bits = allocate(spread, float(self.bits), max_bits=max(8, self.bits))
+        except RecipeError as exc:
+            raise RecipeError(f"{self._where()}{exc}") from None
+        constant = (spread <= 0) & (stats.mean != 0)  # a constant non-zero channel needs one level for its value
+        self.channel_bits = torch.where(constant, bits.clamp_min(1), bits).to(torch.int16)
 
     @torch.no_grad()
     def finalize(self) -> None:
         """Turn the accumulated statistics into the grid; raises if nothing was observed."""
+        self._allocate_bits()
         scale, zero_point = self._compute()
         scale = torch.as_tensor(scale, dtype=torch.float32)
         if not torch.isfinite(scale).all():
@@ -147,10 +260,15 @@ class Quantizer(nn.Module):
         self.zero_point = zero_point.to(self.scale.device).expand_as(scale).clone()
 
     def init_from(self, x: torch.Tensor) -> None:
-        """Reset, observe one tensor (e.g. a weight) and finalize."""
+        """Reset, observe one tensor (e.g. a weight) and finalize; a weight quantizer with
+        ``bias_correction`` then freezes the corrected codes. No-op while frozen."""
+        if self.frozen:
+            return
         self._reset_stats()
         self.observe(x)
         self.finalize()
+        if self.bias_correction is not None and self.role == "weight":
+            bias_correct(self, x.detach(), self.bias_correction)
 
     # ----- forward ----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +277,9 @@ class Quantizer(nn.Module):
         if self.calibrating:
             self.observe(x)
             return x
+        if self.frozen:
+            self._check_frozen_shape(x)
+            return self.dequantize(self.codes)
         if (self.training and self.dynamic) or not bool(self.initialized):
             self.init_from(x.detach())
         return self.fake_quant(x)
@@ -166,7 +287,7 @@ class Quantizer(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         v = self.granularity.view(x)
         s, z = self._expanded(v)
-        return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode).reshape(x.shape)
+        return fake_quant(v, s, z, *self._bounds(v), round_mode=self.round_mode).reshape(x.shape)
 
     # ----- bookkeeping ------------------------------------------------------------------
     def _where(self) -> str:
@@ -179,7 +300,8 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         signed = {None: "auto", True: "signed", False: "unsigned"}[self.signed]
-        return f"bits={self.bits}, {signed}, granularity={self.granularity.kind}"
+        bits = f"{self.mean_bits:.2f} (per channel)" if self.channel_bits.numel() else str(self.bits)
+        return f"bits={bits}, {signed}, granularity={self.granularity.kind}" + (", frozen" if self.frozen else "")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Per-channel steps get their shape only at calibration: adopt the checkpoint's shape.
@@ -203,18 +325,22 @@ def check_finite(x: torch.Tensor, where: str = "") -> None:
                                "clean the calibration data (or check the preceding layer for overflow)")
 
 
-def symmetric_grid(amax: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def symmetric_grid(amax: torch.Tensor, qmin, qmax) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-point-free grid whose clip ``amax`` maps to the largest code: ``s = amax / qmax``.
 
     For signed grids the negative side reaches ``qmin * s`` (``-amax`` when restricted).
+    ``qmin``/``qmax`` may be per-channel tensors; a 0-bit channel (``qmax = 0``) keeps ``s = amax``.
     """
-    return amax / qmax, torch.zeros_like(amax)
+    levels = qmax.clamp_min(1) if isinstance(qmax, torch.Tensor) else max(qmax, 1)
+    return amax / levels, torch.zeros_like(amax)
 
 
-def affine_grid(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_grid(lo: torch.Tensor, hi: torch.Tensor, qmin, qmax) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric grid covering ``[lo, hi]`` (widened to include 0): ``s = (hi - lo) / (qmax - qmin)``,
     ``z = round(qmin - lo / s)`` so that 0 is exactly representable."""
     lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+    span = qmax - qmin
+    span = span.clamp_min(1) if isinstance(span, torch.Tensor) else max(span, 1)
+    scale = ((hi - lo) / span).clamp_min(EPS)
     zero_point = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
     return scale, zero_point

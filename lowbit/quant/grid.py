@@ -52,6 +52,19 @@ def int_range(bits: int, signed: bool, restricted: bool = False) -> tuple[int, i
     return -(2 ** (bits - 1)) + int(restricted), 2 ** (bits - 1) - 1
 
 
+def channel_int_range(bits: torch.Tensor, signed: bool, restricted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`int_range` per channel for a tensor of widths (float tensors); 0 bits gives ``[0, 0]``."""
+    b = bits.to(torch.float32)
+    if not signed:
+        qmin, qmax = torch.zeros_like(b), torch.exp2(b) - 1
+    else:
+        half = torch.exp2(b - 1)
+        qmin, qmax = -half + float(restricted), half - 1
+    zero = b == 0
+    qmin, qmax = torch.where(zero, 0.0, qmin), torch.where(zero, 0.0, qmax)
+    return torch.minimum(qmin, qmax), qmax  # restricted 1-bit: [0, 0]
+
+
 def check_bits(bits, where: str = "") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
         raise ValueError(f"{where}bits must be an integer from 1 to 16, got {bits!r}")

@@ -20,6 +20,7 @@ from lowbit.quant.stats import percentile
 class MinMaxQuantizer(Quantizer):
     method = "minmax"
     dynamic = True
+    supports_bit_allocation = True
 
     def __init__(self, bits: int = 8, signed: bool | None = None, granularity=None, *, symmetric: bool = True,
                  role: str = "activation", **kw):

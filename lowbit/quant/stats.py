@@ -30,20 +30,3 @@ def percentile(v: torch.Tensor, g: Granularity, p: float) -> torch.Tensor:
         srt = flat.sort(dim=-1).values
         low, high = srt[..., lo], srt[..., min(lo + 1, n - 1)]
     return low + frac * (high - low)
-
-
-def moments(v: torch.Tensor, g: Granularity) -> dict[str, torch.Tensor]:
-    """Per-step min, max, mean, mean absolute deviation from the mean, std (unbiased), mean|x| and mean(x^2)."""
-    dims = g.reduce_dims(v)
-    if not dims:
-        raise ValueError("moments need at least one reduced dimension")
-    mean = v.mean(dim=dims, keepdim=True)
-    n = 1
-    for d in dims:
-        n *= v.shape[d]
-    return {
-        "min": v.amin(dim=dims), "max": v.amax(dim=dims), "mean": v.mean(dim=dims),
-        "mad": (v - mean).abs().mean(dim=dims),
-        "std": v.std(dim=dims, unbiased=True) if n > 1 else torch.zeros_like(v.mean(dim=dims)),
-        "abs_mean": v.abs().mean(dim=dims), "sq_mean": v.pow(2).mean(dim=dims),
-    }
