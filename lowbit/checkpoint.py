@@ -76,8 +76,9 @@ def load_into(model: nn.Module, path_or_state: str | os.PathLike | dict, *, stri
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
+    adopting = _quantizer_prefixes(model)  # quantizer grids take their shape from the checkpoint
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
+             for k in own if k in state and state[k].shape != own[k].shape and not k.startswith(adopting)]
     if wrong or (strict and (missing or unexpected)):
         parts = []
         if wrong:
@@ -90,3 +91,8 @@ def load_into(model: nn.Module, path_or_state: str | os.PathLike | dict, *, stri
                               + ". Check that the checkpoint was saved from the same architecture.")
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def _quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
+    from lowbit.quant.base import Quantizer
+    return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))

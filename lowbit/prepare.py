@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,7 +31,9 @@ from torch import nn
 from lowbit.errors import CalibrationError, RecipeError
 from lowbit.nn.modules import QUANT_MODULES, QuantMixin
 from lowbit.quant import make_quantizer
+from lowbit.ptq.fold import fold_batchnorm
 from lowbit.quant.base import Quantizer
+from lowbit.quant.grid import Granularity
 from lowbit.recipe import FIRST, LAST, Recipe, load_recipe
 
 
@@ -42,6 +45,7 @@ class QuantReport:
     quantized: dict[str, dict] = field(default_factory=dict)
     left_float: dict[str, str] = field(default_factory=dict)
     calibration_batches: int = 0
+    folded: list[tuple[str, str]] = field(default_factory=list)
 
 
 def quantizable_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -100,15 +104,19 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict
     return plan, left_float
 
 
-def build_quantizer(spec: dict | None, role: str, name: str) -> Quantizer | None:
+def build_quantizer(spec: dict | None, role: str, name: str, layer: nn.Module | None = None) -> Quantizer | None:
+    """The quantizer a spec asks for; per-channel activations of a Linear layer use its last axis."""
     if spec is None:
         return None
     opts = {k: v for k, v in spec.items() if k not in ("method", "bits", "granularity", "signed")}
     signed = spec.get("signed", "auto")
+    granularity = spec.get("granularity")
+    if role == "activation" and granularity == "channel" and isinstance(layer, nn.Linear):
+        granularity = Granularity("channel", axis=-1)
     try:
         q = make_quantizer(spec["method"], bits=spec["bits"], role=role,
                            signed=None if signed in ("auto", None) else bool(signed),
-                           granularity=spec.get("granularity"), **opts)
+                           granularity=granularity, **opts)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"layer {name!r} {role}s: {exc}") from None
     q.name = f"{name}.{'weight' if role == 'weight' else 'input'}"
@@ -125,17 +133,26 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
     Without calibration data, activation quantizers initialise from the first batch they see.
     """
     recipe = load_recipe(recipe if recipe is not None else Recipe())
+    ptq = ptq_options(recipe)
     plan, left_float = resolve_plan(model, recipe)
     target = model if inplace else copy.deepcopy(model)
-    modules = dict(target.named_modules())
     originals: dict[str, nn.Module] = {}
     changed_flags: list[tuple[nn.Module, str, object]] = []
     report = QuantReport(recipe, left_float=left_float)
+    folded = None
+    if ptq["fold_bn"]:
+        if calib_data is None:
+            raise RecipeError("the recipe folds batch norm (ptq: {fold_bn: true}), which needs calib_data: "
+                              "one example batch finds the conv -> batch-norm pairs")
+        first, calib_data = _peek(calib_data)
+        folded = fold_batchnorm(target, _inputs(first))
+        report.folded = list(folded)
+    modules = dict(target.named_modules())
     try:
         for name, (w_spec, a_spec) in plan.items():
             layer = modules[name]
-            wq = build_quantizer(w_spec, "weight", name)
-            aq = build_quantizer(a_spec, "activation", name)
+            wq = build_quantizer(w_spec, "weight", name, layer)
+            aq = build_quantizer(a_spec, "activation", name, layer)
             if wq is not None and not torch.isfinite(layer.weight).all():
                 raise RecipeError(f"layer {name!r}: its weight holds NaN or Inf; fix the model before quantizing")
             qlayer = QUANT_MODULES[type(layer)].from_float(layer, wq, aq)
@@ -150,6 +167,8 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
             _set_submodule(target, name, layer)
         for module, attr, value in changed_flags:
             setattr(module, attr, value)
+        if folded is not None:
+            folded.undo()
         raise
     target.lowbit_report = report
     return target
@@ -180,16 +199,43 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+PTQ_OPTIONS = {"fold_bn": False}
+
+
+def ptq_options(recipe: Recipe) -> dict:
+    """The recipe's ``ptq:`` section with defaults; unknown keys are an error."""
+    section = recipe.sections.get("ptq") or {}
+    if not isinstance(section, dict) or set(section) - set(PTQ_OPTIONS):
+        raise RecipeError(f"the recipe's 'ptq' section takes {sorted(PTQ_OPTIONS)}, got {section!r}")
+    return {**PTQ_OPTIONS, **section}
+
+
+def _peek(data: Iterable):
+    """The first batch of ``data`` and an iterable that still yields every batch (generators too)."""
+    iterator = iter(data)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise CalibrationError("the calibration data yielded no batches; pass a non-empty loader") from None
+    return first, (itertools.chain([first], iterator) if iterator is data else data)
+
+
+def _inputs(batch):
+    """The model input of a calibration batch: a tensor, the first item of a pair, or a keyword dict."""
+    if isinstance(batch, (torch.Tensor, dict)):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    raise CalibrationError(f"calibration batches must be tensors, (input, target) pairs or dicts, "
+                           f"got {type(batch).__name__}")
+
+
 def _forward(model: nn.Module, batch) -> None:
-    if isinstance(batch, torch.Tensor):
-        model(batch)
-    elif isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)) and batch:
-        model(batch[0])
+    inputs = _inputs(batch)
+    if isinstance(inputs, dict):
+        model(**inputs)
     else:
-        raise CalibrationError(f"calibration batches must be tensors, (input, target) pairs or dicts, "
-                               f"got {type(batch).__name__}")
+        model(inputs)
 
 
 def input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
@@ -212,7 +258,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     seen = 0
     try:
         for q in quantizers.values():
-            q._reset_stats()
+            q.reset_stats()
             q.calibrating = True
         for batch in data:
             if max_batches is not None and seen >= max_batches:

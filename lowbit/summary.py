@@ -1,6 +1,7 @@
 """Per-layer table of a quantized model and its stored size.
 
-Stored size counts what an export holds: each quantized weight at its bit width, one
+Stored size counts what an export holds: each quantized weight at its bit width (each
+channel's own width after bit allocation, plus 4 bits per channel to record it), one
 fp32 step (and zero point where it is not zero) per step group, biases as 32-bit, and every
 other parameter or buffer of the model (batch norm, embeddings, float layers) as fp32.
 """
@@ -29,7 +30,8 @@ def quantizer_label(q: Quantizer | None) -> str:
     if q is None:
         return "float"
     gran = {"tensor": "", "channel": "/ch"}.get(q.granularity.kind, f"/g{q.granularity.group_size}")
-    return f"{q.bits}b {q.method}{gran}"
+    bits = f"{q.mean_bits:.2f}b" if q.channel_bits.numel() else f"{q.bits}b"
+    return f"{bits} {q.method}{gran}"
 
 
 def weight_bits(q: Quantizer | None, numel: int) -> float:
@@ -38,7 +40,8 @@ def weight_bits(q: Quantizer | None, numel: int) -> float:
         return 32.0 * numel
     n_steps = max(1, q.get_scale().numel())
     zero_point_bits = 0 if bool((q.zero_point == 0).all()) else 32 * n_steps
-    return q.bits * numel + 32.0 * n_steps + zero_point_bits
+    width_bits = 4 * q.channel_bits.numel()  # each channel's own width, after bit allocation
+    return q.mean_bits * numel + 32.0 * n_steps + zero_point_bits + width_bits
 
 
 def _layer_bytes(m: QuantMixin) -> float:

@@ -51,12 +51,25 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
     return [(c, b) for c, b in pairs if seen_convs.count(c) == 1]
 
 
+class Folded(list):
+    """The folded ``(conv, bn)`` pairs; :meth:`undo` puts the original weights and norms back."""
+
+    def __init__(self, pairs, restore=None):
+        super().__init__(pairs)
+        self._restore = restore
+
+    def undo(self) -> None:
+        if self._restore is not None:
+            self._restore()
+            self._restore = None
+
+
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-4) -> list[tuple[str, str]]:
+def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-4) -> Folded:
     """Fold every ``Conv -> BN`` pair of ``model`` in place; BNs become ``nn.Identity``. Returns the pairs."""
     pairs = find_conv_bn_pairs(model, example)
     if not pairs:
-        return []
+        return Folded([])
     was_training = model.training
     model.eval()
     reference = model(example)
@@ -75,9 +88,9 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-
         else:
             conv.bias.copy_(new_bias)
         _set(model, bn_name, nn.Identity())
-    folded = model(example)
-    if not torch.allclose(folded, reference, atol=atol * max(1.0, reference.abs().max().item()), rtol=1e-4):
-        for conv_name, bn_name in pairs:  # undo: put weights and norms back
+    @torch.no_grad()
+    def restore():
+        for conv_name, bn_name in pairs:
             w, b = saved[conv_name]
             modules[conv_name].weight.copy_(w)
             if b is None:
@@ -85,11 +98,14 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-
             else:
                 modules[conv_name].bias.copy_(b)
             _set(model, bn_name, modules[bn_name])
-        model.train(was_training)
+
+    folded = model(example)
+    model.train(was_training)
+    if not torch.allclose(folded, reference, atol=atol * max(1.0, reference.abs().max().item()), rtol=1e-4):
+        restore()
         raise RuntimeError("batch-norm folding changed the model's output (a conv output feeds more than its "
                            "batch norm?); the model was restored; quantize without folding (fold_bn: false)")
-    model.train(was_training)
-    return pairs
+    return Folded(pairs, restore)
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -192,8 +192,13 @@ class Quantizer(nn.Module):
         return g.expand(self.get_scale(), v), g.expand(self.zero_point, v)
 
     # ----- calibration ------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Forget every statistic accumulated so far (before a new calibration pass)."""
+        self._reset_stats()
+        self._alloc_stats = None
+
     def _reset_stats(self) -> None:
-        """Forget accumulated statistics (subclasses keep theirs as plain attributes)."""
+        """Forget the method's accumulated statistics (subclasses keep theirs as plain attributes)."""
 
     def _observe(self, v: torch.Tensor) -> None:
         """Accumulate statistics of one batch, given in the granularity's view."""
@@ -216,8 +221,7 @@ class Quantizer(nn.Module):
                           "values: switching to a signed grid and restarting its statistics from this batch",
                           stacklevel=3)
             self.signed_flag.fill_(1)
-            self._reset_stats()
-            self._alloc_stats = None
+            self.reset_stats()
         v = self.granularity.view(x.detach().float())
         if self.bit_allocation is not None:
             if self._alloc_stats is None:
@@ -264,7 +268,7 @@ class Quantizer(nn.Module):
         ``bias_correction`` then freezes the corrected codes. No-op while frozen."""
         if self.frozen:
             return
-        self._reset_stats()
+        self.reset_stats()
         self.observe(x)
         self.finalize()
         if self.bias_correction is not None and self.role == "weight":
