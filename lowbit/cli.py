@@ -1,6 +1,7 @@
 """The ``lowbit`` command line: a thin layer over the Python API.
 
     lowbit summary --model resnet20 --recipe ptq-w8a8
+    lowbit ptq     --model resnet20 --recipe ptq-w4a4-aciq --out runs/ptq
     lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24
     lowbit demo    [--quick] [--out lowbit-demo]
 
@@ -18,7 +19,6 @@ import sys
 from lowbit.errors import LowbitError
 
 PENDING = {
-    "ptq": "post-training quantization with ACIQ, bit allocation and bias correction (issue 4)",
     "qat": "quantization-aware fine-tuning with FAQ/LSQ/PACT+SAWB (issue 5)",
     "mixed": "mixed-precision selection with EAGL/ALPS (issue 6)",
     "export": "packed integer export and ONNX (issue 7)",
@@ -67,6 +67,30 @@ def cmd_train(args) -> None:
     print(f"saved {out} (test top-1 {meta['test_top1']:.2f}%)")
 
 
+def cmd_ptq(args) -> None:
+    import time
+
+    import lowbit
+    from lowbit.data.datasets import make_loader
+    from lowbit.evaluate import evaluate
+    from lowbit.serialize import save_quantized
+
+    model = build_model(args.model, args.weights, args.dataset)
+    calib = make_loader(args.dataset, "calib", 128, limit=args.calib_images, data_dir=args.data_dir)
+    start = time.perf_counter()
+    qmodel = lowbit.quantize(model, args.recipe, calib_data=calib)
+    seconds = time.perf_counter() - start
+    print(lowbit.summary(qmodel))
+    if args.evaluate:
+        test = make_loader(args.dataset, "test", 500, data_dir=args.data_dir)
+        fp, q = evaluate(model, test)["top1"], evaluate(qmodel, test)["top1"]
+        print(f"test top-1: fp32 {fp:.2f}%  quantized {q:.2f}%  ({q - fp:+.2f})")
+    print(f"calibration + quantization: {seconds:.2f} s on {args.calib_images} images")
+    if args.out:
+        save_quantized(qmodel, args.out, model_name=args.model, dataset=args.dataset)
+        print(f"saved {args.out} (reload with lowbit.serialize.load_quantized)")
+
+
 def cmd_demo(args) -> None:
     from lowbit.demo import run_demo
 
@@ -89,6 +113,17 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", default="ptq-w8a8", help="recipe YAML path or shipped recipe name")
     sp.add_argument("--calib-images", type=int, default=0, help="calibrate on this many held-out training images")
     sp.set_defaults(func=cmd_summary)
+
+    sp = sub.add_parser("ptq", help="post-training quantization: calibrate, quantize, evaluate, save")
+    model_args(sp)
+    sp.add_argument("--recipe", default="ptq-w4a4-aciq", help="recipe YAML path or shipped recipe name "
+                    "(default: ptq-w4a4-aciq: ACIQ + bit allocation + bias correction)")
+    sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
+    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    sp.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure test accuracy of the float and quantized models")
+    sp.add_argument("--out", help="folder to save the quantized model in")
+    sp.set_defaults(func=cmd_ptq)
 
     sp = sub.add_parser("train", help="train a zoo model in full precision (reproducible, seeded)")
     sp.add_argument("--model", required=True)
