@@ -24,7 +24,7 @@ from lowbit.evaluate import evaluate  # noqa: E402
 from lowbit.zoo import list_models, pretrained  # noqa: E402
 
 SEED = 0
-RECIPES = ["ptq-w8a8", "ptq-w4a4-minmax"]
+RECIPES = ["ptq-w8a8", "ptq-w4a4-minmax", "ptq-w4a4-aciq"]
 
 
 def main() -> None:

@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 $PY benchmarks/baselines.py
 $PY benchmarks/accuracy.py
+$PY benchmarks/ptq_ablation.py

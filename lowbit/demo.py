@@ -44,6 +44,7 @@ class DemoMethod:
 METHODS = [
     DemoMethod("PTQ min-max", 8, 8, "ptq-w8a8"),
     DemoMethod("PTQ min-max", 4, 4, "ptq-w4a4-minmax"),
+    DemoMethod("PTQ ACIQ + bit allocation + bias correction", 4, 4, "ptq-w4a4-aciq"),
 ]
 
 
