@@ -9,8 +9,9 @@ gradient of the global-batch mean even when the slices differ in size.
 Quantizer state stays identical on every rank: LSQ steps and PACT clips are ordinary
 parameters (DDP all-reduces their gradients and the updates are identical); SAWB and
 min-max weight steps are recomputed from weights that are identical; calibration runs on
-the same (full) batches on every rank; buffers (batch-norm statistics) are broadcast from
-rank 0. Only rank 0 writes files.
+the same (full) batches on every rank; buffers (batch-norm statistics, quantizer grids) are
+broadcast from rank 0 when training starts, when batch norm freezes and at every epoch end.
+Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -74,7 +75,14 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids, output_device=device.index if ids else None)
+    # Buffers are synchronised by broadcast_buffers() (at the start, when batch norm freezes, at
+    # epoch ends), not by DDP, whose broadcast fails on dtypes gloo lacks (bool, int16 in quantizers).
+    broadcast_buffers(model, info)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [name for name, _ in model.named_buffers()])
+    try:
+        return DDP(model, device_ids=ids, output_device=device.index if ids else None)
+    finally:
+        del model._ddp_params_and_buffers_to_ignore  # read once, at construction
 
 
 def shard(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -102,13 +110,20 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
 
 @torch.no_grad()
 def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
-    """Make every rank's buffers (batch-norm statistics, quantizer grids) rank 0's."""
+    """Make every rank's buffers (batch-norm statistics, quantizer grids) rank 0's.
+
+    All buffers travel in one float64 vector (exact for every float and for integers below
+    2^53), since gloo cannot broadcast some of their dtypes (bool, int16).
+    """
     if not info.enabled:
         return
-    for b in model.buffers():
-        if b.dtype == torch.bool:  # not every backend broadcasts bool
-            tmp = b.to(torch.uint8)
-            dist.broadcast(tmp, 0)
-            b.copy_(tmp.bool())
-        else:
-            dist.broadcast(b, 0)
+    buffers = [b for b in model.buffers() if b.numel() > 0]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in buffers])
+    dist.broadcast(flat, 0)
+    offset = 0
+    for b in buffers:
+        n = b.numel()
+        b.copy_(flat[offset:offset + n].view(b.shape).to(b.dtype))
+        offset += n

@@ -282,6 +282,7 @@ class _Run:
                 if self.step >= self.total:
                     break
                 if self.freeze_at is not None and self.step == self.freeze_at:
+                    D.broadcast_buffers(self.model, self.dist)  # every rank freezes rank 0's statistics
                     self._bn_mode()
                 info = self.train_step(batch, epoch, index)
                 if hasattr(bar, "set_postfix"):
@@ -304,7 +305,6 @@ class _Run:
                 "rank": self.dist.rank, "world_size": self.dist.world_size}
 
     def end_epoch(self, epoch: int, start: float) -> None:
-        D.broadcast_buffers(self.model, self.dist)
         loss, acc = self._global("epoch")
         rec = {"kind": "epoch", "step": self.step, "epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
                "lr": self.schedule(max(0, self.step - 1)), "seconds": round(time.time() - start, 3)}
@@ -312,6 +312,8 @@ class _Run:
             m = evaluate(self.model, self.eval_data)
             rec.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
             self._bn_mode()
+        # after the evaluation, which refreshes dynamic weight grids on rank 0: all ranks take rank 0's
+        D.broadcast_buffers(self.model, self.dist)
         self.history.append(rec)
         self.record(rec)
         val = f", val top-1 {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
@@ -322,6 +324,8 @@ class _Run:
     def finish(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        self.model.eval()  # leaves every dynamic weight grid (SAWB, min-max) matching the final weights
+        self.model.train()
         if self.last_saved != self.step:
             self.save(max(0, (self.step - 1) // self.steps_per_epoch))
 
