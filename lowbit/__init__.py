@@ -6,9 +6,10 @@
 """
 
 from lowbit.prepare import calibrate, quantize
+from lowbit.qat import FinetuneConfig, finetune
 from lowbit.recipe import Recipe, list_recipes, load_recipe
 from lowbit.summary import stored_size_bytes, summary
 
 __version__ = "0.1.0"
-__all__ = ["Recipe", "__version__", "calibrate", "list_recipes", "load_recipe", "quantize", "stored_size_bytes",
-           "summary"]
+__all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "finetune", "list_recipes", "load_recipe",
+           "quantize", "stored_size_bytes", "summary"]

@@ -2,6 +2,7 @@
 
     lowbit summary --model resnet20 --recipe ptq-w8a8
     lowbit ptq     --model resnet20 --recipe ptq-w4a4-aciq --out runs/ptq
+    lowbit qat     --model resnet20 --recipe lsq-w4a4 --checkpoint-dir runs/lsq4 [--resume]
     lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24
     lowbit demo    [--quick] [--out lowbit-demo]
 
@@ -19,7 +20,6 @@ import sys
 from lowbit.errors import LowbitError
 
 PENDING = {
-    "qat": "quantization-aware fine-tuning with FAQ/LSQ/PACT+SAWB (issue 5)",
     "mixed": "mixed-precision selection with EAGL/ALPS (issue 6)",
     "export": "packed integer export and ONNX (issue 7)",
 }
@@ -91,6 +91,16 @@ def cmd_ptq(args) -> None:
         print(f"saved {args.out} (reload with lowbit.serialize.load_quantized)")
 
 
+def cmd_qat(args) -> None:
+    from lowbit.qat.pipeline import run_qat
+
+    model = build_model(args.model, args.weights, args.dataset)
+    run_qat(model, model_name=args.model, dataset=args.dataset, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
+            batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, teacher=args.teacher,
+            checkpoint_dir=args.checkpoint_dir, resume=args.resume,
+            calib_images=args.calib_images, augment=args.augment, data_dir=args.data_dir)
+
+
 def cmd_demo(args) -> None:
     from lowbit.demo import run_demo
 
@@ -124,6 +134,25 @@ def parser() -> argparse.ArgumentParser:
                     help="measure test accuracy of the float and quantized models")
     sp.add_argument("--out", help="folder to save the quantized model in")
     sp.set_defaults(func=cmd_ptq)
+
+    sp = sub.add_parser("qat", help="quantization-aware fine-tuning (FAQ, LSQ, PACT+SAWB recipes; torchrun for DDP)")
+    model_args(sp)
+    sp.add_argument("--recipe", default="lsq-w4a4", help="recipe YAML path or shipped recipe name (default: "
+                    "lsq-w4a4); its qat: section holds the training settings")
+    sp.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    sp.add_argument("--lr", type=float, help="override the recipe's learning rate")
+    sp.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    sp.add_argument("--max-steps", type=int, help="stop after this many steps (a short trial run)")
+    sp.add_argument("--seed", type=int, help="override the recipe's seed")
+    sp.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
+                    help="distil from the float model (default: on)")
+    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    sp.add_argument("--checkpoint-dir", help="checkpoints, metrics.jsonl and the fine-tuned model "
+                    "(default: lowbit-qat/MODEL-RECIPE)")
+    sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
+    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    sp.set_defaults(func=cmd_qat)
 
     sp = sub.add_parser("train", help="train a zoo model in full precision (reproducible, seeded)")
     sp.add_argument("--model", required=True)

@@ -441,3 +441,35 @@ def test_recipes_quantize_and_carry_a_qat_section(pretrained):
         if name == "pact-sawb-w2a2":
             assert isinstance(q.conv2.input_quantizer, PACTQuantizer)
             assert q.conv2.weight_quantizer.granularity.kind == "channel"
+
+
+# ----- command line ------------------------------------------------------------------------
+def test_cli_qat_fine_tunes_saves_and_resumes(tmp_path, capsys):
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.cli import main
+    from lowbit.serialize import load_quantized
+    from lowbit.zoo import create_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mlp.safetensors"
+    save_checkpoint(create_model("mlp", in_size=8), weights)
+    out = tmp_path / "run"
+    args = ["qat", "--model", "mlp", "--weights", str(weights), "--dataset", "digits", "--recipe", "lsq-w3a3",
+            "--epochs", "1", "--max-steps", "3", "--lr", "0.02", "--calib-images", "64", "--checkpoint-dir", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "test top-1: fp32" in text and "fine-tuned" in text and "3b lsq" in text
+    assert {"last.safetensors", "last.json", "metrics.jsonl", "model.safetensors", "recipe.yaml",
+            "lowbit.json"} <= {p.name for p in out.iterdir()}
+    meta = json.loads((out / "lowbit.json").read_text())
+    assert meta["qat"]["lr"] == 0.02 and meta["qat"]["max_steps"] == 3 and meta["recipe_name"] == "lsq-w3a3"
+    assert json.loads((out / "last.json").read_text())["step"] == 3
+    reloaded = load_quantized(out)
+    test = loader("test", 180)
+    assert lowbit.evaluate.evaluate(reloaded, test)["top1"] == pytest.approx(meta["test_top1"])
+
+    assert main(args + ["--resume"]) == 0  # already finished: resumes at the end, trains no more
+    assert "resumed from" in capsys.readouterr().out
+    assert main(args[:-2] + ["--checkpoint-dir", str(tmp_path / "bad"), "--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "qat.lr" in err and "> 0" in err and "Traceback" not in err

@@ -127,9 +127,7 @@ class _Run:
         if self.teacher is not None:
             if self.teacher is self.model:
                 raise ValueError("the teacher must be the full-precision model, not the model being fine-tuned")
-            self.teacher.to(self.device).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+            self.teacher.to(self.device).eval()  # its outputs run under no_grad; it never trains
         ensure_quantizers_initialized(self.model, self.train_data, cfg.calib_batches, self.log)
 
         self.step, self.history = 0, []

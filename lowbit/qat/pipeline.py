@@ -1,0 +1,58 @@
+"""``lowbit qat``: prepare with a recipe, fine-tune, evaluate, save (the CLI's work, as a function).
+
+    lowbit qat --model resnet20 --dataset fashion-mnist --recipe lsq-w4a4 --checkpoint-dir runs/lsq4
+
+1. quantize the float model with the recipe, calibrating on the held-out ``calib`` split;
+2. fine-tune on the ``train`` split with the recipe's ``qat:`` settings (command-line overrides
+   win), distilling from the float model unless told not to, validating on ``calib``;
+3. evaluate the float and fine-tuned models on ``test``;
+4. save into ``checkpoint_dir`` (default ``lowbit-qat/MODEL-RECIPE``) the fine-tuned model (``model.safetensors``, ``recipe.yaml``, ``lowbit.json``: reload with
+   :func:`lowbit.serialize.load_quantized`) next to the training checkpoint and ``metrics.jsonl``.
+
+Under ``torchrun`` every rank trains; rank 0 evaluates, prints and saves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from lowbit.qat.config import FinetuneConfig
+from lowbit.qat.trainer import finetune
+
+
+def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, checkpoint_dir=None, epochs=None, lr=None,
+            batch_size=None, max_steps=None, seed=None, teacher: bool = True, resume: bool = False,
+            calib_images: int = 512, augment: bool = True, data_dir=None, progress=None, log=print) -> dict:
+    import lowbit
+    from lowbit.data.datasets import make_loader
+    from lowbit.evaluate import evaluate
+    from lowbit.recipe import load_recipe
+    from lowbit.serialize import save_quantized
+
+    recipe_obj = load_recipe(recipe)
+    name = recipe_obj.sections.get("name") or Path(str(recipe)).stem
+    checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else Path("lowbit-qat") / f"{model_name}-{name}"
+    cfg = FinetuneConfig.from_recipe(recipe_obj, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
+                                     seed=seed, progress=progress)
+    calib = make_loader(dataset, "calib", 128, limit=calib_images, data_dir=data_dir)
+    qmodel = lowbit.quantize(model, recipe_obj, calib_data=calib)
+    train = make_loader(dataset, "train", cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
+                        data_dir=data_dir)
+    val = make_loader(dataset, "calib", 500, data_dir=data_dir)
+    result = finetune(qmodel, train, eval_data=val, teacher=model if teacher else None, config=cfg,
+                      checkpoint_dir=checkpoint_dir, resume=resume, log=log)
+    if result["rank"] != 0:
+        return result
+    test = make_loader(dataset, "test", 500, data_dir=data_dir)
+    fp, q = evaluate(model, test)["top1"], evaluate(qmodel, test)["top1"]
+    result.update(fp_top1=fp, test_top1=q)
+    log(lowbit.summary(qmodel))
+    log(f"test top-1: fp32 {fp:.2f}%  fine-tuned {q:.2f}%  ({q - fp:+.2f}) after {result['steps']} steps "
+        f"({result['seconds']:.0f} s)")
+    folder = save_quantized(qmodel, checkpoint_dir, model_name=model_name, dataset=dataset,
+                            extra={"recipe_name": name, "qat": cfg.to_dict(), "steps": result["steps"],
+                                   "fp_top1": fp, "test_top1": q})
+    log(f"saved {folder} (model.safetensors, recipe.yaml, lowbit.json; reload with lowbit.serialize.load_quantized)")
+    return result
