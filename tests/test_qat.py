@@ -340,6 +340,8 @@ def test_finetune_distills_from_teacher_and_checks_its_shape(pretrained):
         finetune(q3, loader(limit=256), teacher=wrong, config=cfg, log=quiet)
     with pytest.raises(TeacherMismatchError, match="7"):  # also when distillation is weighted 0
         finetune(q3, loader(limit=256), teacher=wrong, config=cfg.replace(distill_weight=0.0), log=quiet)
+    with pytest.raises(TeacherMismatchError, match="full-precision"):
+        finetune(q3, loader(limit=256), teacher=q3, config=cfg, log=quiet)
 
 
 # ----- batch norm, clipping, seeds, AdamW, logging -----------------------------------------

@@ -213,6 +213,14 @@ def test_resume_with_other_settings_names_them_but_allows_bookkeeping(checkpoint
     assert r["steps"] == 3 and steps == []  # already finished: nothing more to do
 
 
+def test_resume_with_other_training_data_length_says_so(checkpointed):
+    q, _ = build()
+    other = make_loader("digits", "train", 32, shuffle=True, augment=True, seed=3, limit=448)
+    with pytest.raises(CheckpointError, match="7 batches per epoch, this training data has 14"):
+        finetune(q, other, config=FinetuneConfig(epochs=1, lr=0.01, max_steps=3), checkpoint_dir=checkpointed,
+                 resume=True, log=quiet)
+
+
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     lines = []
     q, _ = build()

@@ -31,7 +31,7 @@ from lowbit.evaluate import evaluate
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
 from lowbit.qat.config import BOOKKEEPING, FinetuneConfig
-from lowbit.qat.distill import check_teacher_output, distillation_loss
+from lowbit.qat.distill import TeacherMismatchError, check_teacher_output, distillation_loss
 from lowbit.qat.optim import build_optimizer, clamp_quantizer_parameters, set_lr
 from lowbit.qat.schedule import LRSchedule
 from lowbit.qat.state import (NonFiniteError, check_compatible, checkpoint_paths, fingerprint, load_training_state,
@@ -126,7 +126,8 @@ class _Run:
         self.model.to(self.device)
         if self.teacher is not None:
             if self.teacher is self.model:
-                raise ValueError("the teacher must be the full-precision model, not the model being fine-tuned")
+                raise TeacherMismatchError("the teacher must be the full-precision model, not the model being "
+                                           "fine-tuned")
             self.teacher.to(self.device).eval()  # its outputs run under no_grad; it never trains
         ensure_quantizers_initialized(self.model, self.train_data, cfg.calib_batches, self.log)
 
@@ -143,6 +144,10 @@ class _Run:
             tensors, meta = loaded
             where = str(checkpoint_paths(self.dir)[0])
             check_compatible(meta, self.model, cfg.to_dict(), BOOKKEEPING, where)
+            if meta.get("steps_per_epoch") != self.steps_per_epoch:
+                raise CheckpointError(f"{where} was written with {meta.get('steps_per_epoch')} batches per epoch, "
+                                      f"this training data has {self.steps_per_epoch}; resume with the same data "
+                                      "and batch size")
             from lowbit.checkpoint import load_into
             load_into(self.model, model_tensors(tensors))
         self.optimizer = build_optimizer(self.model, cfg)
@@ -155,6 +160,9 @@ class _Run:
             set_rng_state(meta["rng"])
             self._truncate_metrics(self.step)
             self.log(f"resumed from {where} at step {self.step}/{self.total} (epoch {meta['epoch'] + 1})")
+            if meta.get("world_size", 1) != self.dist.world_size:
+                self.log(f"note: the checkpoint was written by {meta.get('world_size', 1)} process(es), this run has "
+                         f"{self.dist.world_size}: results match an uninterrupted run up to float rounding only")
         elif self.dir is not None and self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / METRICS_FILE).write_text("")
@@ -173,7 +181,13 @@ class _Run:
             return
         path = self.dir / METRICS_FILE
         if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln)["step"] <= step:
+                        keep.append(ln)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line cut short by the interruption
             path.write_text("".join(ln + "\n" for ln in keep))
 
     def record(self, rec: dict) -> None:
@@ -343,6 +357,9 @@ def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | N
     ``last.safetensors``/``last.json`` and ``metrics.jsonl`` go. ``resume``: continue from the
     checkpoint there. ``on_step``: called after every step with a dict (step, epoch, batch,
     loss, acc, lr, model).
+
+    Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank passes the same, global loader
+    (not a ``DistributedSampler``): each batch is split across the ranks here.
 
     Returns ``{"history": [per-epoch records], "metrics": last record, "steps", ...}``.
     Raises :class:`~lowbit.qat.state.NonFiniteError` if the loss becomes NaN/Inf (the last
