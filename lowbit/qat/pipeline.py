@@ -6,8 +6,9 @@
 2. fine-tune on the ``train`` split with the recipe's ``qat:`` settings (command-line overrides
    win), distilling from the float model unless told not to, validating on ``calib``;
 3. evaluate the float and fine-tuned models on ``test``;
-4. save into ``checkpoint_dir`` (default ``lowbit-qat/MODEL-RECIPE``) the fine-tuned model (``model.safetensors``, ``recipe.yaml``, ``lowbit.json``: reload with
-   :func:`lowbit.serialize.load_quantized`) next to the training checkpoint and ``metrics.jsonl``.
+4. save the fine-tuned model (``model.safetensors``, ``recipe.yaml``, ``lowbit.json``: reload with
+   :func:`lowbit.serialize.load_quantized`) into ``checkpoint_dir`` (default
+   ``lowbit-qat/MODEL-RECIPE``), next to the training checkpoint and ``metrics.jsonl``.
 
 Under ``torchrun`` every rank trains; rank 0 evaluates, prints and saves.
 """
