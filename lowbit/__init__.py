@@ -5,6 +5,7 @@
     print(lowbit.summary(qmodel))
 """
 
+from lowbit.mixed import select_precision
 from lowbit.prepare import calibrate, quantize
 from lowbit.qat import FinetuneConfig, finetune
 from lowbit.recipe import Recipe, list_recipes, load_recipe
@@ -12,4 +13,4 @@ from lowbit.summary import stored_size_bytes, summary
 
 __version__ = "0.1.0"
 __all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "finetune", "list_recipes", "load_recipe",
-           "quantize", "stored_size_bytes", "summary"]
+           "quantize", "select_precision", "stored_size_bytes", "summary"]

@@ -3,6 +3,7 @@
     lowbit summary --model resnet20 --recipe ptq-w8a8
     lowbit ptq     --model resnet20 --recipe ptq-w4a4-aciq --out runs/ptq
     lowbit qat     --model resnet20 --recipe lsq-w4a4 --checkpoint-dir runs/lsq4 [--resume]
+    lowbit mixed   --model resnet20 --method eagl --budgets 0.5,0.75 --out runs/mixed
     lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24
     lowbit demo    [--quick] [--out lowbit-demo]
 
@@ -20,7 +21,6 @@ import sys
 from lowbit.errors import LowbitError
 
 PENDING = {
-    "mixed": "mixed-precision selection with EAGL/ALPS (issue 6)",
     "export": "packed integer export and ONNX (issue 7)",
 }
 
@@ -101,6 +101,19 @@ def cmd_qat(args) -> None:
             calib_images=args.calib_images, augment=args.augment, data_dir=args.data_dir)
 
 
+def cmd_mixed(args) -> None:
+    from lowbit.mixed.command import run_mixed
+
+    model = build_model(args.model, args.weights, args.dataset)
+    run_mixed(model, dataset=args.dataset, model_name=args.model, method=args.method, budgets=args.budgets,
+              recipe=args.recipe, precisions=args.precisions, metric=args.metric, fixed_bits=args.fixed_bits,
+              weighting=args.weighting, steps=args.steps, alps_steps=args.alps_steps, random_draws=args.random_draws,
+              uniform_bits=args.uniform_bits, train_images=args.train_images, calib_images=args.calib_images,
+              alps_eval_images=args.alps_eval_images, test_images=args.test_images, batch_size=args.batch_size,
+              augment=args.augment, seed=args.seed, out=args.out, cache_dir=args.cache_dir, shard=args.shard,
+              select_only=args.select_only, additivity=args.additivity, data_dir=args.data_dir)
+
+
 def cmd_demo(args) -> None:
     from lowbit.demo import run_demo
 
@@ -153,6 +166,40 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
     sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
     sp.set_defaults(func=cmd_qat)
+
+    sp = sub.add_parser("mixed", help="mixed precision: choose 4/2-bit layers under a budget (EAGL, ALPS), "
+                        "fine-tune and plot the accuracy-cost frontier")
+    model_args(sp)
+    sp.add_argument("--method", choices=["eagl", "alps", "random", "uniform"], default="eagl",
+                    help="eagl: weight entropy, no data (default); alps: one short fine-tune per layer; "
+                    "random: random selections; uniform: uniform models only")
+    sp.add_argument("--budgets", default="0.5", help="comma-separated fractions of the all-high-precision cost "
+                    "(default 0.5)")
+    sp.add_argument("--recipe", default="lsq-w4a4", help="base recipe: quantizers and qat: settings (default "
+                    "lsq-w4a4)")
+    sp.add_argument("--precisions", default="4,2", help="candidate precisions, e.g. 4,2 or w4a4,w2a2 or 4,3,2")
+    sp.add_argument("--metric", choices=["bitops", "size"], default="bitops",
+                    help="cost: bit-operations (MACs x w_bits x a_bits) or stored weight bits")
+    sp.add_argument("--fixed-bits", type=int, default=8, help="bits of the first and last layers (default 8)")
+    sp.add_argument("--weighting", default="none", help="EAGL weighting: none, params, log_params, macs")
+    sp.add_argument("--steps", type=int, default=300, help="fine-tuning steps per frontier point (0: PTQ only)")
+    sp.add_argument("--alps-steps", type=int, default=100, help="fine-tuning steps per ALPS run")
+    sp.add_argument("--random-draws", type=int, default=3, help="random selections per budget (the baseline)")
+    sp.add_argument("--uniform-bits", default="2,3,4", help="uniform precisions to add as reference points")
+    sp.add_argument("--train-images", type=int, help="fine-tune on the first N training images (default: all)")
+    sp.add_argument("--calib-images", type=int, default=512, help="held-out images to calibrate activations on")
+    sp.add_argument("--alps-eval-images", type=int, default=1000, help="held-out images ALPS measures accuracy on")
+    sp.add_argument("--test-images", type=int, help="evaluate on the first N test images (default: all)")
+    sp.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", default="lowbit-mixed", help="folder for recipes, frontier.json/.md/.png")
+    sp.add_argument("--cache-dir", help="ALPS cache folder (default: OUT/alps-cache)")
+    sp.add_argument("--shard", help="ALPS only: run part i of n (0-based, 'i/n') into the cache and stop")
+    sp.add_argument("--additivity", type=int, default=0, help="ALPS: check additivity on N held-out combinations")
+    sp.add_argument("--select-only", action="store_true", help="write the chosen recipes without fine-tuning")
+    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    sp.set_defaults(func=cmd_mixed)
 
     sp = sub.add_parser("train", help="train a zoo model in full precision (reproducible, seeded)")
     sp.add_argument("--model", required=True)

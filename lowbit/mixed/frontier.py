@@ -143,7 +143,8 @@ def run_frontier(model: nn.Module, space, *, method: str, budgets: Sequence[floa
                  test_data: Iterable, calib_data: Iterable | None = None, steps: int = 200, out_dir="mixed-frontier",
                  random_draws: int = 3, uniform_bits: Sequence = (2, 3, 4), seed: int = 0,
                  eval_batches: int | None = None, config=None, weighting="none", alps=None, gains=None,
-                 additivity: int = 0, select_only: bool = False, log: Callable[[str], None] = print) -> dict:
+                 additivity: int = 0, select_only: bool = False, model_name: str = "",
+                 log: Callable[[str], None] = print) -> dict:
     """Sweep ``budgets`` (fractions of the all-high cost) with ``method``; fine-tune and evaluate
     each assignment, ``random_draws`` random ones at equal cost and uniform models; write
     ``frontier.json``, ``frontier.md``, ``frontier.png`` and the recipes into ``out_dir``.
@@ -163,7 +164,7 @@ def run_frontier(model: nn.Module, space, *, method: str, budgets: Sequence[floa
     (out / "recipes").mkdir(parents=True, exist_ok=True)
     teacher = frozen_teacher(model)
     hi_cost = space.bounds()[1]
-    results = {"method": method, "metric": space.metric, "steps": steps, "seed": seed,
+    results = {"model": model_name, "method": method, "metric": space.metric, "steps": steps, "seed": seed,
                "precisions": [precision_label(p) for p in space.precisions],
                "fixed": {n: precision_label(p) for n, p in space.fixed.items()},
                "candidates": list(space.candidates), "all_high_cost": hi_cost, "points": []}
@@ -264,11 +265,12 @@ def write_frontier_plot(results: dict, path: Path) -> Path | None:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    method = [p for p in pts if p["kind"] == results["method"] and p["kind"] in ("eagl", "alps")]
-    if method:
-        method.sort(key=lambda p: p["fraction"])
-        ax.plot([p["fraction"] for p in method], [p["accuracy"] for p in method], "o-",
-                label=results["method"].upper())
+    method = []
+    for kind, style in (("eagl", "o-"), ("alps", "^-")):
+        series = sorted((p for p in pts if p["kind"] == kind), key=lambda p: p["fraction"])
+        if series:
+            ax.plot([p["fraction"] for p in series], [p["accuracy"] for p in series], style, label=kind.upper())
+            method += series
     rand = sorted((p for p in pts if p["kind"] == "random"), key=lambda p: p["fraction"])
     if rand:
         ax.errorbar([p["fraction"] for p in rand], [p["accuracy"] for p in rand],
@@ -281,7 +283,7 @@ def write_frontier_plot(results: dict, path: Path) -> Path | None:
     ax.set_xlabel(f"{'bit-operations' if results['metric'] == 'bitops' else 'stored weight bits'} "
                   f"(fraction of all-{results['precisions'][0]})")
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"accuracy-cost frontier ({results['method']}, {results['steps']} fine-tune steps)")
+    ax.set_title(f"{results.get('model', '')} accuracy-cost frontier ({results['steps']} fine-tune steps)".strip())
     ax.grid(alpha=0.3)
     if method or rand:
         ax.legend(fontsize=8)
