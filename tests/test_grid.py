@@ -18,15 +18,6 @@ from lowbit.quant import Granularity, fake_quant, int_range, make_granularity, p
 from lowbit.quant.grid import check_bits, round_
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Keep CPU use light (a training job shares the machine); restore afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----- integer ranges ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("bits", range(1, 17))

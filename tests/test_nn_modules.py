@@ -13,15 +13,6 @@ from lowbit.quant import make_quantizer
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and threads only contend with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def float_layers():
     torch.manual_seed(0)
     return {

@@ -15,15 +15,6 @@ from lowbit.zoo import create_model
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and threads only contend with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def minmax(bits, wgran="channel"):
     return {"weights": {"method": "minmax", "bits": bits, "granularity": wgran},
             "activations": {"method": "minmax", "bits": bits}}

@@ -16,14 +16,6 @@ from lowbit.serialize import load_quantized, save_quantized
 from lowbit.zoo import checkpoint_path, create_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def weight(seed=0, shape=(6, 3, 3, 3)):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g) * torch.rand(shape[0], 1, 1, 1, generator=g) + 0.05

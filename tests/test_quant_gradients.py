@@ -22,14 +22,6 @@ import torch
 from lowbit.quant import PACTQuantizer, SAWBQuantizer, fake_quant, int_range, make_quantizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

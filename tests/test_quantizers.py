@@ -22,14 +22,6 @@ from lowbit.quant import (QUANTIZERS, ACIQQuantizer, FAQQuantizer, LSQQuantizer,
 from lowbit.quant.faq import faq_sigma_multiple
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 

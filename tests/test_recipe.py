@@ -14,14 +14,6 @@ from lowbit.recipe import Recipe, load_recipe
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and threads only contend with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 ISSUE_YAML = textwrap.dedent("""\
     weights: {method: sawb, bits: 4, granularity: channel}
     activations: {method: pact, bits: 4}

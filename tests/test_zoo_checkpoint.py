@@ -18,15 +18,6 @@ from lowbit.train import TrainConfig, cosine_warmup, param_groups, train_fp
 from lowbit.zoo import create_model, list_models
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread is faster and avoids contention with other work on small machines
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
