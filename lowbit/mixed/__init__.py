@@ -22,11 +22,27 @@ from torch import nn
 
 from lowbit.errors import RecipeError
 from lowbit.mixed.alps import ALPS, ALPSResult, run_alps
-from lowbit.mixed.cost import CostModel, LayerCost, count_macs, parse_precision, precision_label
+from lowbit.mixed.cost import (
+    CostModel,
+    LayerCost,
+    count_macs,
+    parse_precision,
+    precision_label,
+)
 from lowbit.mixed.eagl import eagl_entropies, eagl_gains, entropy_bits
 from lowbit.mixed.frontier import METHODS, Selection, run_frontier, select
-from lowbit.mixed.knapsack import additivity_check, random_assignment, select_assignment, solve_knapsack
-from lowbit.mixed.space import DEFAULT_FIXED, DEFAULT_PRECISIONS, SearchSpace, build_space
+from lowbit.mixed.knapsack import (
+    additivity_check,
+    random_assignment,
+    select_assignment,
+    solve_knapsack,
+)
+from lowbit.mixed.space import (
+    DEFAULT_FIXED,
+    DEFAULT_PRECISIONS,
+    SearchSpace,
+    build_space,
+)
 
 
 def select_precision(model: nn.Module, budget: float = 0.5, method: str = "eagl", *, recipe="lsq-w4a4",
@@ -68,7 +84,29 @@ def select_precision(model: nn.Module, budget: float = 0.5, method: str = "eagl"
                   qmodel=qmodel, alps=alps)
 
 
-__all__ = ["ALPS", "ALPSResult", "CostModel", "DEFAULT_FIXED", "DEFAULT_PRECISIONS", "LayerCost", "METHODS",
-           "SearchSpace", "Selection", "additivity_check", "build_space", "count_macs", "eagl_entropies",
-           "eagl_gains", "entropy_bits", "parse_precision", "precision_label", "random_assignment", "run_alps",
-           "run_frontier", "select", "select_assignment", "select_precision", "solve_knapsack"]
+__all__ = [
+    "ALPS",
+    "DEFAULT_FIXED",
+    "DEFAULT_PRECISIONS",
+    "METHODS",
+    "ALPSResult",
+    "CostModel",
+    "LayerCost",
+    "SearchSpace",
+    "Selection",
+    "additivity_check",
+    "build_space",
+    "count_macs",
+    "eagl_entropies",
+    "eagl_gains",
+    "entropy_bits",
+    "parse_precision",
+    "precision_label",
+    "random_assignment",
+    "run_alps",
+    "run_frontier",
+    "select",
+    "select_assignment",
+    "select_precision",
+    "solve_knapsack",
+]

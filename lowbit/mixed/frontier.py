@@ -90,8 +90,8 @@ def compute_gains(method: str, model: nn.Module, space, *, weighting="none", qmo
         start = time.perf_counter()
         entropies = eagl_entropies(model, space, qmodel=qmodel)
         gains = eagl_gains(model, space, weighting=weighting, entropies=entropies)
-        return gains, {"entropies": {n: round(h, 6) for n, h in entropies.items()},
-                       "weighting": weighting if isinstance(weighting, str) else getattr(weighting, "__name__", "callable"),
+        name = weighting if isinstance(weighting, str) else getattr(weighting, "__name__", "callable")
+        return gains, {"entropies": {n: round(h, 6) for n, h in entropies.items()}, "weighting": name,
                        "gain_seconds": round(time.perf_counter() - start, 4)}
     if method == "alps":
         if alps is None:
@@ -203,7 +203,7 @@ def run_frontier(model: nn.Module, space, *, method: str, budgets: Sequence[floa
                    "fraction": statistics.mean(p["fraction"] for p in draws),
                    "mean_w_bits": statistics.mean(p["mean_w_bits"] for p in draws), "draws": draws}
         if accs:
-            summary.update(accuracy=statistics.mean(accs), accuracy_std=statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            summary.update(accuracy=statistics.mean(accs), accuracy_std=statistics.pstdev(accs),
                            steps=sum(p["steps"] for p in draws), seconds=round(sum(p["seconds"] for p in draws), 2))
         return summary
 
@@ -211,7 +211,8 @@ def run_frontier(model: nn.Module, space, *, method: str, budgets: Sequence[floa
         tag = _budget_tag(b)
         if method in ("eagl", "alps"):
             sel = select(space, b, method, gains=gains)
-            point = evaluate_point(method, f"{method} {tag}", sel.assignment, b, out / "recipes" / f"{method}-{tag}.yaml",
+            point = evaluate_point(method, f"{method} {tag}", sel.assignment, b,
+                                   out / "recipes" / f"{method}-{tag}.yaml",
                                    {"solver_exact": sel.solution.exact, "select_seconds": sel.seconds})
             results["points"].append(point)
             if random_draws:
@@ -246,7 +247,8 @@ def frontier_table(results: dict) -> str:
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
     for p in results["points"]:
         acc = p.get("accuracy")
-        acc_s = "—" if acc is None else (f"{acc:.2f}" + (f" ± {p['accuracy_std']:.2f}" if "accuracy_std" in p else ""))
+        spread = f" ± {p['accuracy_std']:.2f}" if "accuracy_std" in p else ""
+        acc_s = "—" if acc is None else f"{acc:.2f}{spread}"
         delta = "—" if acc is None or ref is None else f"{acc - ref:+.2f}"
         lines.append(f"| {p['label']} | {p['cost']:,.0f} ({p['fraction']:.3f}) | {p['mean_w_bits']:.2f} | {acc_s} | "
                      f"{delta} | {p.get('steps', '—')} | {p.get('seconds', '—')} |")

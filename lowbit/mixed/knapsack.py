@@ -71,7 +71,7 @@ def solve_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[f
         for x in ints.tolist():
             g = math.gcd(g, x)
         g = max(g, 1)
-        cap_units = int(math.floor(cap / g + 1e-9))
+        cap_units = math.floor(cap / g + 1e-9)
         top = sum(int(np.round(e.max())) // g for e in extra)
         if min(cap_units, top) <= max_units:
             units = [np.round(e).astype(np.int64) // g for e in extra]

@@ -18,13 +18,20 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from lowbit.errors import RecipeError
-from lowbit.mixed.cost import CostModel, Precision, check_metric, parse_precision, precision_label
+from lowbit.mixed.cost import (
+    CostModel,
+    Precision,
+    check_metric,
+    parse_precision,
+    precision_label,
+)
 from lowbit.recipe import FIRST, LAST, Recipe, load_recipe
 
 DEFAULT_PRECISIONS = (4, 2)
@@ -98,16 +105,17 @@ class SearchSpace:
 
     def absolute_budget(self, budget, *, absolute: bool = False) -> float:
         """The budget in cost units; a fraction of the all-highest cost unless ``absolute``."""
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget != budget:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or math.isnan(budget):
             raise RecipeError(f"a budget is a number (a fraction of the all-{precision_label(self.highest)} "
                               f"cost), got {budget!r}")
         lo, hi = self.bounds()
         value = float(budget) if absolute else float(budget) * hi
         if value < lo * (1 - 1e-12) or value > hi * (1 + 1e-12):
             unit = "bit-operations" if self.metric == "bitops" else "stored weight bits"
+            asked = "" if absolute else f" (a fraction of the all-{precision_label(self.highest)} cost)"
             raise RecipeError(
-                f"budget {budget!r}{'' if absolute else ' (a fraction of the all-' + precision_label(self.highest) + ' cost)'}"
-                f" is outside the feasible range: from all candidates at {precision_label(self.lowest)} "
+                f"budget {budget!r}{asked} is outside the feasible range: from all candidates at "
+                f"{precision_label(self.lowest)} "
                 f"({lo:,} {unit}, fraction {lo / hi:.4f}) to all at {precision_label(self.highest)} "
                 f"({hi:,} {unit}, fraction 1.0); first/last layers fixed at {self.fixed_bits or 'their recipe bits'}")
         return min(max(value, lo), hi)
@@ -142,9 +150,10 @@ class SearchSpace:
             layers[key] = override
         data["layers"] = layers
         totals = self.costs.totals(full)
-        lo, hi = self.bounds()
+        hi = self.bounds()[1]
+        cost = int(self.costs.cost(full, self.metric))
         section = {"metric": self.metric, "precisions": [precision_label(p) for p in self.precisions],
-                   "cost": int(self.costs.cost(full, self.metric)), "fraction": round(self.costs.cost(full, self.metric) / hi, 6),
+                   "cost": cost, "fraction": round(cost / hi, 6),
                    "bitops": int(totals["bitops"]), "size_bits": int(totals["size_bits"]),
                    "assignment": {n: precision_label(p) for n, p in full.items()}}
         section.update(meta or {})
