@@ -92,11 +92,13 @@ class ResNet50(nn.Module):
 
 
 def time_eagl(model, space, repeats: int = 5) -> float:
-    """Median seconds of an EAGL selection (entropies of every candidate + the knapsack) at 0.5."""
+    """Median seconds of an EAGL selection (entropies of every candidate + the knapsack), at the
+    middle of the feasible budget range."""
+    budget = sum(space.bounds()) / 2
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        select(space, 0.5, "eagl", model=model)
+        select(space, budget, "eagl", model=model, absolute=True)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -279,23 +281,23 @@ def main() -> None:
         print(c)
     if not args.write:
         return
-    lines = [f"{args.model} on {args.dataset} (FP test top-1 {fp:.2f}%), base recipe `{args.recipe}` "
+    lines = [(f"{args.model} on {args.dataset} (FP test top-1 {fp:.2f}%), base recipe `{args.recipe}` "
              f"(first and last layers W8A8; {len(space.candidates)} candidate layers at "
              f"{' or '.join(precision_label(p) for p in space.precisions)}); cost = bit-operations "
              f"(MACs x w_bits x a_bits), fractions of the uniform W4A4 model's {hi:,}. Every point is fine-tuned "
              f"for {args.steps} steps (batch {batch}, the recipe's qat: settings, cosine over those steps, "
              f"{'distillation from the FP model' if args.distill else 'no distillation'}) and evaluated on "
              f"{'all' if args.test_images is None else args.test_images} test images. Random: {args.random_draws} "
-             "draws filled in random order up to the cost of the more expensive method assignment.", "", table]
+             "draws filled in random order up to the cost of the more expensive method assignment."), "", table]
     if alps_info:
-        lines += ["", f"ALPS cost: {alps_info['runs']} fine-tunes x {alps_info['steps_per_run']} steps = "
-                  f"{alps_info['steps_total']} steps, {alps_info['seconds_total'] / 60:.1f} min (accuracy on "
-                  f"{args.alps_eval_images} held-out images; base {alps_info['base_accuracy']:.2f}%)."]
+        lines += ["", (f"ALPS cost: {alps_info['runs']} fine-tunes x {alps_info['steps_per_run']} steps = "
+                       f"{alps_info['steps_total']} steps, {alps_info['seconds_total'] / 60:.1f} min (accuracy on "
+                       f"{args.alps_eval_images} held-out images; base {alps_info['base_accuracy']:.2f}%).")]
     if additivity:
-        lines += ["", f"Additivity on {len(additivity['rows'])} held-out combinations (predicted drop = sum of the "
-                  f"single-layer ALPS drops): Pearson r {additivity['pearson_r']:.2f}, mean |error| "
-                  f"{additivity['mean_abs_error']:.2f} points (mean predicted {additivity['mean_predicted']:.2f}, "
-                  f"measured {additivity['mean_measured']:.2f})."]
+        lines += ["", (f"Additivity on {len(additivity['rows'])} held-out combinations (predicted drop = sum of "
+                       f"the single-layer ALPS drops): Pearson r {additivity['pearson_r']:.2f}, mean |error| "
+                       f"{additivity['mean_abs_error']:.2f} points (mean predicted "
+                       f"{additivity['mean_predicted']:.2f}, measured {additivity['mean_measured']:.2f}).")]
     lines += ["", "Targets:", ""] + [f"- {c}" for c in checks]
     if plot:
         (ROOT / "docs").mkdir(exist_ok=True)

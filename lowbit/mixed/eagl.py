@@ -44,8 +44,9 @@ def entropy_bits(codes: torch.Tensor) -> float:
     flat = codes.reshape(-1)
     if flat.numel() == 0:
         return 0.0
-    flat = flat.to(torch.int64)
-    counts = torch.bincount(flat - flat.min())
+    if flat.dtype not in (torch.int32, torch.int64):
+        flat = flat.to(torch.int64)
+    counts = torch.bincount(flat - flat.min())  # codes span at most 2^16 levels
     return probs_entropy(counts)
 
 
