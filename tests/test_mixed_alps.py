@@ -159,3 +159,14 @@ def test_cli_mixed(tmp_path, capsys):
                           "--budgets", "0.7", "--alps-eval-images", "90", "--batch-size", "64"]) == 0
     assert "1/2 runs" in capsys.readouterr().out
     assert main(common + ["--method", "eagl", "--shard", "0/2"]) == 2
+
+
+def test_select_precision_alps(tmp_path, data, trained, counted):
+    kw = {"example_input": EXAMPLE, "train_data": data["train"], "eval_data": data["calib"],
+          "calib_data": data["calib"], "steps": 1, "log": quiet}
+    sel = lowbit.select_precision(trained, 0.8, "alps", cache_dir=False, **kw)  # no cache: each run once
+    assert len(counted) == 3 and set(sel.gains) == {"conv_a", "conv_b"}
+    assert sel.cost <= 0.8 * sel.space.bounds()[1] and sel.info["alps_runs"] == 3
+    assert sel.recipe().sections["mixed"]["method"] == "alps"
+    with pytest.raises(RecipeError, match="shard"):
+        lowbit.select_precision(trained, 0.8, "alps", cache_dir=tmp_path, shard="0/3", **kw)

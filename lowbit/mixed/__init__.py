@@ -30,7 +30,13 @@ from lowbit.mixed.cost import (
     precision_label,
 )
 from lowbit.mixed.eagl import eagl_entropies, eagl_gains, entropy_bits
-from lowbit.mixed.frontier import METHODS, Selection, run_frontier, select
+from lowbit.mixed.frontier import (
+    METHODS,
+    Selection,
+    compute_gains,
+    run_frontier,
+    select,
+)
 from lowbit.mixed.knapsack import (
     additivity_check,
     random_assignment,
@@ -70,18 +76,15 @@ def select_precision(model: nn.Module, budget: float = 0.5, method: str = "eagl"
     space = build_space(model, recipe, example_input=example_input, precisions=precisions, fixed=fixed,
                         fixed_bits=fixed_bits, metric=metric)
     space.absolute_budget(budget, absolute=absolute)  # fail fast, before any ALPS training
-    alps = None
+    gains, info = None, {}
     if method == "alps":
         if train_data is None or eval_data is None:
             raise RecipeError("method 'alps' fine-tunes: pass train_data and eval_data (held-out images)")
         alps = ALPS(model, space, train_data, eval_data, steps=steps, calib_data=calib_data, cache_dir=cache_dir,
                     seed=seed, log=log)
-        result = alps.run(shard)
-        if not result.complete:
-            from lowbit.mixed.alps import alps_gains
-            alps_gains(result)  # raises, naming the missing runs
-    return select(space, budget, method, absolute=absolute, seed=seed, model=model, weighting=weighting,
-                  qmodel=qmodel, alps=alps)
+        gains, info = compute_gains("alps", model, space, alps=alps, shard=shard)  # raises if runs are missing
+    return select(space, budget, method, gains=gains, info=info, absolute=absolute, seed=seed, model=model,
+                  weighting=weighting, qmodel=qmodel)
 
 
 __all__ = [
