@@ -5,6 +5,8 @@
     print(lowbit.summary(qmodel))
 """
 
+from lowbit import export  # the package, callable: lowbit.export(qmodel, path)
+from lowbit.export import load
 from lowbit.mixed import select_precision
 from lowbit.prepare import calibrate, quantize
 from lowbit.qat import FinetuneConfig, finetune
@@ -12,5 +14,5 @@ from lowbit.recipe import Recipe, list_recipes, load_recipe
 from lowbit.summary import stored_size_bytes, summary
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "finetune", "list_recipes", "load_recipe",
-           "quantize", "select_precision", "stored_size_bytes", "summary"]
+__all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "export", "finetune", "list_recipes", "load",
+           "load_recipe", "quantize", "select_precision", "stored_size_bytes", "summary"]

@@ -1,0 +1,331 @@
+"""The model's structure as a small list of operations, found with ``torch.fx``.
+
+:func:`trace_graph` symbolically traces a (quantized) model with lowbit's quantized layers
+and quantizers as leaves and maps each fx node to one of a few operations:
+
+    input, conv, linear, relu, add, maxpool2d, avgpool2d, global_avgpool, flatten, reshape,
+    output
+
+``Identity``/``Dropout`` disappear (their users read their input) and every batch norm must
+follow a Conv/Linear whose output it alone reads: it is folded into that layer (recorded in
+:attr:`Graph.bn_folds`). Anything else raises :class:`~lowbit.export.errors.ExportError`
+naming the module (or the function and the module whose ``forward`` calls it) and the op.
+The list is stored in the export's manifest, so the integer engine and the ONNX writer run
+from the exported files alone.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.export.errors import ExportError
+from lowbit.nn.modules import QuantMixin
+from lowbit.quant.base import Quantizer
+
+OPS = ("input", "conv", "linear", "relu", "add", "maxpool2d", "avgpool2d", "global_avgpool", "flatten", "reshape",
+       "output")
+LAYER_OPS = ("conv", "linear")
+
+
+@dataclass
+class Node:
+    name: str
+    op: str
+    inputs: list[str] = field(default_factory=list)
+    layer: str | None = None  # module name of a conv/linear
+    attrs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "op": self.op, "inputs": list(self.inputs)}
+        if self.layer is not None:
+            d["layer"] = self.layer
+        if self.attrs:
+            d["attrs"] = self.attrs
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Node:
+        if d.get("op") not in OPS:
+            raise ExportError(f"graph node {d.get('name')!r} has unknown op {d.get('op')!r}")
+        return cls(d["name"], d["op"], list(d.get("inputs", [])), d.get("layer"), dict(d.get("attrs", {})))
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    bn_folds: dict[str, str] = field(default_factory=dict)  # layer -> batch-norm module folded into it at export
+
+    @property
+    def layers(self) -> list[str]:
+        """Conv/Linear module names in the order the graph first uses them."""
+        seen: list[str] = []
+        for n in self.nodes:
+            if n.op in LAYER_OPS and n.layer not in seen:
+                seen.append(n.layer)
+        return seen
+
+    def users(self) -> dict[str, list[Node]]:
+        out: dict[str, list[Node]] = {n.name: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                out[i].append(n)
+        return out
+
+    def to_list(self) -> list[dict]:
+        return [n.to_dict() for n in self.nodes]
+
+    @classmethod
+    def from_list(cls, items: list[dict]) -> Graph:
+        return cls([Node.from_dict(d) for d in items])
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantMixin, Quantizer)) or super().is_leaf_module(m, qualname)
+
+
+def _where(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r} ({type(modules[node.target]).__name__})"
+    stack = node.meta.get("nn_module_stack") or {}
+    owner = list(stack.values())[-1] if stack else None
+    inside = f" in the forward of {owner[0]!r} ({getattr(owner[1], '__name__', owner[1])})" if owner else \
+        " in the model's top-level forward"
+    return f"fx node {node.name!r}{inside}"
+
+
+def _pair(v, n: int = 2) -> list[int]:
+    if isinstance(v, (tuple, list)):
+        return [int(x) for x in v]
+    return [int(v)] * n
+
+
+def _unsupported(node: fx.Node, modules, what: str, hint: str = "") -> ExportError:
+    return ExportError(f"{_where(node, modules)}: {what} is not supported by lowbit export / the integer engine"
+                       + (f"; {hint}" if hint else "") + ". Supported: Conv1d/Conv2d, Linear, BatchNorm after "
+                       "Conv/Linear, ReLU, residual add, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), flatten, "
+                       "Identity, Dropout")
+
+
+def _conv_attrs(m: nn.Module, node, modules) -> dict:
+    if m.padding_mode != "zeros":
+        raise _unsupported(node, modules, f"padding_mode={m.padding_mode!r}", "use zero padding")
+    padding = m.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0] * len(m.kernel_size)
+        else:  # 'same' with stride 1: symmetric only
+            total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+            if any(t % 2 for t in total):
+                raise _unsupported(node, modules, "asymmetric padding='same'")
+            padding = [t // 2 for t in total]
+    return {"dims": len(m.kernel_size), "stride": _pair(m.stride), "padding": _pair(padding),
+            "dilation": _pair(m.dilation), "groups": int(m.groups)}
+
+
+def _module_node(node: fx.Node, m: nn.Module, modules) -> tuple[str, dict]:
+    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and type(m) not in (nn.Conv3d,):
+        return "conv", _conv_attrs(m, node, modules)
+    if isinstance(m, nn.Linear):
+        return "linear", {}
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return "batchnorm", {}
+    if isinstance(m, nn.ReLU):
+        return "relu", {}
+    if isinstance(m, nn.MaxPool2d):
+        if m.return_indices:
+            raise _unsupported(node, modules, "MaxPool2d(return_indices=True)")
+        return "maxpool2d", {"kernel": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
+                             "padding": _pair(m.padding), "dilation": _pair(m.dilation), "ceil_mode": bool(m.ceil_mode)}
+    if isinstance(m, nn.AvgPool2d):
+        if m.divisor_override is not None:
+            raise _unsupported(node, modules, "AvgPool2d(divisor_override=...)")
+        return "avgpool2d", {"kernel": _pair(m.kernel_size), "stride": _pair(m.stride or m.kernel_size),
+                             "padding": _pair(m.padding), "ceil_mode": bool(m.ceil_mode),
+                             "count_include_pad": bool(m.count_include_pad)}
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        if _pair(m.output_size) != [1, 1]:
+            raise _unsupported(node, modules, f"AdaptiveAvgPool2d(output_size={m.output_size})",
+                               "only global pooling (output_size=1) is")
+        return "global_avgpool", {"keepdim": True}
+    if isinstance(m, nn.Flatten):
+        return "flatten", {"start_dim": int(m.start_dim), "end_dim": int(m.end_dim)}
+    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
+        return "identity", {}
+    raise _unsupported(node, modules, f"the module type {type(m).__name__}")
+
+
+_ADD = {operator.add, operator.iadd, torch.add}
+_RELU = {F.relu, torch.relu, torch.relu_}
+_FLATTEN = {torch.flatten}
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _function_node(node: fx.Node, modules, batch_values: set[str]) -> tuple[str, dict, list]:
+    """(op, attrs, tensor inputs) of a call_function / call_method node."""
+    fn, is_method = node.target, node.op == "call_method"
+    name = fn if is_method else getattr(fn, "__name__", str(fn))
+    tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    if (not is_method and fn in _ADD) or (is_method and fn in ("add", "add_")):
+        if len(tensors) != 2 or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            raise _unsupported(node, modules, f"{name} with arguments {node.args} {dict(node.kwargs)}",
+                               "only the sum of two tensors is")
+        return "add", {}, tensors
+    if (not is_method and fn in _RELU) or (is_method and fn in ("relu", "relu_")):
+        return "relu", {}, tensors[:1]
+    if (not is_method and fn in _FLATTEN) or (is_method and fn == "flatten"):
+        return "flatten", {"start_dim": int(_arg(node, 1, "start_dim", 0)),
+                           "end_dim": int(_arg(node, 2, "end_dim", -1))}, tensors[:1]
+    if is_method and fn in ("view", "reshape"):
+        dims = list(node.args[1:])
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = list(dims[0])
+        shape = []
+        for i, d in enumerate(dims):
+            if isinstance(d, fx.Node) and d.name in batch_values and i == 0:
+                shape.append(0)  # ONNX Reshape: 0 copies the input's dimension (the batch)
+            elif isinstance(d, int):
+                shape.append(d)
+            else:
+                raise _unsupported(node, modules, f"{fn} with a computed shape {dims}",
+                                   "write x.flatten(1) or x.view(x.size(0), -1)")
+        return "reshape", {"shape": shape}, tensors[:1]
+    if is_method and fn in ("contiguous",):
+        return "identity", {}, tensors[:1]
+    if not is_method and fn in (F.dropout, F.dropout2d):
+        return "identity", {}, tensors[:1]
+    if (not is_method and fn is torch.mean) or (is_method and fn == "mean"):
+        dims = _arg(node, 1, "dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if sorted(d % 4 for d in dims) == [2, 3]:
+            return "global_avgpool", {"keepdim": bool(_arg(node, 2, "keepdim", False))}, tensors[:1]
+        raise _unsupported(node, modules, f"mean over dims {dims}", "only the spatial mean (dims 2, 3) is")
+    if not is_method and fn is F.adaptive_avg_pool2d:
+        if _pair(_arg(node, 1, "output_size")) != [1, 1]:
+            raise _unsupported(node, modules, "adaptive_avg_pool2d to a size other than 1")
+        return "global_avgpool", {"keepdim": True}, tensors[:1]
+    if not is_method and fn is F.max_pool2d:
+        k = _arg(node, 1, "kernel_size")
+        if _arg(node, 6, "return_indices", False):
+            raise _unsupported(node, modules, "max_pool2d(return_indices=True)")
+        return "maxpool2d", {"kernel": _pair(k), "stride": _pair(_arg(node, 2, "stride") or k),
+                             "padding": _pair(_arg(node, 3, "padding", 0)), "dilation": _pair(_arg(node, 4, "dilation", 1)),
+                             "ceil_mode": bool(_arg(node, 5, "ceil_mode", False))}, tensors[:1]
+    if not is_method and fn is F.avg_pool2d:
+        k = _arg(node, 1, "kernel_size")
+        if _arg(node, 6, "divisor_override") is not None:
+            raise _unsupported(node, modules, "avg_pool2d(divisor_override=...)")
+        return "avgpool2d", {"kernel": _pair(k), "stride": _pair(_arg(node, 2, "stride") or k),
+                             "padding": _pair(_arg(node, 3, "padding", 0)), "ceil_mode": bool(_arg(node, 4, "ceil_mode", False)),
+                             "count_include_pad": bool(_arg(node, 5, "count_include_pad", True))}, tensors[:1]
+    raise _unsupported(node, modules, f"the {'method' if is_method else 'function'} {name!r}")
+
+
+def trace_graph(model: nn.Module) -> Graph:
+    """The model's operations (see the module docstring); raises ExportError for anything unsupported."""
+    modules = dict(model.named_modules())
+    try:
+        fx_graph = _Tracer().trace(model)
+    except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError...
+        raise ExportError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); export "
+                          "needs a model whose forward has no data-dependent Python control flow") from exc
+    nodes: list[Node] = []
+    alias: dict[str, str] = {}  # removed node -> the node its users read instead
+    batch_values: set[str] = set()
+    bn_of: dict[str, str] = {}
+    inputs = 0
+    for node in fx_graph.nodes:
+        def src(a):
+            return alias.get(a.name, a.name)
+
+        if node.op == "placeholder":
+            inputs += 1
+            if inputs > 1:
+                raise ExportError(f"{type(model).__name__}.forward takes more than one input ({node.name!r}); "
+                                  "export supports models with one input tensor")
+            nodes.append(Node(node.name, "input"))
+        elif node.op == "output":
+            out = node.args[0]
+            if not isinstance(out, fx.Node):
+                raise ExportError(f"{type(model).__name__}.forward returns {type(out).__name__}; export supports "
+                                  "models returning one tensor")
+            nodes.append(Node("output", "output", [src(out)]))
+        elif node.op == "get_attr":
+            raise _unsupported(node, modules, f"reading the tensor {node.target!r} in forward")
+        elif node.op == "call_module":
+            m = modules[node.target]
+            if isinstance(m, Quantizer):
+                raise _unsupported(node, modules, "a quantizer called outside a quantized layer")
+            op, attrs = _module_node(node, m, modules)
+            args = [a for a in node.args if isinstance(a, fx.Node)]
+            if len(args) != 1 or node.kwargs:
+                raise _unsupported(node, modules, f"calling {type(m).__name__} with {len(node.args)} arguments")
+            if op == "identity":
+                alias[node.name] = src(args[0])
+                continue
+            if op == "batchnorm":
+                if m.running_mean is None:
+                    raise _unsupported(node, modules, "BatchNorm without running statistics")
+                bn_of[node.name] = node.target
+            nodes.append(Node(node.name, op, [src(args[0])], node.target if op in LAYER_OPS else None, attrs))
+        elif node.op in ("call_function", "call_method"):
+            if (node.op == "call_method" and node.target == "size") or \
+                    (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",)):
+                if node.op == "call_method" and _arg(node, 1, "dim") not in (0,):
+                    raise _unsupported(node, modules, "x.size() other than x.size(0)")
+                batch_values.add(node.name)
+                continue
+            if node.op == "call_function" and node.target is operator.getitem and \
+                    isinstance(node.args[0], fx.Node) and node.args[0].name in batch_values:
+                if node.args[1] != 0:
+                    raise _unsupported(node, modules, "indexing a shape other than its batch dimension")
+                batch_values.add(node.name)
+                continue
+            op, attrs, args = _function_node(node, modules, batch_values)
+            if op == "identity":
+                alias[node.name] = src(args[0])
+                continue
+            nodes.append(Node(node.name, op, [src(a) for a in args], None, attrs))
+        else:  # pragma: no cover - fx has no other node kinds
+            raise _unsupported(node, modules, f"fx op {node.op}")
+    return _fold_batchnorms(Graph(nodes), bn_of, modules)
+
+
+def _fold_batchnorms(graph: Graph, bn_of: dict[str, str], modules) -> Graph:
+    by_name = {n.name: n for n in graph.nodes}
+    users = graph.users()
+    layer_calls: dict[str, int] = {}
+    for n in graph.nodes:
+        if n.op in LAYER_OPS:
+            layer_calls[n.layer] = layer_calls.get(n.layer, 0) + 1
+    alias: dict[str, str] = {}
+    kept = []
+    for n in graph.nodes:
+        n.inputs = [alias.get(i, i) for i in n.inputs]
+        if n.op != "batchnorm":
+            kept.append(n)
+            continue
+        src = by_name[n.inputs[0]]
+        bn_name = bn_of[n.name]
+        if src.op not in LAYER_OPS:
+            raise ExportError(f"module {bn_name!r} ({type(modules[bn_name]).__name__}) follows {src.op!r} "
+                              f"({src.name!r}), not a Conv/Linear: lowbit folds batch norm only into the layer "
+                              "that feeds it")
+        if len(users[src.name]) != 1 or layer_calls[src.layer] != 1:
+            raise ExportError(f"module {bn_name!r}: the output of {src.layer!r} is also used elsewhere, so the "
+                              "batch norm cannot be folded into it")
+        graph.bn_folds[src.layer] = bn_name
+        alias[n.name] = src.name
+    graph.nodes = kept
+    return graph

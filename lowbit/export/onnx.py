@@ -1,0 +1,399 @@
+"""ONNX export: a QDQ model for onnxruntime, written from the exported graph and grids.
+
+The ONNX graph is built directly with ``onnx.helper`` from the same :class:`Exported` data as
+the lowbit format (not with ``torch.onnx.export``: torch 2.13 defaults to the dynamo exporter,
+which needs ``onnxscript``, and neither exporter knows lowbit's grids). Opset 17.
+
+QDQ layout (the "QDQ format" onnxruntime fuses into ``QLinearConv`` / ``QGemm`` /
+``QLinearAdd`` where the pattern allows):
+
+* each quantized layer's input is ``QuantizeLinear -> DequantizeLinear`` with the layer's input
+  grid (per tensor, or per channel on axis 1); one pair per tensor and grid, shared by the
+  layers that read it;
+* the weight is an integer initializer with its per-channel (axis 0) or per-tensor step and
+  zero point, dequantized by ``DequantizeLinear``; the bias is the exported int32 bias
+  dequantized with step ``s_w * s_x`` (the ONNX QDQ convention);
+* everything the fake-quant model keeps in float (conv outputs, residual sums, pooling,
+  logits) stays float, so onnxruntime computes what lowbit's fake-quant model computes.
+
+Below 8 bits the codes live in int8 (signed grids) or uint8 (unsigned) containers.
+``QuantizeLinear`` saturates to the container, not to the narrower grid, so a narrowed input
+grid first clips the float input to ``[(qmin - z) s, (qmax - z) s]`` (``Clip``, or ``Min``/``Max``
+against per-channel bounds); weight codes are already in range. onnxruntime's 4-bit types are
+not used: its CPU kernels run 4-bit only in weight-only MatMul, not in QDQ Conv.
+
+Weight zero points. ONNX zero points are integers. SAWB's half-integer zero point is made
+exact by doubling the codes (``(q - z) s = (2q - 2z)(s / 2)``). Any other fractional zero point
+(weight bias correction) is split as in the integer engine, ``(q - z) s = (q - zi) s - zf s``:
+the layer keeps int8 codes ``q - zi`` and gets a correction term ``(-zf s) * S``, ``S`` the sum of
+its input over each receptive field (a conv with an all-ones int8 kernel, or ``ReduceSum``),
+added after the layer. Float weights are avoided on purpose: onnxruntime (1.2x) re-quantizes a
+float weight that meets a ``DequantizeLinear``-ed input to its own int8 grid
+(``WeightBiasQuantization``), which would silently change the model. Group-wise weight steps
+are written as float weights all the same (and are affected). A negative weight step (batch
+norm with negative gamma folded at export) becomes a positive step with negated codes.
+
+``quantize_residual=True`` (with ``calib_data``) additionally quantizes, at 8 bits, the conv
+outputs that feed residual additions (a signed grid from their calibrated range) and the
+identity shortcut (at the grid the next block's layer reads), so that every conv and add of a
+ResNet fuses into integer kernels. This changes the numbers (an extra rounding the fake-quant
+model does not have): it is a speed option, used by ``benchmarks/export_speed.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.export.errors import ExportError
+from lowbit.export.format import Exported, build_export, read_export
+from lowbit.export.graph import LAYER_OPS
+from lowbit.export.layers import GridData, LayerData
+
+OPSET = 17
+
+
+def _require_onnx():
+    try:
+        import onnx  # noqa: F401
+    except ImportError as exc:
+        raise ExportError("ONNX export needs the onnx package: pip install 'lowbit[onnx]'") from exc
+
+
+def _exported(source) -> Exported:
+    if isinstance(source, Exported):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return read_export(source)
+    return build_export(source)
+
+
+def _container(lo: int, hi: int) -> tuple[np.dtype, int, int] | None:
+    if lo >= -128 and hi <= 127:
+        return np.int8, -128, 127
+    if lo >= 0 and hi <= 255:
+        return np.uint8, 0, 255
+    return None
+
+
+class _Builder:
+    def __init__(self, exp: Exported, *, residual_scales: dict[str, float] | None = None):
+        from onnx import helper
+        self.h = helper
+        self.exp = exp
+        self.nodes, self.inits = [], []
+        self.names: set[str] = set()
+        self.qdq_cache: dict[tuple, str] = {}
+        self.residual_scales = residual_scales or {}
+        self.float_weights: list[str] = []
+
+    def name(self, base: str) -> str:
+        base = base.replace(".", "_")
+        n, i = base, 1
+        while n in self.names:
+            n, i = f"{base}_{i}", i + 1
+        self.names.add(n)
+        return n
+
+    def const(self, base: str, arr: np.ndarray) -> str:
+        from onnx import numpy_helper
+        n = self.name(base)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
+        return n
+
+    def node(self, op: str, inputs: list[str], base: str, **attrs) -> str:
+        out = self.name(base)
+        self.nodes.append(self.h.make_node(op, inputs, [out], name=out + "_" + op, **attrs))
+        return out
+
+    # ----- activations --------------------------------------------------------------------
+    def qdq(self, value: str, g: GridData, ndim: int, where: str) -> str:
+        key = (value, g.scale.numpy().tobytes(), g.zero_point.numpy().tobytes(), str(g.qmin), str(g.qmax))
+        if key in self.qdq_cache:
+            return self.qdq_cache[key]
+        lo, hi = g.qrange_tensors()
+        z = g.zero_point.double()
+        if not torch.equal(z, torch.round(z)):
+            raise ExportError(f"{where}: a fractional activation zero point cannot be written as ONNX QDQ")
+        cont = _container(int(lo.min()), int(hi.max()))
+        if cont is None or int(z.min()) < int(lo.min()) or int(z.max()) > int(hi.max()):
+            raise ExportError(f"{where}: activation range [{int(lo.min())}, {int(hi.max())}] fits no 8-bit container")
+        dtype, cmin, cmax = cont
+        per_channel = g.scale.dim() > 0
+        scale = g.scale.numpy().astype(np.float32)
+        zp = z.numpy().astype(dtype)
+        x = value
+        narrowed = bool((lo > cmin).any() or (hi < cmax).any())
+        if narrowed:
+            s = g.scale.double()
+            low = ((lo.double() - z) * s).float().numpy()
+            high = ((hi.double() - z) * s).float().numpy()
+            if per_channel or lo.dim() or hi.dim():
+                shape = [1, -1] + [1] * (ndim - 2)
+                c = max(scale.size, np.size(low), np.size(high))
+                low = np.broadcast_to(low, (c,)).reshape(shape).astype(np.float32)
+                high = np.broadcast_to(high, (c,)).reshape(shape).astype(np.float32)
+                x = self.node("Min", [x, self.const(value + "_clip_hi", high)], value + "_min")
+                x = self.node("Max", [x, self.const(value + "_clip_lo", low)], value + "_max")
+            else:
+                x = self.node("Clip", [x, self.const(value + "_clip_lo", np.array(low, np.float32)),
+                                       self.const(value + "_clip_hi", np.array(high, np.float32))], value + "_clip")
+        attrs = {"axis": 1} if per_channel else {}
+        s_name = self.const(value + "_scale", scale)
+        z_name = self.const(value + "_zero_point", zp)
+        q = self.node("QuantizeLinear", [x, s_name, z_name], value + "_q", **attrs)
+        dq = self.node("DequantizeLinear", [q, s_name, z_name], value + "_dq", **attrs)
+        self.qdq_cache[key] = dq
+        return dq
+
+    def qdq_int8(self, value: str, scale: float, zero: int, dtype=np.int8) -> str:
+        s = self.const(value + "_rscale", np.array(scale, np.float32))
+        z = self.const(value + "_rzero", np.array(zero, dtype))
+        q = self.node("QuantizeLinear", [value, s, z], value + "_rq")
+        return self.node("DequantizeLinear", [q, s, z], value + "_rdq")
+
+    # ----- weights ------------------------------------------------------------------------
+    def weight(self, layer: LayerData) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+        """The weight input name, the per-channel step used (None for float weights), and the per-output-channel
+        coefficient ``c = -zf * s`` of the zero-point correction term ``c * sum(x)`` (None if not needed)."""
+        self.bias_factor, self.sign = 1, None
+        g = layer.weight_grid
+        if g is None:
+            self.float_weights.append(layer.name)
+            return self.const(layer.name + "_weight", layer.weight_float.numpy().astype(np.float32)), None, None
+        if g.kind == "group":
+            return self._float_weight(layer), None, None
+        q = layer.weight_codes.to(torch.int64)
+        co = q.shape[0]
+        shape = [-1] + [1] * (q.dim() - 1)
+        s = g.scale.double().expand(co) if g.scale.dim() == 0 else g.scale.double()
+        z = g.zero_point.double().expand(co) if g.zero_point.dim() == 0 else g.zero_point.double()
+        per_channel = g.scale.dim() > 0
+        corr = None
+        if torch.equal(z, torch.round(z)):
+            qq, zz, ss = q, z, s
+        elif torch.equal(2 * z, torch.round(2 * z)) and _container(int((2 * q - 2 * z.reshape(shape)).min()),
+                                                                    int((2 * q - 2 * z.reshape(shape)).max())):
+            # SAWB's (2^b - 1) / 2: (q - z) s = (2q - 2z) (s / 2), doubled codes and half the step
+            qq, zz, ss = 2 * q - (2 * z).to(torch.int64).reshape(shape), torch.zeros_like(z), s / 2
+            self.bias_factor = 2  # the bias in units of the halved step
+        else:
+            # (q - z) s = (q - zi) s - zf s: integer codes and a correction term -zf s * sum(x)
+            zi = torch.round(z)
+            qq, zz, ss = q - zi.to(torch.int64).reshape(shape), torch.zeros_like(z), s
+            corr = (-(z - zi) * s).float().numpy()
+            per_channel = True
+        sign = torch.where(ss < 0, -1, 1)
+        if bool((sign < 0).any()):
+            qq, zz, ss = qq * sign.reshape(shape), zz * sign.double(), ss * sign.double()
+            per_channel = True
+        zi = zz.to(torch.int64)
+        cont = _container(min(int(qq.min()), int(zi.min())), max(int(qq.max()), int(zi.max())))
+        if cont is None:
+            return self._float_weight(layer), None, None
+        dtype = cont[0]
+        w = self.const(layer.name + "_weight_q", qq.numpy().astype(dtype))
+        if per_channel:
+            sc = self.const(layer.name + "_weight_scale", ss.float().numpy())
+            zp = self.const(layer.name + "_weight_zero_point", zi.numpy().astype(dtype))
+            out = self.node("DequantizeLinear", [w, sc, zp], layer.name + "_weight", axis=0)
+        else:
+            sc = self.const(layer.name + "_weight_scale", np.array(float(ss[0]), np.float32))
+            zp = self.const(layer.name + "_weight_zero_point", np.array(int(zi[0]), dtype))
+            out = self.node("DequantizeLinear", [w, sc, zp], layer.name + "_weight")
+        self.sign = sign
+        return out, ss.numpy(), corr
+
+    def correction(self, layer: LayerData, node, x: str, main: str, corr: np.ndarray) -> str:
+        """``main + c * S`` with ``S`` the sum of the (dequantized) input over each output's receptive field:
+        a conv with an all-ones int8 kernel (a ReduceSum for a linear layer)."""
+        co = layer.out_channels
+        if layer.kind == "linear":
+            axes = self.const(layer.name + "_sum_axes", np.array([1], np.int64))
+            ssum = self.node("ReduceSum", [x, axes], layer.name + "_input_sum", keepdims=1)
+            c = self.const(layer.name + "_zp_correction", corr.reshape(1, co).astype(np.float32))
+        else:
+            a = node.attrs
+            groups = int(a["groups"])
+            kshape = [1 if groups == 1 else co] + list(layer.weight_shape[1:])
+            ones = self.const(layer.name + "_ones_q", np.ones(kshape, np.int8))
+            one = self.const(layer.name + "_ones_scale", np.array(1.0, np.float32))
+            zero = self.const(layer.name + "_ones_zero_point", np.array(0, np.int8))
+            k = self.node("DequantizeLinear", [ones, one, zero], layer.name + "_ones")
+            ssum = self.node("Conv", [x, k], layer.name + "_input_sum", strides=a["stride"],
+                             pads=a["padding"] + a["padding"], dilations=a["dilation"], group=groups)
+            c = self.const(layer.name + "_zp_correction",
+                           corr.reshape([1, co] + [1] * int(a.get("dims", 2))).astype(np.float32))
+        term = self.node("Mul", [ssum, c], layer.name + "_zp_term")
+        return self.node("Add", [main, term], layer.name + "_corrected")
+
+    def _float_weight(self, layer: LayerData) -> str:
+        self.float_weights.append(layer.name)
+        return self.const(layer.name + "_weight", layer.dequantized_weight().numpy().astype(np.float32))
+
+    def bias(self, layer: LayerData, w_step: np.ndarray | None) -> str | None:
+        if layer.bias is None:
+            return None
+        g = layer.input_grid
+        if (w_step is not None and g is not None and g.scale.dim() == 0 and layer.bias_int32 is not None):
+            sign = self.sign.numpy()
+            b = layer.bias_int32.numpy().astype(np.int64) * sign * self.bias_factor
+            if np.abs(b).max(initial=0) > 2**31 - 1:
+                return self.const(layer.name + "_bias", layer.bias.numpy().astype(np.float32))
+            b = b.astype(np.int32)
+            step = (w_step.astype(np.float64) * float(g.scale)).astype(np.float32)
+            bq = self.const(layer.name + "_bias_q", b)
+            sc = self.const(layer.name + "_bias_scale", step)
+            zp = self.const(layer.name + "_bias_zero_point", np.zeros(b.shape, np.int32))
+            return self.node("DequantizeLinear", [bq, sc, zp], layer.name + "_bias", axis=0)
+        return self.const(layer.name + "_bias", layer.bias.numpy().astype(np.float32))
+
+
+def to_onnx(source, path: str | os.PathLike | None = None, *, input_shape=None, quantize_residual: bool = False,
+            calib_data=None, calib_batches: int = 4):
+    """Write (if ``path``) and return an ONNX ``ModelProto`` of an export folder, an :class:`Exported`,
+    or a model (quantized: QDQ; float: a plain fp32 graph with batch norm folded)."""
+    _require_onnx()
+    import onnx
+    from onnx import TensorProto, helper
+
+    exp = _exported(source)
+    residual_scales = {}
+    if quantize_residual:
+        if calib_data is None:
+            raise ExportError("quantize_residual needs calib_data: the conv outputs that feed residual additions "
+                              "get 8-bit grids from their calibrated range")
+        plain = _build(exp, input_shape, {})
+        residual_scales = _calibrate_residual(exp, plain, calib_data, calib_batches)
+    model = _build(exp, input_shape, residual_scales)
+    onnx.checker.check_model(model)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
+    return model
+
+
+def _residual_inputs(exp: Exported) -> list[str]:
+    """Conv/linear outputs read by an add (what quantize_residual gives a grid)."""
+    by_name = {n.name: n for n in exp.graph.nodes}
+    out = []
+    for n in exp.graph.nodes:
+        if n.op == "add":
+            out += [i for i in n.inputs if by_name[i].op in LAYER_OPS and i not in out]
+    return out
+
+
+def _calibrate_residual(exp: Exported, model, calib_data, batches: int) -> dict[str, float]:
+    import onnx
+    import onnxruntime as ort
+
+    targets = _residual_inputs(exp)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in targets:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, ["N", "C", "H", "W"]))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = dict.fromkeys(targets, 0.0)
+    for i, batch in enumerate(calib_data):
+        if i >= batches:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        outs = sess.run(targets, {"input": x.numpy().astype(np.float32)})
+        for t, o in zip(targets, outs):
+            amax[t] = max(amax[t], float(np.abs(o).max()))
+    return {t: max(v, 1e-8) / 127.0 for t, v in amax.items()}
+
+
+def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
+    from onnx import TensorProto, helper
+
+    b = _Builder(exp, residual_scales=residual_scales)
+    by_name = {n.name: n for n in exp.graph.nodes}
+    users = exp.graph.users()
+    vals: dict[str, str] = {}
+    ndim: dict[str, int | None] = {}
+    shape = input_shape or exp.input_shape
+    graph_inputs, graph_outputs = [], []
+    for n in exp.graph.nodes:
+        if n.op == "input":
+            dims = (["N"] + [int(d) for d in shape[1:]]) if shape else ["N", "C", "H", "W"]
+            graph_inputs.append(helper.make_tensor_value_info("input", TensorProto.FLOAT, dims))
+            b.names.add("input")
+            vals[n.name], ndim[n.name] = "input", len(dims)
+            continue
+        src = [vals[i] for i in n.inputs]
+        if n.op in LAYER_OPS:
+            layer = exp.layers[n.layer]
+            nd = (int(n.attrs.get("dims", 2)) + 2) if n.op == "conv" else 2
+            x = src[0]
+            if layer.input_grid is not None:
+                x = b.qdq(x, layer.input_grid, nd, f"layer {n.layer!r} input")
+            w, step, corr = b.weight(layer)
+            bias = b.bias(layer, step)
+            ins = [x, w] + ([bias] if bias else [])
+            if n.op == "conv":
+                a = n.attrs
+                out = b.node("Conv", ins, n.name, strides=a["stride"], pads=a["padding"] + a["padding"],
+                             dilations=a["dilation"], group=a["groups"])
+            else:
+                out = b.node("Gemm", ins, n.name, transB=1)
+            if corr is not None:
+                out = b.correction(layer, n, x, out, corr)
+            if n.name in residual_scales:
+                out = b.qdq_int8(out, residual_scales[n.name], 0)
+            vals[n.name], ndim[n.name] = out, nd
+        elif n.op == "relu":
+            vals[n.name], ndim[n.name] = b.node("Relu", src, n.name), ndim[n.inputs[0]]
+        elif n.op == "add":
+            ins = list(src)
+            if residual_scales:
+                # the identity shortcut: read it at the grid of a layer that reads the same tensor, if any
+                for k, i in enumerate(n.inputs):
+                    if by_name[i].op in LAYER_OPS:
+                        continue
+                    readers = [u for u in users[i] if u.op in LAYER_OPS and exp.layers[u.layer].input_grid is not None]
+                    if readers:
+                        g = exp.layers[readers[0].layer].input_grid
+                        ins[k] = b.qdq(vals[i], g, ndim[i] or 4, f"shortcut into {n.name!r}")
+            vals[n.name], ndim[n.name] = b.node("Add", ins, n.name), ndim[n.inputs[0]]
+        elif n.op == "maxpool2d":
+            a = n.attrs
+            vals[n.name] = b.node("MaxPool", src, n.name, kernel_shape=a["kernel"], strides=a["stride"],
+                                  pads=a["padding"] + a["padding"], dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
+            ndim[n.name] = 4
+        elif n.op == "avgpool2d":
+            a = n.attrs
+            vals[n.name] = b.node("AveragePool", src, n.name, kernel_shape=a["kernel"], strides=a["stride"],
+                                  pads=a["padding"] + a["padding"], ceil_mode=int(a["ceil_mode"]),
+                                  count_include_pad=int(a["count_include_pad"]))
+            ndim[n.name] = 4
+        elif n.op == "global_avgpool":
+            out = b.node("GlobalAveragePool", src, n.name)
+            if not n.attrs.get("keepdim", True):
+                out = b.node("Flatten", [out], n.name + "_squeeze", axis=1)
+            vals[n.name], ndim[n.name] = out, (4 if n.attrs.get("keepdim", True) else 2)
+        elif n.op == "flatten":
+            a = n.attrs
+            if a.get("end_dim", -1) != -1 or a.get("start_dim", 0) not in (1,):
+                raise ExportError(f"fx node {n.name!r}: flatten(start_dim={a.get('start_dim')}, "
+                                  f"end_dim={a.get('end_dim')}) has no ONNX Flatten equivalent; use flatten(1)")
+            vals[n.name], ndim[n.name] = b.node("Flatten", src, n.name, axis=1), 2
+        elif n.op == "reshape":
+            shp = b.const(n.name + "_shape", np.array(n.attrs["shape"], np.int64))
+            vals[n.name], ndim[n.name] = b.node("Reshape", [src[0], shp], n.name), len(n.attrs["shape"])
+        elif n.op == "output":
+            b.nodes.append(helper.make_node("Identity", src, ["logits"], name="logits_Identity"))
+            nd = ndim.get(n.inputs[0]) or 2
+            graph_outputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                               ["N"] + [f"logits_{i}" for i in range(1, nd)]))
+        else:  # pragma: no cover
+            raise ExportError(f"fx node {n.name!r}: op {n.op!r} has no ONNX writer")
+    doc = "lowbit QDQ export" + (f"; float weights in {b.float_weights}" if b.float_weights else "")
+    graph = helper.make_graph(b.nodes, "lowbit", graph_inputs, graph_outputs, b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lowbit",
+                              doc_string=doc)
+    model.ir_version = 8
+    return model
