@@ -4,6 +4,7 @@
     lowbit ptq     --model resnet20 --recipe ptq-w4a4-aciq --out runs/ptq
     lowbit qat     --model resnet20 --recipe lsq-w4a4 --checkpoint-dir runs/lsq4 [--resume]
     lowbit mixed   --model resnet20 --method eagl --budgets 0.5,0.75 --out runs/mixed
+    lowbit export  --model resnet20 --recipe ptq-w4a4-aciq --out runs/deploy [--format both] [--verify 1000]
     lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24
     lowbit demo    [--quick] [--out lowbit-demo]
 
@@ -20,9 +21,7 @@ import sys
 
 from lowbit.errors import LowbitError
 
-PENDING = {
-    "export": "packed integer export and ONNX (issue 7)",
-}
+PENDING: dict[str, str] = {}
 
 
 def build_model(name: str, weights: str | None, dataset: str):
@@ -114,6 +113,15 @@ def cmd_mixed(args) -> None:
               select_only=args.select_only, additivity=args.additivity, data_dir=args.data_dir)
 
 
+def cmd_export(args) -> None:
+    from lowbit.export.command import run_export
+
+    run_export(model_name=args.model, weights=args.weights, dataset=args.dataset, recipe=args.recipe,
+               quantized=args.quantized, calib_images=args.calib_images, out=args.out, fmt=args.format,
+               float_bias=args.float_bias, quantize_residual=args.quantize_residual, verify=args.verify,
+               data_dir=args.data_dir)
+
+
 def cmd_demo(args) -> None:
     from lowbit.demo import run_demo
 
@@ -200,6 +208,22 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--select-only", action="store_true", help="write the chosen recipes without fine-tuning")
     sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
     sp.set_defaults(func=cmd_mixed)
+
+    sp = sub.add_parser("export", help="write a quantized model as packed integers + manifest, and/or ONNX QDQ")
+    model_args(sp)
+    sp.add_argument("--recipe", default="ptq-w8a8", help="recipe to quantize with (default: ptq-w8a8)")
+    sp.add_argument("--quantized", help="export a folder saved by `lowbit ptq/qat --out` instead of quantizing")
+    sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
+    sp.add_argument("--out", required=True, help="folder to write model.safetensors + manifest.json / model.onnx")
+    sp.add_argument("--format", choices=("lowbit", "onnx", "both"), default="lowbit")
+    sp.add_argument("--float-bias", action="store_true", help="also store float32 biases (bit-identical reload)")
+    sp.add_argument("--quantize-residual", action="store_true",
+                    help="ONNX: quantize residual additions to 8 bits too, so onnxruntime fuses every conv (faster, "
+                    "not bit-faithful to the fake-quant model)")
+    sp.add_argument("--verify", type=int, default=0, metavar="N",
+                    help="run the integer engine / onnxruntime on N test images and compare with the fake-quant model")
+    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("train", help="train a zoo model in full precision (reproducible, seeded)")
     sp.add_argument("--model", required=True)

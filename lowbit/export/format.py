@@ -12,7 +12,8 @@ carries almost no header overhead; each layer's slice is named in the manifest a
     weight.channel_bits  U8   per-output-channel widths of layers with bit allocation (5-bit packed)
     weight.scale         F32  weight steps (per channel, per tensor, or [C, G] per group)
     weight.zero_point    F32  weight zero points, only for layers where one is non-zero
-                              (fractional after bias correction, (2^b-1)/2 for SAWB's even levels)
+                              (fractional after bias correction, (2^b-1)/2 for SAWB's even levels);
+                              one value when every channel has the same (count 1, broadcast)
     input.scale          F32  activation (layer input) steps
     input.zero_point     F32  activation zero points (integers), only where non-zero
     input.channel_bits   U8   per-channel activation widths (bit allocation, 5-bit packed)
@@ -174,7 +175,10 @@ def _write_grid(arena: _Arena, g: GridData, side: str) -> dict:
     d = g.describe()
     d["scale_shape"] = list(g.scale.shape)
     d["scale"] = arena.add(f"{side}.scale", g.scale)
-    d["zero_point"] = arena.add(f"{side}.zero_point", g.zero_point) if bool((g.zero_point != 0).any()) else None
+    z = g.zero_point
+    if z.numel() > 1 and bool((z == z.reshape(-1)[0]).all()):
+        z = z.reshape(-1)[:1]  # one value for every channel (SAWB's (2^b - 1) / 2): stored once, broadcast
+    d["zero_point"] = arena.add(f"{side}.zero_point", z) if bool((z != 0).any()) else None
     d["channel_bits"] = arena.add(f"{side}.channel_bits", pack_bits(g.channel_bits, CHANNEL_BITS_WIDTH)) \
         if g.channel_bits is not None else None
     return d
@@ -339,7 +343,12 @@ def _read_grid(tensors, d: dict, where: str) -> GridData:
     shape = tuple(d["scale_shape"])
     scale = _slice(tensors, d["scale"], where).reshape(shape).clone()
     z = _slice(tensors, d.get("zero_point"), where)
-    zero = z.reshape(shape).clone() if z is not None else torch.zeros(shape)
+    if z is None:
+        zero = torch.zeros(shape)
+    elif z.numel() == 1:
+        zero = z.reshape(()).expand(shape).clone()
+    else:
+        zero = z.reshape(shape).clone()
     cb = _slice(tensors, d.get("channel_bits"), where)
     if cb is not None:
         from lowbit.quant.grid import channel_int_range
