@@ -1,7 +1,8 @@
 """Mixed precision (EAGL and ALPS, Bablani et al., arXiv:2301.13330): the accuracy-cost frontier.
 
-    python benchmarks/mixed_frontier.py [--model resnet20] [--budgets 0.5] [--steps 300] [--alps-steps 50]
-                                        [--random-draws 3] [--additivity 4] [--methods eagl,alps]
+    python benchmarks/mixed_frontier.py [--model resnet20] [--budgets 0.5] [--steps 300]
+                                        [--alps-steps 50] [--random-draws 3] [--additivity 4]
+                                        [--methods eagl,alps]
 
 Protocol: start from the shipped FP checkpoint; base recipe ``lsq-w4a4`` (LSQ, first and last
 layers 8-bit); candidates are every other conv/linear layer, at W4A4 or W2A2; cost is
@@ -11,8 +12,10 @@ random selections at the cost of the more expensive method assignment, so random
 less budget) is quantized (activations calibrated on 512 held-out images), fine-tuned for the
 same ``--steps`` steps with the recipe's ``qat:`` settings (cosine over those steps,
 distillation from the FP model unless ``--no-distill``), and evaluated on the test split.
-ALPS measures its per-layer drops on ``--alps-eval-images`` held-out (calib) images after
-``--alps-steps`` steps each, cached under ``--cache-dir`` (a rerun is instant; ``--alps-shard
+As in the paper, the base is the trained uniform 4-bit network: EAGL reads the learned LSQ steps
+of the fine-tuned uniform W4A4 point, and ALPS lowers one layer of a copy of it at a time
+(``--no-from-w4a4``: both start from the FP model with initial steps). ALPS measures its
+per-layer drops on ``--alps-eval-images`` held-out (calib) images after ``--alps-steps`` steps each, cached under ``--cache-dir`` (a rerun is instant; ``--alps-shard
 i/n`` runs one part and stops, for several processes). EAGL's selection time is measured on
 the model and on a randomly initialised ResNet-50-sized model (ImageNet shapes, 224x224).
 
@@ -131,6 +134,10 @@ def main() -> None:
                     help="distil from the FP model with the recipe's weight (default on)")
     ap.add_argument("--resnet50", action=argparse.BooleanOptionalAction, default=True,
                     help="also time EAGL on a random ResNet-50-sized model")
+    ap.add_argument("--weighting", default="none", help="EAGL weighting (none, params, log_params, macs)")
+    ap.add_argument("--from-w4a4", action=argparse.BooleanOptionalAction, default=True,
+                    help="EAGL reads the learned steps of the fine-tuned uniform W4A4 model and ALPS lowers layers "
+                    "of copies of it (default); --no-from-w4a4: both start from the FP model's initial steps")
     ap.add_argument("--out", default="runs/mixed-frontier")
     ap.add_argument("--cache-dir", help="ALPS cache (default: OUT/alps-cache)")
     ap.add_argument("--alps-shard", help="run only part i/n of ALPS into the cache, then stop")
@@ -163,15 +170,47 @@ def main() -> None:
     held_out = make_loader(args.dataset, "calib", 500, limit=args.alps_eval_images)
     test = make_loader(args.dataset, "test", 500, limit=args.test_images)
 
-    alps = None
-    if "alps" in methods:
-        alps = ALPS(model, space, train, held_out, steps=args.alps_steps, calib_data=calib, seed=SEED,
-                    cache_dir=args.cache_dir or out / "alps-cache", config=cfg)
-        if args.alps_shard:
-            res = alps.run(args.alps_shard)
-            print(f"ALPS shard {args.alps_shard}: trained {res.trained_now} runs; "
-                  f"{res.runs - len(res.missing)}/{res.runs} in {res.cache_dir}")
-            return
+    teacher = frozen_teacher(model)
+    hi = space.bounds()[1]
+    high = space.uniform(space.highest)
+    points = []
+    trained = {}
+
+    def run_point(kind, label, assignment, budget, stem, extra=None):
+        recipe = space.recipe_for(assignment, name=stem, meta={"method": kind, "budget": budget})
+        recipe.save(out / "recipes" / f"{stem}.yaml")
+        r = train_and_evaluate(model, recipe, train, test, steps=args.steps, calib_data=calib, teacher=teacher,
+                               config=cfg, seed=SEED)
+        trained[stem] = r["qmodel"]
+        cost = space.cost(assignment)
+        point = {"kind": kind, "label": label, "budget": budget, "cost": cost, "fraction": cost / hi,
+                 "mean_w_bits": space.totals(assignment)["mean_w_bits"], "accuracy": r["accuracy"],
+                 "steps": r["steps"], "seconds": round(r["seconds"], 1), "recipe": f"recipes/{stem}.yaml"}
+        point.update(extra or {})
+        print(f"{label}: {point['fraction']:.3f} of W4A4 bit-ops, top-1 {r['accuracy']:.2f}% "
+              f"({r['steps']} steps, {r['seconds']:.0f} s)", flush=True)
+        return point
+
+    def fine_tuned_high():
+        """The uniform high-precision model after the same fine-tune as every point (the paper's
+        LSQ-trained base): EAGL reads its learned steps, ALPS lowers layers of copies of it."""
+        stem = f"uniform-{precision_label(space.highest)}"
+        if stem not in trained:
+            recipe = space.recipe_for(high, name=stem)
+            trained[stem] = train_and_evaluate(model, recipe, train, held_out, steps=args.steps, calib_data=calib,
+                                               teacher=teacher, config=cfg, seed=SEED, eval_batches=1)["qmodel"]
+        return trained[stem]
+
+    def make_alps():
+        base = fine_tuned_high() if args.from_w4a4 else None
+        return ALPS(model, space, train, held_out, steps=args.alps_steps, calib_data=calib, seed=SEED,
+                    base_model=base, cache_dir=args.cache_dir or out / "alps-cache", config=cfg)
+
+    if "alps" in methods and args.alps_shard:
+        res = make_alps().run(args.alps_shard)
+        print(f"ALPS shard {args.alps_shard}: trained {res.trained_now} runs; "
+              f"{res.runs - len(res.missing)}/{res.runs} in {res.cache_dir}")
+        return
 
     # ----- selection cost -------------------------------------------------------------------
     eagl_seconds = time_eagl(model, space)
@@ -186,9 +225,17 @@ def main() -> None:
         print(f"ResNet-50-sized model: {r50}", flush=True)
         del big, big_space
     print(f"EAGL selection on {args.model}: {eagl_seconds * 1000:.1f} ms", flush=True)
-    alps_info = None
-    gains = {}
-    if alps is not None:
+
+    # ----- uniform points, then the methods' gains --------------------------------------------
+    fp = evaluate(model, test)["top1"]
+    for bits in args.uniform_bits.split(","):
+        p = (int(bits), int(bits))
+        points.append(run_point("uniform", f"uniform {precision_label(p)}", space.uniform(p), None,
+                                f"uniform-{precision_label(p)}"))
+    base_q = fine_tuned_high() if args.from_w4a4 else None
+    alps, alps_info, gains = None, None, {}
+    if "alps" in methods:
+        alps = make_alps()
         res = alps.run()
         gains["alps"] = res.gains
         alps_info = {"runs": res.runs, "steps_per_run": res.steps_per_run, "steps_total": res.steps_total,
@@ -196,36 +243,16 @@ def main() -> None:
                      "base_accuracy": res.base_accuracy, "drops": res.drops()}
         print(f"ALPS: {res.runs} runs x {res.steps_per_run} steps = {res.steps_total} steps, "
               f"{res.seconds_total:.0f} s", flush=True)
-
-    # ----- frontier points ------------------------------------------------------------------
-    teacher = frozen_teacher(model)
-    hi = space.bounds()[1]
-    points = []
-
-    def run_point(kind, label, assignment, budget, stem, extra=None):
-        recipe = space.recipe_for(assignment, name=stem, meta={"method": kind, "budget": budget})
-        recipe.save(out / "recipes" / f"{stem}.yaml")
-        r = train_and_evaluate(model, recipe, train, test, steps=args.steps, calib_data=calib, teacher=teacher,
-                               config=cfg, seed=SEED)
-        cost = space.cost(assignment)
-        point = {"kind": kind, "label": label, "budget": budget, "cost": cost, "fraction": cost / hi,
-                 "mean_w_bits": space.totals(assignment)["mean_w_bits"], "accuracy": r["accuracy"],
-                 "steps": r["steps"], "seconds": round(r["seconds"], 1), "recipe": f"recipes/{stem}.yaml"}
-        point.update(extra or {})
-        print(f"{label}: {point['fraction']:.3f} of W4A4 bit-ops, top-1 {r['accuracy']:.2f}% "
-              f"({r['steps']} steps, {r['seconds']:.0f} s)", flush=True)
-        return point
-
-    fp = evaluate(model, test)["top1"]
-    for bits in args.uniform_bits.split(","):
-        p = (int(bits), int(bits))
-        points.append(run_point("uniform", f"uniform {precision_label(p)}", space.uniform(p), None,
-                                f"uniform-{precision_label(p)}"))
+    entropies = None
+    if "eagl" in methods:
+        from lowbit.mixed.eagl import eagl_entropies, eagl_gains
+        entropies = eagl_entropies(model, space, qmodel=base_q)
+        gains["eagl"] = eagl_gains(model, space, weighting=args.weighting, entropies=entropies)
     for b in budgets:
         tag = f"{b:g}"
         chosen = []
         for m in methods:
-            sel = select(space, b, m, model=model, gains=gains.get(m))
+            sel = select(space, b, m, gains=gains[m])
             chosen.append(run_point(m, f"{m.upper()} {tag}", sel.assignment, b, f"{m}-{tag}",
                                     {"select_seconds": sel.seconds}))
         points += chosen
@@ -254,6 +281,7 @@ def main() -> None:
                "candidates": space.candidates, "fixed": {n: precision_label(p) for n, p in space.fixed.items()},
                "all_high_cost": hi, "points": points, "eagl_seconds": eagl_seconds, "trace_seconds": trace_seconds,
                "resnet50": r50, "alps": alps_info, "additivity": additivity, "gains": gains,
+               "eagl_entropies": entropies,
                "args": vars(args)}
     (out / "frontier.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     table = frontier_table(results)
@@ -294,8 +322,11 @@ def main() -> None:
              f"(MACs x w_bits x a_bits), fractions of the uniform W4A4 model's {hi:,}. Every point is fine-tuned "
              f"for {args.steps} steps (batch {batch}, the recipe's qat: settings, cosine over those steps, "
              f"{'distillation from the FP model' if args.distill else 'no distillation'}) and evaluated on "
-             f"{'all' if args.test_images is None else args.test_images} test images. Random: {args.random_draws} "
-             "draws filled in random order up to the cost of the more expensive method assignment."), "", table]
+             f"{'all' if args.test_images is None else args.test_images} test images. EAGL ("
+             f"weighting {args.weighting}) and ALPS start from "
+             f"{'the fine-tuned uniform W4A4 model' if args.from_w4a4 else 'the FP model'}. Random: "
+             f"{args.random_draws} draws filled in random order up to the cost of the more expensive method "
+             "assignment."), "", table]
     if alps_info:
         lines += ["", (f"ALPS cost: {alps_info['runs']} fine-tunes x {alps_info['steps_per_run']} steps = "
                        f"{alps_info['steps_total']} steps, {alps_info['seconds_total'] / 60:.1f} min (accuracy on "

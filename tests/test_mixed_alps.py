@@ -170,3 +170,18 @@ def test_select_precision_alps(tmp_path, data, trained, counted):
     assert sel.recipe().sections["mixed"]["method"] == "alps"
     with pytest.raises(RecipeError, match="shard"):
         lowbit.select_precision(trained, 0.8, "alps", cache_dir=tmp_path, shard="0/3", **kw)
+
+
+def test_alps_from_a_quantized_base(tmp_path, data, trained):
+    """ALPS lowers layers of copies of a given (e.g. fine-tuned) high-precision model, which stays as it was."""
+    space = build_space(trained, "lsq-w4a4", example_input=EXAMPLE)
+    base = lowbit.quantize(trained, space.recipe_for(space.uniform(4)), calib_data=data["calib"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    alps = ALPS(trained, space, data["train"], data["calib"], steps=1, base_model=base, cache_dir=tmp_path, log=quiet)
+    assert alps.key() != ALPS(trained, space, data["train"], data["calib"], steps=1, cache_dir=tmp_path).key()
+    lowered = alps.lowered_model({"conv_b": (2, 2)})
+    assert lowered.conv_b.weight_quantizer.bits == 2 and bool(lowered.conv_b.input_quantizer.initialized)
+    assert lowered.conv_a.weight_quantizer.bits == 4
+    res = alps.run()
+    assert res.complete and set(res.gains) == {"conv_a", "conv_b"}
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())

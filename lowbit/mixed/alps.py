@@ -76,7 +76,7 @@ def _hash_tensors(h, tensors: dict) -> None:
         if isinstance(t, torch.Tensor):
             t = t.detach().cpu().contiguous()
             h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def data_fingerprint(data) -> str:
