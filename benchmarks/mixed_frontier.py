@@ -15,8 +15,9 @@ distillation from the FP model unless ``--no-distill``), and evaluated on the te
 As in the paper, the base is the trained uniform 4-bit network: EAGL reads the learned LSQ steps
 of the fine-tuned uniform W4A4 point, and ALPS lowers one layer of a copy of it at a time
 (``--no-from-w4a4``: both start from the FP model with initial steps). ALPS measures its
-per-layer drops on ``--alps-eval-images`` held-out (calib) images after ``--alps-steps`` steps each, cached under ``--cache-dir`` (a rerun is instant; ``--alps-shard
-i/n`` runs one part and stops, for several processes). EAGL's selection time is measured on
+per-layer drops on ``--alps-eval-images`` held-out (calib) images after ``--alps-steps`` steps
+each, cached under ``--cache-dir`` (a rerun is instant; ``--alps-shard i/n`` runs one part and
+stops, for several processes). EAGL's selection time is measured on
 the model and on a randomly initialised ResNet-50-sized model (ImageNet shapes, 224x224).
 
 Targets (issue 6): at half the uniform 4-bit bit-operations, EAGL and ALPS lose at most 1 point
