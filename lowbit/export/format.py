@@ -4,7 +4,7 @@
 
 ``model.safetensors`` — a few flat tensors ("arenas"), one per kind of data, so the file
 carries almost no header overhead; each layer's slice is named in the manifest as
-``{"tensor": key, "offset": elements, "count": elements}``:
+``[tensor key, offset, count]`` (offset and count in elements of that tensor):
 
     weight.int8          I8   8-bit signed weight codes, one per byte
     weight.packed        U8   every other width: offset codes q - qmin, bit-packed (lowbit.export.pack);
@@ -156,7 +156,7 @@ class _Arena:
 
     def add(self, key: str, t: torch.Tensor) -> dict:
         flat = t.detach().reshape(-1).to(_ARENA_DTYPES[key]).cpu()
-        ref = {"tensor": key, "offset": self.count[key], "count": int(flat.numel())}
+        ref = [key, self.count[key], int(flat.numel())]
         self.parts[key].append(flat)
         self.count[key] += int(flat.numel())
         return ref
@@ -168,7 +168,7 @@ class _Arena:
 def _nbytes(ref: dict | None) -> int:
     if ref is None:
         return 0
-    return ref["count"] * torch.tensor([], dtype=_ARENA_DTYPES[ref["tensor"]]).element_size()
+    return ref[2] * torch.tensor([], dtype=_ARENA_DTYPES[ref[0]]).element_size()
 
 
 def _write_grid(arena: _Arena, g: GridData, side: str) -> dict:
@@ -223,7 +223,6 @@ def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = F
             keep_float = float_bias or layer.bias_int32 is None
             entry["bias"] = {
                 "int32": arena.add("bias.int32", layer.bias_int32) if layer.bias_int32 is not None else None,
-                "int32_scale": "weight.scale * max(input.scale)" if layer.bias_int32 is not None else None,
                 "float": arena.add("bias.float", layer.bias) if keep_float else None,
             }
         else:
@@ -236,7 +235,7 @@ def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = F
         if entry["bias"]:
             refs += [entry["bias"]["int32"], entry["bias"]["float"]]
         entry["stored_bytes"] = sum(_nbytes(r) for r in refs)
-        layers_meta[name] = entry
+        layers_meta[name] = _drop_none(entry)
     tensors = arena.tensors()
     tmp = folder / (TENSOR_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
@@ -252,8 +251,9 @@ def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = F
         "conventions": {
             "weight_codes": "q = clamp(round(w / s + z), qmin, qmax); w_hat = (q - z) * s",
             "packing": "offset codes q - qmin, little-endian bit stream, channel by channel, per layer byte-aligned",
-            "bias_int32": "round_half_even(b / (s_w * max(s_x))) in float64",
-            "offsets": "in elements of the named tensor",
+            "bias_int32": "round_half_even(b / (s_w * max(s_x))) in float64: the accumulator's scale",
+            "absent": "a reference left out (zero_point, channel_bits, bias int32/float) means none is stored",
+            "references": "[tensor, offset, count], offset and count in elements of that tensor",
         },
         "recipe": exp.recipe,
         "left_float": exp.left_float,
@@ -264,9 +264,33 @@ def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = F
                   "weight_bytes": sum(_nbytes(e["weight"]["data"]) for e in layers_meta.values())},
     }
     tmp = folder / (MANIFEST_FILE + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.write_text(_dumps(manifest))
     os.replace(tmp, folder / MANIFEST_FILE)
     return folder
+
+
+def _drop_none(d):
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
+def _dumps(manifest: dict) -> str:
+    """JSON with one line per top-level key, per layer and per graph node (readable, and compact)."""
+    def one(v) -> str:
+        return json.dumps(v, separators=(",", ":"))
+
+    parts = []
+    for k, v in manifest.items():
+        if k == "layers":
+            body = ",\n".join(f"  {json.dumps(n)}: {one(e)}" for n, e in v.items())
+            parts.append(f" {json.dumps(k)}: {{\n{body}\n }}")
+        elif k == "graph":
+            body = ",\n".join(f"  {one(n)}" for n in v)
+            parts.append(f" {json.dumps(k)}: [\n{body}\n ]")
+        else:
+            parts.append(f" {json.dumps(k)}: {json.dumps(v)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
 def export(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None = None, input_shape=None,
@@ -332,7 +356,10 @@ def read_tensors(path: str | os.PathLike, manifest: dict) -> dict[str, torch.Ten
 def _slice(tensors, ref: dict | None, what: str) -> torch.Tensor | None:
     if ref is None:
         return None
-    key, off, n = ref["tensor"], int(ref["offset"]), int(ref["count"])
+    try:
+        key, off, n = ref[0], int(ref[1]), int(ref[2])
+    except (TypeError, ValueError, IndexError, KeyError):
+        raise ExportFileError(f"{what}: malformed tensor reference {ref!r}") from None
     t = tensors.get(key)
     if t is None or off < 0 or off + n > t.numel():
         raise ExportFileError(f"{what}: the manifest points outside the tensor {key!r}")

@@ -235,6 +235,10 @@ def _function_node(node: fx.Node, modules, batch_values: set[str]) -> tuple[str,
 def trace_graph(model: nn.Module) -> Graph:
     """The model's operations (see the module docstring); raises ExportError for anything unsupported."""
     modules = dict(model.named_modules())
+    for name, m in modules.items():
+        if "forward" in m.__dict__:
+            raise ExportError(f"module {name or '<model>'!r} ({type(m).__name__}) has a forward set on the instance; "
+                              "torch.fx traces the class's forward, so export would describe another computation")
     try:
         fx_graph = _Tracer().trace(model)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError...

@@ -81,7 +81,7 @@ def unpack_bits(packed: torch.Tensor, widths, shape) -> torch.Tensor:
     data = np.asarray(packed.detach().cpu(), dtype=np.uint8).reshape(-1)
     if data.size != need:
         raise ValueError(f"packed stream holds {data.size} bytes, expected {need} for {n} elements")
-    if not n:
+    if not n or not w.any():  # nothing stored: every code is 0
         return torch.zeros(shape, dtype=torch.int64)
     if np.all(w == w[0]) and w[0] in (1, 2, 4, 8):
         b = int(w[0])
@@ -91,7 +91,7 @@ def unpack_bits(packed: torch.Tensor, widths, shape) -> torch.Tensor:
     stream = np.unpackbits(data, bitorder="little").astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(w)[:-1]])
     j = np.arange(MAX_BITS, dtype=np.int64)[None, :]
-    idx = np.minimum(offsets[:, None] + j, max(stream.size - 1, 0))
-    take = (j < w[:, None]) & (stream.size > 0)
+    idx = np.minimum(offsets[:, None] + j, stream.size - 1)
+    take = j < w[:, None]
     u = ((stream[idx] * take) << j).sum(1)
     return torch.from_numpy(u).reshape(shape)

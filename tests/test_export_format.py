@@ -1,0 +1,279 @@
+"""The deployment folder: packed weights, exact sizes, manifest, checksums, versions, load, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.data import make_loader
+from lowbit.errors import CheckpointError
+from lowbit.export import ExportError, ExportFileError, IntegerEngine, build_export, read_export
+from lowbit.export.format import expected_packed_bytes, fp32_checkpoint_bytes
+from lowbit.zoo import create_model
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return list(make_loader("digits", "calib", 64, limit=64))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return next(iter(make_loader("digits", "test", 64)))[0]
+
+
+def quantized(name, recipe, calib, seed=0):
+    torch.manual_seed(seed)
+    return lowbit.quantize(create_model(name, in_size=8).eval(), recipe, calib_data=calib).eval()
+
+
+@pytest.fixture(scope="module")
+def resnet_aciq(calib):
+    return quantized("resnet20", "ptq-w4a4-aciq", calib)
+
+
+def test_reload_is_bit_identical_with_float_biases(resnet_aciq, calib, batch, tmp_path):
+    """ACIQ + per-channel widths + bias correction + folded BN: load() gives the same outputs, bit for bit."""
+    lowbit.export(resnet_aciq, tmp_path, float_bias=True)
+    model = lowbit.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model(batch), resnet_aciq(batch))
+    mlp = quantized("mlp", "ptq-w8a8", calib)
+    lowbit.export(mlp, tmp_path / "mlp", float_bias=True)
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "mlp")(batch), mlp(batch))
+
+
+def test_default_export_holds_int32_biases_and_reloads_close(resnet_aciq, batch, tmp_path):
+    lowbit.export(resnet_aciq, tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["float_bias"] is False
+    entry = manifest["layers"]["layer1.0.conv1"]
+    assert entry["bias"]["int32"][0] == "bias.int32" and "float" not in entry["bias"]
+    with torch.no_grad():
+        a, b = lowbit.load(tmp_path)(batch), resnet_aciq(batch)
+    assert (a - b).abs().max() < 1e-2 * b.abs().max()
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+
+
+def test_every_integer_and_grid_round_trips(resnet_aciq, tmp_path):
+    built = build_export(resnet_aciq)
+    lowbit.export(resnet_aciq, tmp_path)
+    read = read_export(tmp_path)
+    assert read.graph.to_list() == built.graph.to_list()
+    widths_seen = set()
+    for name, a in built.layers.items():
+        b = read.layers[name]
+        assert torch.equal(a.weight_codes, b.weight_codes), name
+        assert torch.equal(a.bias_int32, b.bias_int32), name
+        for ga, gb in ((a.weight_grid, b.weight_grid), (a.input_grid, b.input_grid)):
+            assert torch.equal(ga.scale, gb.scale) and torch.equal(ga.zero_point, gb.zero_point), name
+            assert torch.equal(torch.as_tensor(ga.qmin), torch.as_tensor(gb.qmin)), name
+            if ga.channel_bits is not None:
+                assert torch.equal(ga.channel_bits, gb.channel_bits), name
+                widths_seen |= set(ga.channel_bits.tolist())
+    assert len(widths_seen) >= 3  # bit allocation gave mixed per-channel widths
+
+
+def _w_recipe(bits):
+    return {"weights": {"method": "minmax", "bits": bits, "granularity": "channel"},
+            "activations": {"method": "minmax", "bits": bits},
+            "layers": {"@first": {"weights": {"bits": 8}, "activations": {"bits": 8}},
+                       "@last": {"weights": {"bits": 8}, "activations": {"bits": 8}}},
+            "ptq": {"fold_bn": True}}
+
+
+@pytest.mark.parametrize("bits,max_fraction", [(4, 1 / 7.5), (2, 1 / 14)])
+def test_resnet20_file_size_against_fp32(bits, max_fraction, calib, tmp_path):
+    """Random-weight ResNet-20, first and last layers 8-bit: the file is at most 1/7.5 (W4) or 1/14 (W2) of the
+    fp32 checkpoint, and it holds exactly the packed bits plus the grids."""
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    fp32 = fp32_checkpoint_bytes(model)
+    qmodel = lowbit.quantize(model, _w_recipe(bits), calib_data=calib)
+    lowbit.export(qmodel, tmp_path)
+    path = tmp_path / "model.safetensors"
+    size = path.stat().st_size
+    assert size <= fp32 * max_fraction, (size, fp32)
+    exp = read_export(tmp_path)
+    expected = {n: expected_packed_bytes(layer) for n, layer in exp.layers.items()}
+    first, last = exp.graph.layers[0], exp.graph.layers[-1]
+    assert expected[first] == exp.layers[first].weight_codes.numel()  # int8: one byte per weight
+    mid = exp.graph.layers[5]
+    assert expected[mid] == (exp.layers[mid].weight_codes.numel() * bits + 7) // 8
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert {n: manifest["layers"][n]["weight"]["data"][2] for n in expected} == expected
+    # the file is the 8-byte header length, the JSON header and the tensors, nothing else
+    from safetensors.torch import load_file
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    data = sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
+    assert size == 8 + header + data
+    assert data == sum(manifest["layers"][n]["stored_bytes"] for n in expected)
+
+
+def test_manifest_describes_the_export(resnet_aciq, tmp_path):
+    lowbit.export(resnet_aciq, tmp_path, input_shape=[1, 1, 8, 8])
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["format"] == "lowbit-export" and m["format_version"] == 1 and m["lowbit_version"] == lowbit.__version__
+    assert m["architecture"] == {"zoo": "resnet20", "kwargs": {"num_classes": 10, "in_channels": 1}}
+    assert len(m["tensors"]["sha256"]) == 64 and m["tensors"]["bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    conv = m["layers"]["layer2.0.conv1"]
+    assert conv["weight"]["bits"] == "per-channel" and conv["weight"]["mean_bits"] <= 4.5
+    assert conv["weight"]["zero_point"][0] == "weight.zero_point"  # bias correction: fractional zero points
+    assert conv["input"]["granularity"] == "channel" and conv["input"]["method"] == "aciq"
+    assert m["layers"]["conv1"]["weight"]["storage"] == "int8" and m["layers"]["conv1"]["weight"]["bits"] == 8
+    assert m["layers"]["conv1"]["bn_folded"] == {"module": "bn1", "at": "quantize"}
+    assert m["recipe"]["ptq"] == {"fold_bn": True}
+    assert [n["op"] for n in m["graph"]].count("add") == 9
+
+
+def test_batch_norm_left_in_the_model_is_folded_into_the_weight_step(calib, batch, tmp_path):
+    qmodel = quantized("resnet20", "ptq-w8a8", calib)  # no fold_bn: BN after every quantized conv
+    lowbit.export(qmodel, tmp_path, float_bias=True)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["layers"]["layer1.0.conv2"]["bn_folded"] == {"module": "layer1.0.bn2", "at": "export"}
+    exp = read_export(tmp_path)
+    codes = qmodel.layer1[0].conv2.weight_quantizer.quantize_int(qmodel.layer1[0].conv2.weight)
+    assert torch.equal(exp.layers["layer1.0.conv2"].weight_codes, codes.long())  # codes unchanged: not re-quantized
+    with torch.no_grad():
+        a, b = lowbit.load(tmp_path)(batch), qmodel(batch)
+    # the same real function up to float rounding (an occasional activation code flips by one step)
+    assert (a - b).abs().mean() < 1e-3 * b.abs().max() and (a - b).abs().max() < 5e-2 * b.abs().max()
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+
+
+def test_tampered_tensor_file_is_refused(resnet_aciq, tmp_path):
+    lowbit.export(resnet_aciq, tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        lowbit.load(tmp_path)
+    with pytest.raises(ExportFileError, match="SHA-256"):
+        IntegerEngine.from_path(tmp_path)
+    path.write_bytes(bytes(data[:-100]))
+    with pytest.raises(ExportFileError, match="SHA-256"):
+        read_export(tmp_path)
+
+
+def test_unknown_format_version_is_refused(resnet_aciq, tmp_path):
+    lowbit.export(resnet_aciq, tmp_path)
+    mpath = tmp_path / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["format_version"] = 99
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(ExportFileError, match=r"format version 99 is unknown.*\[1\]"):
+        lowbit.load(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ExportFileError, match="no manifest.json"):
+        lowbit.load(tmp_path)
+
+
+def test_layer_left_float_is_exported_float_and_marked(calib, batch, tmp_path):
+    recipe = {"weights": {"method": "minmax", "bits": 8, "granularity": "channel"},
+              "activations": {"method": "minmax", "bits": 8}, "skip": ["fc"], "ptq": {"fold_bn": True}}
+    qmodel = quantized("resnet20", recipe, calib)
+    lowbit.export(qmodel, tmp_path, float_bias=True)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["layers"]["fc"]["quantized"] is False and m["layers"]["fc"]["weight"]["float"] is True
+    assert m["left_float"] == {"fc": "skipped by the recipe"}
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path)(batch), qmodel(batch))
+    with pytest.raises(ExportError, match=r"layer 'fc' \(linear\).*float"):
+        IntegerEngine.from_path(tmp_path)
+
+
+class _Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.act = nn.GELU()
+        self.fc = nn.Linear(4 * 36, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.act(self.conv(x)), 1))
+
+
+class _Sigmoid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 36, 10)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.conv(x)).flatten(1))
+
+
+def test_unsupported_operations_name_module_and_op(calib):
+    with pytest.raises(ExportError, match=r"module 'act' \(GELU\).*GELU"):
+        build_export(lowbit.quantize(_Gelu().eval(), "ptq-w8a8", calib_data=calib))
+    with pytest.raises(ExportError, match=r"'sigmoid'.*top-level forward|top-level forward.*'sigmoid'"):
+        build_export(lowbit.quantize(_Sigmoid().eval(), "ptq-w8a8", calib_data=calib))
+
+
+class _Custom(nn.Module):
+    """Not a zoo model: conv-bn-relu, max-pool, x.view(x.size(0), -1), two linears."""
+
+    def __init__(self, hidden=32):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(8 * 16, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn(self.conv(x))))
+        return self.fc2(torch.relu(self.fc1(x.view(x.size(0), -1))))
+
+
+class _CustomNoPool(_Custom):
+    def forward(self, x):  # same layers, another computation
+        x = nn.functional.avg_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_user_model_reloads_with_its_architecture_only(calib, batch, tmp_path):
+    torch.manual_seed(1)
+    model = _Custom().eval()
+    qmodel = lowbit.quantize(model, "ptq-w8a8", calib_data=calib)
+    lowbit.export(qmodel, tmp_path, arch="custom-cnn-v1", float_bias=True)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["architecture"] == {"zoo": None, "name": "custom-cnn-v1"}
+    with pytest.raises(ExportFileError, match="not a zoo model"):
+        lowbit.load(tmp_path)
+    reloaded = lowbit.load(tmp_path, _Custom())
+    with torch.no_grad():
+        assert torch.allclose(reloaded(batch), qmodel(batch), atol=1e-5)
+    assert isinstance(model.bn, nn.BatchNorm2d)  # the caller's model is left alone
+    with pytest.raises(ExportFileError, match="weight shape|structure"):
+        lowbit.load(tmp_path, _Custom(hidden=16))
+    with pytest.raises(ExportFileError, match="no module 'bn'"):
+        lowbit.load(tmp_path, _Gelu())
+    with pytest.raises(ExportFileError, match="structure differs"):
+        lowbit.load(tmp_path, _CustomNoPool())
+    patched = _Custom()
+    patched.forward = lambda x: x  # an instance-level forward is not what fx traces: refused
+    with pytest.raises(ExportFileError, match="instance"):
+        lowbit.load(tmp_path, patched)
+
+
+def test_cli_export_prints_sizes_and_verifies(tmp_path, capsys):
+    from lowbit.checkpoint import save_checkpoint
+    from lowbit.cli import main
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mlp.safetensors"
+    save_checkpoint(create_model("mlp", in_size=8), weights)
+    out = tmp_path / "deploy"
+    assert main(["export", "--model", "mlp", "--dataset", "digits", "--weights", str(weights), "--recipe",
+                 "ptq-w4a4-minmax", "--calib-images", "64", "--out", str(out), "--verify", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "fp32 checkpoint" in text and "smaller" in text and "integer engine" in text
+    assert (out / "model.safetensors").is_file() and (out / "manifest.json").is_file()
+    assert lowbit.load(out) is not None
+    assert main(["export", "--quantized", str(tmp_path / "missing"), "--dataset", "digits", "--out", str(out)]) == 2
