@@ -216,7 +216,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
     sp.add_argument("--out", required=True, help="folder to write model.safetensors + manifest.json / model.onnx")
     sp.add_argument("--format", choices=("lowbit", "onnx", "both"), default="lowbit")
-    sp.add_argument("--float-bias", action="store_true", help="also store float32 biases (bit-identical reload)")
+    sp.add_argument("--float-bias", action=argparse.BooleanOptionalAction, default=True,
+                    help="store float32 biases beside the int32 ones (default; bit-identical reload, exact bias in "
+                    "the integer engine); --no-float-bias writes the smallest file")
     sp.add_argument("--quantize-residual", action="store_true",
                     help="ONNX: quantize residual additions to 8 bits too, so onnxruntime fuses every conv (faster, "
                     "not bit-faithful to the fake-quant model)")

@@ -35,24 +35,30 @@ def resnet_aciq(calib):
     return quantized("resnet20", "ptq-w4a4-aciq", calib)
 
 
-def test_reload_is_bit_identical_with_float_biases(resnet_aciq, calib, batch, tmp_path):
+def test_reload_is_bit_identical(resnet_aciq, calib, batch, tmp_path):
     """ACIQ + per-channel widths + bias correction + folded BN: load() gives the same outputs, bit for bit."""
-    lowbit.export(resnet_aciq, tmp_path, float_bias=True)
+    lowbit.export(resnet_aciq, tmp_path)
     model = lowbit.load(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(batch), resnet_aciq(batch))
     mlp = quantized("mlp", "ptq-w8a8", calib)
-    lowbit.export(mlp, tmp_path / "mlp", float_bias=True)
+    lowbit.export(mlp, tmp_path / "mlp")
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path / "mlp")(batch), mlp(batch))
 
 
-def test_default_export_holds_int32_biases_and_reloads_close(resnet_aciq, batch, tmp_path):
-    lowbit.export(resnet_aciq, tmp_path)
+def test_int32_only_biases_reload_close(resnet_aciq, batch, tmp_path):
+    lowbit.export(resnet_aciq, tmp_path / "both")
+    entry = json.loads((tmp_path / "both" / "manifest.json").read_text())["layers"]["layer1.0.conv1"]
+    assert entry["bias"]["int32"][0] == "bias.int32" and entry["bias"]["float"][0] == "bias.float"
+    lowbit.export(resnet_aciq, tmp_path, float_bias=False)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["float_bias"] is False
     entry = manifest["layers"]["layer1.0.conv1"]
     assert entry["bias"]["int32"][0] == "bias.int32" and "float" not in entry["bias"]
+    size = (tmp_path / "model.safetensors").stat().st_size
+    extra = (tmp_path / "both" / "model.safetensors").stat().st_size - size
+    assert 4 * 794 <= extra <= 4 * 794 + 80  # 794 output channels x float32, and one more header entry
     with torch.no_grad():
         a, b = lowbit.load(tmp_path)(batch), resnet_aciq(batch)
     assert (a - b).abs().max() < 1e-2 * b.abs().max()
@@ -132,7 +138,7 @@ def test_manifest_describes_the_export(resnet_aciq, tmp_path):
 
 def test_batch_norm_left_in_the_model_is_folded_into_the_weight_step(calib, batch, tmp_path):
     qmodel = quantized("resnet20", "ptq-w8a8", calib)  # no fold_bn: BN after every quantized conv
-    lowbit.export(qmodel, tmp_path, float_bias=True)
+    lowbit.export(qmodel, tmp_path)
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["layers"]["layer1.0.conv2"]["bn_folded"] == {"module": "layer1.0.bn2", "at": "export"}
     exp = read_export(tmp_path)
@@ -177,7 +183,7 @@ def test_layer_left_float_is_exported_float_and_marked(calib, batch, tmp_path):
     recipe = {"weights": {"method": "minmax", "bits": 8, "granularity": "channel"},
               "activations": {"method": "minmax", "bits": 8}, "skip": ["fc"], "ptq": {"fold_bn": True}}
     qmodel = quantized("resnet20", recipe, calib)
-    lowbit.export(qmodel, tmp_path, float_bias=True)
+    lowbit.export(qmodel, tmp_path)
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["layers"]["fc"]["quantized"] is False and m["layers"]["fc"]["weight"]["float"] is True
     assert m["left_float"] == {"fc": "skipped by the recipe"}
@@ -241,7 +247,7 @@ def test_user_model_reloads_with_its_architecture_only(calib, batch, tmp_path):
     torch.manual_seed(1)
     model = _Custom().eval()
     qmodel = lowbit.quantize(model, "ptq-w8a8", calib_data=calib)
-    lowbit.export(qmodel, tmp_path, arch="custom-cnn-v1", float_bias=True)
+    lowbit.export(qmodel, tmp_path, arch="custom-cnn-v1")
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["architecture"] == {"zoo": None, "name": "custom-cnn-v1"}
     with pytest.raises(ExportFileError, match="not a zoo model"):

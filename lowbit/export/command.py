@@ -14,7 +14,7 @@ def _fmt(n: int) -> str:
 
 
 def run_export(*, model_name: str, weights: str | None, dataset: str, recipe: str, quantized: str | None,
-               calib_images: int, out: str, fmt: str = "lowbit", float_bias: bool = False,
+               calib_images: int, out: str, fmt: str = "lowbit", float_bias: bool = True,
                quantize_residual: bool = False, verify: int = 0, data_dir: str | None = None, log=print) -> dict:
     """What the command does; returns the numbers it printed (for tests)."""
     import lowbit

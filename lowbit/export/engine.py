@@ -103,9 +103,13 @@ from lowbit.export.graph import LAYER_OPS, Node
 from lowbit.export.layers import GridData, LayerData
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+WIDE_LIMIT = 2**62      # wide values are int64 below this magnitude
+WIDE_BITS = 50          # a wide value of 256x the largest activation clip takes about 2^50
+LOGIT_DROP = WIDE_BITS - 31  # int32 logits: 2^-(E - 19)
 MULTIPLIER_BITS = 31
 MAX_SHIFT = 62
 WIDE_HEADROOM_BITS = 8
+FINE_BITS = 16  # fractional bits of an exact bias on the pure-shift path
 
 
 # ----- fixed-point arithmetic -------------------------------------------------------------
@@ -155,8 +159,48 @@ def rounding_shift(x: torch.Tensor, n: torch.Tensor | int, mode: str = "half_eve
 
 
 def requantize(t: torch.Tensor, m0: torch.Tensor, n: torch.Tensor, mode: str = "half_even") -> torch.Tensor:
-    """``round(t * m0 / 2^n)`` in int64 (``m0``, ``n`` broadcast)."""
-    return rounding_shift(t.to(torch.int64) * m0, n, mode)
+    """``round(t * m0 / 2^n)``, exactly, for int64 ``|t| < 2^62``, ``|m0| < 2^31``, ``0 <= n <= 62`` (broadcast),
+    whenever the result fits ``|.| < 2^62``.
+
+    The 93-bit product is never formed: ``t = th 2^31 + tl`` gives ``t m0 = T 2^31 + Bl`` with
+    ``T = th m0 + floor(tl m0 / 2^31)`` and ``0 <= Bl < 2^31``, and the rounding of ``(T + Bl 2^-31) / 2^(n-31)``
+    is decided from ``T``'s low bits and ``Bl`` (a 64-bit emulation of a 128-bit multiply-shift).
+    """
+    t = t.to(torch.int64)
+    m0 = torch.as_tensor(m0, dtype=torch.int64)
+    n = torch.as_tensor(n, dtype=torch.int64)
+    if bool((t.abs() < 2**31).all()):
+        return rounding_shift(t * m0, n, mode)
+    th = torch.bitwise_right_shift(t, 31)
+    tl = t - torch.bitwise_left_shift(th, 31)                   # [0, 2^31)
+    b = tl * m0
+    bh = torch.bitwise_right_shift(b, 31)
+    bl = b - torch.bitwise_left_shift(bh, 31)                   # [0, 2^31)
+    T = th * m0 + bh                                            # t m0 = T 2^31 + bl
+    big = n >= 31
+    m = (n - 31).clamp_min(0)
+    # n >= 31: q = floor(T / 2^m), remainder r + bl / 2^31 against half = 2^(m-1)
+    q = torch.bitwise_right_shift(T, m)
+    r = T - torch.bitwise_left_shift(q, m)
+    half = torch.where(m > 0, torch.bitwise_left_shift(torch.ones_like(m), (m - 1).clamp_min(0)), torch.zeros_like(m))
+    if mode == "half_up":
+        up_big = torch.where(m > 0, r >= half, bl >= 2**30)
+    else:
+        odd = torch.bitwise_and(q, 1) == 1
+        up_big = torch.where(m > 0, (r > half) | ((r == half) & ((bl > 0) | odd)),
+                             (bl > 2**30) | ((bl == 2**30) & odd))
+    out_big = q + up_big.to(torch.int64)
+    # n < 31: T 2^(31-n) + bl / 2^n
+    k = (31 - n).clamp(0, 31)
+    small = torch.bitwise_left_shift(T, k) + rounding_shift(bl, n.clamp(0, 30), mode)
+    if mode != "half_up":  # a tie in bl / 2^n resolved against the parity of the whole result
+        nn_ = n.clamp(0, 30)
+        hb = torch.where(nn_ > 0, torch.bitwise_left_shift(torch.ones_like(nn_), (nn_ - 1).clamp_min(0)), torch.zeros_like(nn_))
+        frac = bl - torch.bitwise_left_shift(torch.bitwise_right_shift(bl, nn_), nn_)
+        whole = torch.bitwise_left_shift(T, k) + torch.bitwise_right_shift(bl, nn_)
+        tie = (nn_ > 0) & (frac == hb)
+        small = torch.where(tie, whole + (torch.bitwise_and(whole, 1) == 1).to(torch.int64), small)
+    return torch.where(big, out_big, small)
 
 
 def _multipliers(m: torch.Tensor, bound: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,13 +248,13 @@ class Rep:
 
     def describe(self) -> str:
         if self.kind == "wide":
-            return f"wide int32 x 2^-{self.exponent}"
+            return f"wide int64 x 2^-{self.exponent}"
         return f"codes [{int(self.qmin.min())}, {int(self.qmax.max())}]" + (" per channel" if self.per_channel else "")
 
     @staticmethod
     def wide(exponent: int) -> Rep:
-        return Rep("wide", torch.tensor(2.0 ** -exponent, dtype=torch.float64), torch.tensor(0), torch.tensor(INT32_MIN),
-                   torch.tensor(INT32_MAX), "half_even", exponent)
+        return Rep("wide", torch.tensor(2.0 ** -exponent, dtype=torch.float64), torch.tensor(0),
+                   torch.tensor(-WIDE_LIMIT + 1), torch.tensor(WIDE_LIMIT - 1), "half_even", exponent)
 
     @staticmethod
     def from_grid(g: GridData, where: str) -> Rep:
@@ -250,8 +294,12 @@ class IntegerOutput:
 class _LayerKernel:
     """One conv/linear: integer weights, bias and requantisation to its output representation."""
 
-    def __init__(self, layer: LayerData, node: Node, in_rep: Rep, out_rep: Rep):
+    def __init__(self, layer: LayerData, node: Node, in_rep: Rep, out_rep: Rep, bias_mode: str = "exact"):
         self.layer, self.node, self.in_rep, self.out_rep = layer, node, in_rep, out_rep
+        # "exact": the bias as an integer in the requantisation frame, from the exported float bias;
+        # "int32": the exported int32 bias in accumulator units (at most 0.5 units off)
+        self.fine_bias = layer.bias is not None and (
+            (bias_mode == "exact" and layer.bias_exact) or layer.bias_int32 is None)
         where = f"layer {layer.name!r} ({layer.kind})"
         g = layer.weight_grid
         if g.kind == "group":
@@ -288,6 +336,9 @@ class _LayerKernel:
             self.has_corr = bool((zf != 0).any())
             self.zm0 = torch.round(zf * self.m0.double()).to(torch.int64) if self.has_corr else None
             self.bias = B
+            acc_units = bias / (s_w * s_x)                             # the bias in accumulator units, float64
+            self.bias_term = (torch.round(acc_units * self.m0.double()) if self.fine_bias
+                              else B.double() * self.m0.double()).to(torch.int64)
             self.weight = w.to(self.acc_dtype)
             if self.has_corr:
                 groups = int(layer.attrs.get("groups", 1)) if layer.kind == "conv" else 1
@@ -298,9 +349,14 @@ class _LayerKernel:
                 mant = self.m0.abs()
                 if bool(((mant & (mant - 1)) == 0).all()):
                     k = torch.log2(mant.double()).round().to(torch.int64)
-                    self.shift = self.n - k
                     self.sign = torch.sign(self.m0)
                     self.pure_shift = True
+                    # (acc + b) >> shift; an exact bias keeps FINE_BITS fractional bits: ((acc << F) + b_F) >> (shift + F)
+                    f = FINE_BITS if self.fine_bias else 0
+                    self.shift = self.n - k + f
+                    self.shift_frac = f
+                    self.shift_bias = (torch.round(acc_units * self.sign.double() * 2.0**f) if self.fine_bias
+                                       else B * self.sign).to(torch.int64)
         else:  # per-channel input steps: multipliers folded into int64 weights
             groups = int(layer.attrs.get("groups", 1)) if layer.kind == "conv" else 1
             s_x = in_rep.scale                                          # [Cin]
@@ -313,6 +369,7 @@ class _LayerKernel:
             else:
                 B = torch.round(bias / (s_w * s_xref)).to(torch.int64)
             m_ref = s_w * s_xref / s_out
+            self.bias = B
             per_in = fan_in // max(cin_g, 1)
             w_abs = (q_w.abs().double() + z_w.abs().reshape(wshape)).reshape(co, cin_g, -1).amax(-1)  # [co, cin_g]
             out_bound = (per_in * x_abs * (w_abs * m.abs()).sum(1)) + B.abs().double() * m_ref.abs()
@@ -325,7 +382,8 @@ class _LayerKernel:
             self.weight = w.reshape(q_w.shape)
             self.acc_dtype = torch.int64
             self.n = n
-            self.bias_term = B * torch.round(m_ref * two_n).to(torch.int64)
+            self.bias_term = (torch.round(bias / s_out * two_n).to(torch.int64) if self.fine_bias
+                              else B * torch.round(m_ref * two_n).to(torch.int64))
             self.has_corr = bool((z_w != 0).any())
         if layer.kind == "conv":
             a = layer.attrs
@@ -349,12 +407,13 @@ class _LayerKernel:
             total = acc + _bc(self.bias_term, acc.dim())
             out = rounding_shift(total, _bc(self.n, acc.dim()), self.round_mode)
         elif self.pure_shift:
-            total = (acc + _bc(self.bias, acc.dim())) * _bc(self.sign, acc.dim())
+            total = torch.bitwise_left_shift(acc * _bc(self.sign, acc.dim()), self.shift_frac) \
+                + _bc(self.shift_bias, acc.dim())
             shift = _bc(self.shift, acc.dim())
             out = torch.where(shift >= 0, rounding_shift(total, shift.clamp_min(0), self.round_mode),
                               torch.bitwise_left_shift(total, (-shift).clamp_min(0)))
         else:
-            total = (acc + _bc(self.bias, acc.dim())) * _bc(self.m0, acc.dim())
+            total = acc * _bc(self.m0, acc.dim()) + _bc(self.bias_term, acc.dim())
             if self.has_corr:
                 s = self._apply(xc, self.ones).to(torch.int64)
                 total = total - s * _bc(self.zm0, acc.dim())
@@ -371,7 +430,10 @@ class IntegerEngine:
     quantized model takes, or integer codes on the input grid (:attr:`input_rep`).
     """
 
-    def __init__(self, exported: Exported, *, headroom_bits: int = WIDE_HEADROOM_BITS):
+    def __init__(self, exported: Exported, *, bias: str = "exact", headroom_bits: int = WIDE_HEADROOM_BITS):
+        if bias not in ("exact", "int32"):
+            raise ValueError(f"bias must be 'exact' or 'int32', got {bias!r}")
+        self.bias_mode = bias
         self.exported = exported
         self.graph = exported.graph
         self.nodes = {n.name: n for n in self.graph.nodes}
@@ -379,6 +441,7 @@ class IntegerEngine:
         self._check_layers()
         self.exponent = self._choose_exponent(headroom_bits)
         self.wide = Rep.wide(self.exponent)
+        self.logits_rep = Rep.wide(self.exponent - LOGIT_DROP)  # int32 logits: the wide value shifted down
         self.reps: dict[str, Rep] = {}
         for n in self.graph.nodes:
             if n.op != "output":
@@ -387,7 +450,7 @@ class IntegerEngine:
         for n in self.graph.nodes:
             if n.op in LAYER_OPS:
                 layer = exported.layers[n.layer]
-                self.kernels[n.name] = _LayerKernel(layer, n, self._layer_rep(n), self.reps[n.name])
+                self.kernels[n.name] = _LayerKernel(layer, n, self._layer_rep(n), self.reps[n.name], bias)
             elif n.op == "avgpool2d":
                 a = n.attrs
                 if a["ceil_mode"] or (not a["count_include_pad"] and any(a["padding"])):
@@ -419,7 +482,7 @@ class IntegerEngine:
     def _choose_exponent(self, headroom_bits: int) -> int:
         clip = max((self.exported.layers[n.layer].input_grid.clip_abs() for n in self.graph.nodes
                     if n.op in LAYER_OPS), default=1.0)
-        return int(math.floor(31 - headroom_bits - math.log2(max(clip, 1e-30))))
+        return int(math.floor(WIDE_BITS - headroom_bits - math.log2(max(clip, 1e-30))))
 
     def _layer_rep(self, node: Node) -> Rep:
         return Rep.from_grid(self.exported.layers[node.layer].input_grid, f"layer {node.layer!r} input")
@@ -451,8 +514,7 @@ class IntegerEngine:
         key = (src.key, dst.key)
         if key not in self._requant_cache:
             m = src.scale / dst.scale
-            span = torch.maximum(src.qmax - src.zero, src.zero - src.qmin).double()
-            self._requant_cache[key] = _multipliers(m, span * m.abs())
+            self._requant_cache[key] = _multipliers(m)  # requantize() is exact for any |t| < 2^62
         m0, n = self._requant_cache[key]
         nd = t.dim()
         centered = t.to(torch.int64) - _bc(src.zero, nd)
@@ -462,10 +524,10 @@ class IntegerEngine:
         """Add the zero point and clamp to the grid (codes) or saturate to int32 (wide, counted)."""
         nd = v.dim()
         if rep.kind == "wide":
-            sat = (v < INT32_MIN) | (v > INT32_MAX)
+            sat = (v <= -WIDE_LIMIT) | (v >= WIDE_LIMIT)
             if bool(sat.any()):
                 self.stats["saturated"] += int(sat.sum())
-            return v.clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+            return v.clamp(-WIDE_LIMIT + 1, WIDE_LIMIT - 1)
         v = v + _bc(rep.zero, nd)
         return torch.maximum(torch.minimum(v, _bc(rep.qmax, nd)), _bc(rep.qmin, nd)).to(torch.int32)
 
@@ -518,8 +580,10 @@ class IntegerEngine:
                     env[node.name] = (x.to(torch.int32), self.input_rep) if is_codes else (x, None)
                     continue
                 if op == "output":
-                    out = get(node.inputs[0], self.wide)
-                    return IntegerOutput(out, self.exponent)
+                    out = get(node.inputs[0], self.logits_rep)
+                    sat = (out < INT32_MIN) | (out > INT32_MAX)
+                    self.stats["saturated"] += int(sat.sum())
+                    return IntegerOutput(out.clamp(INT32_MIN, INT32_MAX).to(torch.int32), self.logits_rep.exponent)
                 if op in LAYER_OPS:
                     k = self.kernels[node.name]
                     q = get(node.inputs[0], k.in_rep)
@@ -566,8 +630,7 @@ class IntegerEngine:
             total = F.conv2d(c, ones, stride=a["stride"], padding=a["padding"], groups=ch)
             count = a["kernel"][0] * a["kernel"][1]
         m = work.scale / (count * rep.scale)
-        span = torch.maximum(work.qmax - work.zero, work.zero - work.qmin).double() * count
-        m0, n = _multipliers(m, span * m.abs())
+        m0, n = _multipliers(m)
         nd = total.dim()
         return self._finish(requantize(total, _bc(m0, nd), _bc(n, nd), rep.round_mode), rep)
 
@@ -579,7 +642,9 @@ class IntegerEngine:
 
     def describe(self) -> str:
         """One line per operation: how it runs in integers."""
-        lines = [f"wide values: int32 x 2^-{self.exponent}"]
+        fine = sum(k.fine_bias for k in self.kernels.values())
+        lines = [f"wide values: int64 x 2^-{self.exponent}, logits int32 x 2^-{self.exponent - LOGIT_DROP}; biases: {fine} exact (from float32), "
+                 f"{len(self.kernels) - fine} int32 in accumulator units"]
         for n in self.graph.nodes:
             if n.op in LAYER_OPS:
                 k = self.kernels[n.name]
@@ -597,4 +662,5 @@ class IntegerEngine:
         ks = list(self.kernels.values())
         return {"layers": len(ks), "pure_shift": sum(k.pure_shift for k in ks), "folded": sum(k.folded for k in ks),
                 "multiplier": sum(not k.pure_shift and not k.folded for k in ks),
-                "int32_accumulators": sum(k.acc_dtype == torch.int32 for k in ks)}
+                "int32_accumulators": sum(k.acc_dtype == torch.int32 for k in ks),
+                "exact_bias": sum(k.fine_bias for k in ks)}

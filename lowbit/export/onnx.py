@@ -80,7 +80,7 @@ def _container(lo: int, hi: int) -> tuple[np.dtype, int, int] | None:
 
 
 class _Builder:
-    def __init__(self, exp: Exported, *, residual_scales: dict[str, float] | None = None):
+    def __init__(self, exp: Exported, *, residual_scales: dict[str, float] | None = None, int_bias: bool = False):
         from onnx import helper
         self.h = helper
         self.exp = exp
@@ -89,6 +89,7 @@ class _Builder:
         self.qdq_cache: dict[tuple, str] = {}
         self.residual_scales = residual_scales or {}
         self.float_weights: list[str] = []
+        self.int_bias = int_bias
 
     def name(self, base: str) -> str:
         base = base.replace(".", "_")
@@ -238,7 +239,8 @@ class _Builder:
         if layer.bias is None:
             return None
         g = layer.input_grid
-        if (w_step is not None and g is not None and g.scale.dim() == 0 and layer.bias_int32 is not None):
+        if (w_step is not None and g is not None and g.scale.dim() == 0 and layer.bias_int32 is not None
+                and (self.int_bias or not layer.bias_exact)):
             sign = self.sign.numpy()
             b = layer.bias_int32.numpy().astype(np.int64) * sign * self.bias_factor
             if np.abs(b).max(initial=0) > 2**31 - 1:
@@ -307,10 +309,10 @@ def _calibrate_residual(exp: Exported, model, calib_data, batches: int) -> dict[
     return {t: max(v, 1e-8) / 127.0 for t, v in amax.items()}
 
 
-def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
+def _build(exp: Exported, input_shape, residual_scales: dict[str, float], int_bias: bool = False):
     from onnx import TensorProto, helper
 
-    b = _Builder(exp, residual_scales=residual_scales)
+    b = _Builder(exp, residual_scales=residual_scales, int_bias=int_bias)
     by_name = {n.name: n for n in exp.graph.nodes}
     users = exp.graph.users()
     vals: dict[str, str] = {}
