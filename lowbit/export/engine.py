@@ -17,14 +17,16 @@ Every tensor of the graph is held in one of two integer representations:
   flatten) is a quantized layer with one and the same input grid is produced directly on that
   grid: this is the usual conv -> ReLU -> conv chain, and it is exactly what the fake-quant
   model computes at that point.
-* **wide**: ``int32`` ``Q`` with real value ``Q * 2^-E``, one exponent ``E`` for the model,
-  chosen so that 256 times the largest clip of any activation grid fits ``int32``
-  (``2^-E`` is then about 2^-15 of a typical step). Wide holds what the fake-quant model keeps
+* **wide**: ``int64`` ``Q`` with real value ``Q * 2^-E``, one exponent ``E`` for the model,
+  chosen so that 256 times the largest clip of any activation grid takes about 2^50
+  (``2^-E`` is then about 2^-34 of an 8-bit step). Wide holds what the fake-quant model keeps
   in float: the output of a conv that feeds a residual addition, the residual sum itself (its
   consumers - the next block's convs and the identity shortcut - need it at different
-  grids or unquantized), the input of average pooling, and the logits. A consumer with a
-  grid then requantises from wide. Values beyond the int32 range saturate and are counted
-  in :attr:`IntegerEngine.stats` (``saturated``).
+  grids or unquantized), the input of average pooling. A consumer with a grid requantises
+  from wide, with one exact rounding (:func:`requantize` multiplies a 62-bit value by a 31-bit
+  multiplier without overflow). The logits leave as ``int32`` (wide shifted down by 19 bits).
+  Values beyond ``2^62`` (int32 for the logits) saturate and are counted in
+  :attr:`IntegerEngine.stats` (``saturated``); none do on the zoo models.
 
 Layers
 ------
@@ -39,48 +41,53 @@ correction; -0.5 for SAWB's even level set). The engine computes
 
     A_o = sum_k (q_w - zi_o)(q_x - z_x)                       int32 (int64 when its bound needs it)
     S   = sum_k (q_x - z_x)   (a ones-kernel conv, only if some zf != 0)
-    T_o = (A_o + B_o) * M0_o  -  S * ZM0_o                    int64
-    out = round(T_o / 2^n_o) + z_out  (clamped to the output grid; or saturated to int32 if wide)
+    T_o = A_o * M0_o  +  Bt_o  -  S * ZM0_o                   int64
+    out = round(T_o / 2^n_o) + z_out  (clamped to the output grid; wide: kept in int64)
 
-where ``B_o`` is the exported int32 bias ``round_half_even(b_o / (s_w,o s_x))``, the real
-multiplier ``M_o = s_w,o s_x / s_out`` is written ``M0_o 2^-n_o`` with ``M0_o`` in
-``[2^30, 2^31)`` as gemmlowp's ``QuantizeMultiplier`` does (``frexp``), and
-``ZM0_o = round(zf_o M_o 2^n_o)`` carries the zero-point correction in the same fixed-point
-frame. The rounding is one exact integer rounding of ``T / 2^n`` (half to even, or half up
-when the consumer's quantizer rounds half up), not gemmlowp's two roundings
+The real multiplier ``M_o = s_w,o s_x / s_out`` is written ``M0_o 2^-n_o`` with ``M0_o`` in
+``[2^30, 2^31)`` as gemmlowp's ``QuantizeMultiplier`` does (``frexp``);
+``ZM0_o = round(zf_o M0_o)`` carries the zero-point correction in the same fixed-point frame.
+The bias term ``Bt_o`` is, by default, the float32 bias exactly in that frame,
+``round(b_o / (s_w,o s_x) * M0_o)``; with ``bias="int32"`` (or an export written with
+``float_bias=False``) it is ``B_o * M0_o`` with the exported int32 bias
+``B_o = round_half_even(b_o / (s_w,o s_x))``, what a runtime adding only the int32 bias computes.
+The rounding is one exact integer rounding of ``T / 2^n`` (half to even, or half up when the
+consumer's quantizer rounds half up), not gemmlowp's two roundings
 (``SaturatingRoundingDoublingHighMul`` then ``RoundingDivideByPOT``). ``n_o`` is lowered (and
-``M0_o`` shortened) only where the worst case of ``T`` would not fit ``int64``. Where
-``M_o`` is a power of two (FAQ's power-of-two steps with batch norm folded before
-quantization) and no correction term is needed, the multiply disappears: ``out = round((A +
-B) / 2^k)``, a pure rounding shift (or a left shift); :meth:`IntegerEngine.describe` lists
-which layers run that way.
+``M0_o`` shortened) only where the worst case of ``T`` would not fit ``int64``. Where ``M_o`` is
+a power of two (FAQ's power-of-two steps with batch norm folded before quantization) and no
+correction term is needed, the multiply disappears: ``out = round((A 2^16 + Bt) / 2^(k+16))``,
+shifts only (or a left shift); :meth:`IntegerEngine.describe` lists which layers run that way.
 
 Per-channel input steps (ACIQ with ``granularity: channel``) give no single accumulator
 scale. The engine then folds the per-(output, input channel) multiplier into int64 weights,
 ``W_o,i,k = q_w M0_o,i - round(z_w,o M_o,i 2^n_o)`` with ``M_o,i = s_w,o s_x,i / s_out``, and
 accumulates ``sum W (q_x - z_x,i)`` in int64 (equivalently: an int32 partial sum per input
-channel, each scaled by its own multiplier); the bias enters as ``B_o`` times the multiplier
-of the largest input step, the step it was exported in.
+channel, each scaled by its own multiplier); the bias enters as ``round(b_o / s_out 2^n_o)`` (or
+``B_o`` times the multiplier of the largest input step, the step it was exported in).
 
-Residual additions add two wide values (int64, saturated to int32); average pooling sums its
-window exactly in int64 and requantises with ``M = s_in / (count * s_out)``; max pooling and
-ReLU (``max(q, z)``) act on codes or wide values directly; flatten/reshape only reshape.
+Residual additions add two wide values (int64); average pooling sums its window exactly in
+int64 and requantises with ``M = s_in / (count * s_out)``; max pooling and ReLU (``max(q, z)``)
+act on codes or wide values directly; flatten/reshape only reshape.
 
 Exactness
 ---------
 Bit-exact, i.e. the exact integer result of the stated integer operation: every
 accumulation, the zero-point correction sum ``S``, max pooling, ReLU, the residual sum,
-the pooling sums, every rounding shift, and the input quantization (the same float
-expression the fake-quant model evaluates).
+the pooling sums, every multiply-and-rounding-shift (ties to even or up, as the consumer's
+quantizer), and the input quantization (the same float expression the fake-quant model
+evaluates, so the first layer's codes are identical).
 
-Approximated, against the real-valued quantized network: the bias (rounded to the
-accumulator grid: at most 0.5 accumulator units, i.e. ``0.5 M`` output codes), each real
-multiplier (31 significant bits: relative error below ``2^-31``), the wide representation
-(a rounding to ``2^-E``, about ``2^-15`` of a step, each time a value enters it) and its
-int32 saturation (counted). The fake-quant model has its own float32 rounding (about 2^-24
-relative per operation), so the two agree code for code except where a value lies within
-these tiny margins of a rounding boundary; top-1 predictions then agree on practically
-every image (measured: ``benchmarks/export_engine.py``).
+Approximated, against the real-valued quantized network: each real multiplier (31 significant
+bits: relative error below ``2^-31``; at most 2^-23 of a code on an 8-bit grid), the bias in
+the fixed-point frame (the same precision; with ``bias="int32"`` the bias is off by up to 0.5
+accumulator units, ``0.5 M`` output codes - on W4A4 ResNet-20 that alone changes about 3 % of
+top-1 predictions), and the wide representation (one rounding to ``2^-E`` each time a value
+enters it). The fake-quant model has its own float32 rounding (about 2^-24 relative per
+operation), so the two agree code for code except where a value lies within these tiny margins
+of a rounding boundary; such a one-code difference can then spread through later layers. On
+the Fashion-MNIST test set the top-1 predictions agree on >= 99.9 % of images
+(``benchmarks/export_engine.py``).
 
 Not supported (a clear :class:`~lowbit.export.errors.ExportError` naming the layer and op):
 layers exported in float (weights or input), group-wise weight steps, fractional activation
@@ -521,7 +528,7 @@ class IntegerEngine:
         return self._finish(requantize(centered, _bc(m0, nd), _bc(n, nd), dst.round_mode), dst)
 
     def _finish(self, v: torch.Tensor, rep: Rep) -> torch.Tensor:
-        """Add the zero point and clamp to the grid (codes) or saturate to int32 (wide, counted)."""
+        """Add the zero point and clamp to the grid (codes), or saturate to +-2^62 (wide, counted)."""
         nd = v.dim()
         if rep.kind == "wide":
             sat = (v <= -WIDE_LIMIT) | (v >= WIDE_LIMIT)
