@@ -113,7 +113,8 @@ def main() -> None:
     rows = [measure(r, model, calib, test, args.int32_images, lambda s: print(s, flush=True))
             for r in args.recipes.split(",")]
     lines = ["| recipe | fake-quant top-1 | engine top-1 | engine = fake-quant | ONNX QDQ top-1 | ONNX = fake-quant "
-             "| engine, int32 bias only: = fake-quant / top-1 change | ONNX int8-residual top-1 | how layers requantize "
+             "| engine, int32 bias only: = fake-quant / top-1 change | ONNX int8-residual top-1 "
+             "| how layers requantize "
              "| model.safetensors (fp32 / file) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
@@ -122,7 +123,8 @@ def main() -> None:
               (f"{k['multiplier']} multiplier" if k["multiplier"] else "") + \
               (f", {k['folded']} per-input-channel (int64)" if k["folded"] else "")
         lines.append(f"| {r['recipe']} | {r['fq']:.2f}% | {r['eng']:.2f}% ({r['eng'] - r['fq']:+.2f}) | "
-                     f"{r['eng_agree']:.2f}% | {r['onnx']:.2f}% ({r['onnx'] - r['fq']:+.2f}) | {r['onnx_agree']:.2f}% | "
+                     f"{r['eng_agree']:.2f}% | {r['onnx']:.2f}% ({r['onnx'] - r['fq']:+.2f}) | "
+                     f"{r['onnx_agree']:.2f}% | "
                      f"{r['e32_agree']:.2f}% / {r['e32_delta']:+.2f} ({r['n32']:,} images) | "
                      f"{r['int8']:.2f}% ({r['int8'] - r['fq']:+.2f}) | {how.strip(', ')} | "
                      f"{r['size']:,} B ({fp32 / r['size']:.2f}x) |")

@@ -15,13 +15,14 @@ QDQ graph (residual sums stay float, as in the fake-quant model, so onnxruntime 
 convs that feed them) and ``quantize_residual=True`` (8-bit grids on the conv outputs that feed
 residual additions, calibrated on the same images), which lets onnxruntime run every conv as
 ``QLinearConv``. "int8" in the ratios is the latter. fp32 ONNX is the float model through the same
-writer (batch norm folded). Every variant runs with the same number of threads; the variants are
-timed round-robin and each figure is the median over rounds of the mean time per batch.
+writer (batch norm folded). Every variant runs with the same number of threads (default 1); the
+variants are timed round-robin and each figure is the median over rounds of the mean time per batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -70,6 +71,8 @@ def session(model, threads: int, optimized: Path | None = None):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # idle onnxruntime workers must not spin: the variants are timed one after another on the same cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if optimized is not None:
         so.optimized_model_filepath = str(optimized)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
@@ -105,7 +108,9 @@ def time_variants(runners: dict, batch: int, rounds: int, budget_s: float = 1.5)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads for every variant (default 1: with other jobs on the cores, torch's "
+                    "OpenMP threads stall and multi-thread timings stop meaning anything)")
     ap.add_argument("--calib-images", type=int, default=512)
     ap.add_argument("--no-write", action="store_true", help="print only, do not update docs/RESULTS.md")
     args = ap.parse_args()
@@ -153,7 +158,8 @@ def main() -> None:
         lines.append(f"| {label} | {batch} | {ms['torch']:.2f} ms | {ms['fp32']:.2f} ms | {ms['qdq']:.2f} ms | "
                      f"{ms['int8']:.2f} ms | {t['fp32'] / t['int8']:.2f}x | {t['torch'] / t['int8']:.2f}x |")
     body = ("Time per batch (median over rounds; lower is better) of lowbit's ONNX export of `ptq-w8a8` models in "
-            f"onnxruntime ({_ort_version()}, CPU, {args.threads} threads) against the float model, input 1x28x28. "
+            f"onnxruntime ({_ort_version()}, CPU, {args.threads} thread{'s' if args.threads > 1 else ''} per variant) "
+            "against the float model, input 1x28x28. "
             "*ORT int8*: QDQ with residual additions quantized too (`to_onnx(..., quantize_residual=True)`, "
             "`lowbit export --format onnx --quantize-residual`), every conv fused; *ORT QDQ (faithful)*: the default "
             "export, numerically the fake-quant model, whose float residual sums keep onnxruntime from fusing the "
@@ -161,6 +167,9 @@ def main() -> None:
             "ResNet-18-sized model.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) +
             "\n- ResNet-18-sized: CIFAR-style ResNet-18 (4 stages x 2 basic blocks, 64-512 channels) on 1x28x28 "
             "inputs, random weights (speed does not depend on them).")
+    load = os.getloadavg()[0]
+    body += (f"\n- Load average when the run ended: {load:.1f} on {os.cpu_count()} cores (other jobs were "
+             "running); every variant was timed under the same conditions, interleaved.")
     print(body)
     if not args.no_write:
         write_section("export-speed", "Deployment speed: int8 ONNX in onnxruntime", body, SEED)

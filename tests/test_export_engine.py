@@ -183,7 +183,8 @@ def test_fractional_weight_zero_points_are_exact(data):
     assert torch.equal(engine.captured["dw"], ref_codes["dw"]) and torch.equal(engine.captured["fc"], ref_codes["fc"])
     # float64 reference of the last layer from the integers: sum (q_w - z_w)(q_x - z_x) s_w s_x + b
     qx = engine.captured["fc"].double() - float(fc.input_grid.zero_point)
-    w = (fc.weight_codes.double() - fc.weight_grid.zero_point.double()[:, None]) * fc.weight_grid.scale.double()[:, None]
+    g = fc.weight_grid
+    w = (fc.weight_codes.double() - g.zero_point.double()[:, None]) * g.scale.double()[:, None]
     y = qx @ w.T * float(fc.input_grid.scale) + fc.bias.double()
     err = (out.values.double() - y * 2.0**out.exponent).abs().max().item()
     assert err <= 0.5 + 1e-4  # the logits' rounding (after a 2^-19 finer wide value)

@@ -1,8 +1,6 @@
 """The deployment folder: packed weights, exact sizes, manifest, checksums, versions, load, bad input."""
 
 import json
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -106,7 +104,7 @@ def test_resnet20_file_size_against_fp32(bits, max_fraction, calib, tmp_path):
     assert size <= fp32 * max_fraction, (size, fp32)
     exp = read_export(tmp_path)
     expected = {n: expected_packed_bytes(layer) for n, layer in exp.layers.items()}
-    first, last = exp.graph.layers[0], exp.graph.layers[-1]
+    first = exp.graph.layers[0]
     assert expected[first] == exp.layers[first].weight_codes.numel()  # int8: one byte per weight
     mid = exp.graph.layers[5]
     assert expected[mid] == (exp.layers[mid].weight_codes.numel() * bits + 7) // 8
@@ -125,7 +123,8 @@ def test_manifest_describes_the_export(resnet_aciq, tmp_path):
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["format"] == "lowbit-export" and m["format_version"] == 1 and m["lowbit_version"] == lowbit.__version__
     assert m["architecture"] == {"zoo": "resnet20", "kwargs": {"num_classes": 10, "in_channels": 1}}
-    assert len(m["tensors"]["sha256"]) == 64 and m["tensors"]["bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    assert len(m["tensors"]["sha256"]) == 64
+    assert m["tensors"]["bytes"] == (tmp_path / "model.safetensors").stat().st_size
     conv = m["layers"]["layer2.0.conv1"]
     assert conv["weight"]["bits"] == "per-channel" and conv["weight"]["mean_bits"] <= 4.5
     assert conv["weight"]["zero_point"][0] == "weight.zero_point"  # bias correction: fractional zero points

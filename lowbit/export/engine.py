@@ -202,7 +202,8 @@ def requantize(t: torch.Tensor, m0: torch.Tensor, n: torch.Tensor, mode: str = "
     small = torch.bitwise_left_shift(T, k) + rounding_shift(bl, n.clamp(0, 30), mode)
     if mode != "half_up":  # a tie in bl / 2^n resolved against the parity of the whole result
         nn_ = n.clamp(0, 30)
-        hb = torch.where(nn_ > 0, torch.bitwise_left_shift(torch.ones_like(nn_), (nn_ - 1).clamp_min(0)), torch.zeros_like(nn_))
+        hb = torch.where(nn_ > 0, torch.bitwise_left_shift(torch.ones_like(nn_), (nn_ - 1).clamp_min(0)),
+                         torch.zeros_like(nn_))
         frac = bl - torch.bitwise_left_shift(torch.bitwise_right_shift(bl, nn_), nn_)
         whole = torch.bitwise_left_shift(T, k) + torch.bitwise_right_shift(bl, nn_)
         tie = (nn_ > 0) & (frac == hb)
@@ -358,7 +359,8 @@ class _LayerKernel:
                     k = torch.log2(mant.double()).round().to(torch.int64)
                     self.sign = torch.sign(self.m0)
                     self.pure_shift = True
-                    # (acc + b) >> shift; an exact bias keeps FINE_BITS fractional bits: ((acc << F) + b_F) >> (shift + F)
+                    # (acc + b) >> shift; an exact bias keeps FINE_BITS fractional bits:
+                    # ((acc << F) + b_F) >> (shift + F)
                     f = FINE_BITS if self.fine_bias else 0
                     self.shift = self.n - k + f
                     self.shift_frac = f
@@ -564,7 +566,6 @@ class IntegerEngine:
         env: dict[str, tuple[torch.Tensor | None, Rep | None]] = {}
         cache: dict[tuple, torch.Tensor] = {}
         self.stats["saturated"] = 0
-        input_name = self.graph.nodes[0].name
         is_codes = not x.is_floating_point()
         if is_codes and self.input_rep.kind != "codes":
             raise ExportError("the model's input is held wide (it feeds several grids or a non-layer op); pass the "
@@ -650,7 +651,8 @@ class IntegerEngine:
     def describe(self) -> str:
         """One line per operation: how it runs in integers."""
         fine = sum(k.fine_bias for k in self.kernels.values())
-        lines = [f"wide values: int64 x 2^-{self.exponent}, logits int32 x 2^-{self.exponent - LOGIT_DROP}; biases: {fine} exact (from float32), "
+        lines = [f"wide values: int64 x 2^-{self.exponent}, logits int32 x 2^-{self.exponent - LOGIT_DROP}; "
+                 f"biases: {fine} exact (from float32), "
                  f"{len(self.kernels) - fine} int32 in accumulator units"]
         for n in self.graph.nodes:
             if n.op in LAYER_OPS:

@@ -478,7 +478,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
                 raise ExportFileError(f"{path}: the model has no module {layer.bn!r} (a batch norm folded into "
                                       f"{layer.name!r}); is it the exported architecture?") from None
             if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity)):
-                raise ExportFileError(f"{path}: {layer.bn!r} is a {type(bn).__name__}, the export folded a batch norm there")
+                raise ExportFileError(f"{path}: {layer.bn!r} is a {type(bn).__name__}, the export folded a batch norm "
+                                      "there")
             _set_submodule(model, layer.bn, nn.Identity())
     try:
         graph = trace_graph(model)
@@ -521,8 +522,9 @@ def _report(exp: Exported):
     except Exception:  # noqa: BLE001 - a recipe this lowbit cannot parse is informational only
         recipe = Recipe()
     report = QuantReport(recipe, left_float=dict(exp.left_float))
-    report.quantized = {n: {} for n, l in exp.layers.items() if l.weight_grid is not None or l.input_grid is not None}
-    report.folded = [(n, l.bn) for n, l in exp.layers.items() if l.bn]
+    report.quantized = {n: {} for n, layer in exp.layers.items()
+                        if layer.weight_grid is not None or layer.input_grid is not None}
+    report.folded = [(n, layer.bn) for n, layer in exp.layers.items() if layer.bn]
     return report
 
 

@@ -220,14 +220,16 @@ def _function_node(node: fx.Node, modules, batch_values: set[str]) -> tuple[str,
         if _arg(node, 6, "return_indices", False):
             raise _unsupported(node, modules, "max_pool2d(return_indices=True)")
         return "maxpool2d", {"kernel": _pair(k), "stride": _pair(_arg(node, 2, "stride") or k),
-                             "padding": _pair(_arg(node, 3, "padding", 0)), "dilation": _pair(_arg(node, 4, "dilation", 1)),
+                             "padding": _pair(_arg(node, 3, "padding", 0)),
+                             "dilation": _pair(_arg(node, 4, "dilation", 1)),
                              "ceil_mode": bool(_arg(node, 5, "ceil_mode", False))}, tensors[:1]
     if not is_method and fn is F.avg_pool2d:
         k = _arg(node, 1, "kernel_size")
         if _arg(node, 6, "divisor_override") is not None:
             raise _unsupported(node, modules, "avg_pool2d(divisor_override=...)")
         return "avgpool2d", {"kernel": _pair(k), "stride": _pair(_arg(node, 2, "stride") or k),
-                             "padding": _pair(_arg(node, 3, "padding", 0)), "ceil_mode": bool(_arg(node, 4, "ceil_mode", False)),
+                             "padding": _pair(_arg(node, 3, "padding", 0)),
+                             "ceil_mode": bool(_arg(node, 4, "ceil_mode", False)),
                              "count_include_pad": bool(_arg(node, 5, "count_include_pad", True))}, tensors[:1]
     raise _unsupported(node, modules, f"the {'method' if is_method else 'function'} {name!r}")
 

@@ -260,7 +260,6 @@ def to_onnx(source, path: str | os.PathLike | None = None, *, input_shape=None, 
     or a model (quantized: QDQ; float: a plain fp32 graph with batch norm folded)."""
     _require_onnx()
     import onnx
-    from onnx import TensorProto, helper
 
     exp = _exported(source)
     residual_scales = {}
@@ -364,7 +363,8 @@ def _build(exp: Exported, input_shape, residual_scales: dict[str, float], int_bi
         elif n.op == "maxpool2d":
             a = n.attrs
             vals[n.name] = b.node("MaxPool", src, n.name, kernel_shape=a["kernel"], strides=a["stride"],
-                                  pads=a["padding"] + a["padding"], dilations=a["dilation"], ceil_mode=int(a["ceil_mode"]))
+                                  pads=a["padding"] + a["padding"], dilations=a["dilation"],
+                                  ceil_mode=int(a["ceil_mode"]))
             ndim[n.name] = 4
         elif n.op == "avgpool2d":
             a = n.attrs
