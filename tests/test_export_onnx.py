@@ -75,8 +75,11 @@ def test_narrow_grids_are_clipped_into_8_bit_containers(data):
                for n in model.graph.node if n.op_type == "QuantizeLinear"}
     assert q_types <= {np.dtype(np.int8), np.dtype(np.uint8)}
     assert [n.op_type for n in model.graph.node].count("Clip") == 1  # only the 4-bit hidden layer's input
-    w = onnx.numpy_helper.to_array(inits["net_3_weight_q"])
-    assert w.dtype == np.int8 and w.min() >= -8 and w.max() <= 7
+    w = onnx.numpy_helper.to_array(inits["net_3_weight_q"])  # 4-bit codes times 16 (4-bit inputs: all of int8)
+    codes = qmodel.net[3].weight_quantizer.quantize_int(qmodel.net[3].weight).numpy()
+    assert w.dtype == np.int8 and np.array_equal(w, codes * 16)
+    scale = onnx.numpy_helper.to_array(inits["net_3_weight_scale"])
+    assert np.array_equal(scale * 16, qmodel.net[3].weight_quantizer.scale.numpy())
 
 
 def test_float_model_exports_plain_fp32(data):
