@@ -32,7 +32,7 @@ exact by doubling the codes (``(q - z) s = (2q - 2z)(s / 2)``). Any other fracti
 (weight bias correction) is split as in the integer engine, ``(q - z) s = (q - zi) s - zf s``:
 the layer keeps int8 codes ``q - zi`` and gets a correction term ``(-zf s) * S``, ``S`` the sum of
 its input over each receptive field (a conv with an all-ones int8 kernel, or ``ReduceSum``),
-added after the layer. Float weights are avoided on purpose: onnxruntime (1.2x) re-quantizes a
+added after the layer. Float weights are avoided on purpose: onnxruntime (1.32) re-quantizes a
 float weight that meets a ``DequantizeLinear``-ed input to its own int8 grid
 (``WeightBiasQuantization``), which would silently change the model. Group-wise weight steps
 are written as float weights all the same (and are affected). A negative weight step (batch
