@@ -162,14 +162,14 @@ def main() -> None:
             "against the float model, input 1x28x28. "
             "*ORT int8*: QDQ with residual additions quantized too (`to_onnx(..., quantize_residual=True)`, "
             "`lowbit export --format onnx --quantize-residual`), every conv fused; *ORT QDQ (faithful)*: the default "
-            "export, numerically the fake-quant model, whose float residual sums keep onnxruntime from fusing the "
-            "convs that feed them. Target: int8 at least 2.5x faster than fp32 onnxruntime at batch 32 on the "
+            "export, numerically the fake-quant model (float residual sums, float biases added after each layer), "
+            "which onnxruntime runs as dequantize + float conv: fidelity, not speed. Target: int8 at least 2.5x faster than fp32 onnxruntime at batch 32 on the "
             "ResNet-18-sized model.\n\n" + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) +
             "\n- ResNet-18-sized: CIFAR-style ResNet-18 (4 stages x 2 basic blocks, 64-512 channels) on 1x28x28 "
             "inputs, random weights (speed does not depend on them).")
     load = os.getloadavg()[0]
-    body += (f"\n- Load average when the run ended: {load:.1f} on {os.cpu_count()} cores (other jobs were "
-             "running); every variant was timed under the same conditions, interleaved.")
+    body += (f"\n- Load average when the run ended: {load:.1f} on {os.cpu_count()} cores; the variants were timed "
+             "interleaved, round by round, so they share the same conditions.")
     print(body)
     if not args.no_write:
         write_section("export-speed", "Deployment speed: int8 ONNX in onnxruntime", body, SEED)

@@ -28,8 +28,9 @@ from lowbit.evaluate import evaluate, sqnr_report  # noqa: E402
 from lowbit.zoo import list_models, pretrained  # noqa: E402
 
 SEED = 0
-INT8 = {"weights": {"method": "minmax", "bits": 8, "granularity": "channel"},
-        "activations": {"method": "minmax", "bits": 8, "granularity": "tensor"}}
+INT8 = {"weights": {"method": "minmax", "bits": 8, "granularity": "channel", "bit_allocation": False,
+                    "bias_correction": False},
+        "activations": {"method": "minmax", "bits": 8, "granularity": "tensor", "bit_allocation": False}}
 
 
 def recipe(w_bits: int, a_bits: int, *, aciq=False, alloc=False, bias=False) -> dict:

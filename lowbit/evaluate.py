@@ -53,7 +53,10 @@ def sqnr_report(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, *,
 
     Output SQNR compares the layer's output inside ``qmodel`` (so with the error of every layer
     before it) with the same layer's output inside ``float_model`` on the same inputs, summing
-    signal and noise power over ``max_batches`` batches. Rows follow the model's layer order.
+    signal and noise power over ``max_batches`` batches. Where :func:`lowbit.quantize` folded a
+    batch norm into a layer (``qmodel.lowbit_report.folded``), the reference is that batch norm's
+    output in ``float_model``, since the folded layer computes conv and norm together. Rows follow
+    the model's layer order.
     """
     from lowbit.nn.modules import QuantMixin
 
@@ -62,10 +65,12 @@ def sqnr_report(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, *,
     missing = [n for n in layers if n not in float_layers]
     if missing:
         raise ValueError(f"the float model has no layer(s) {missing[:3]}; pass the model qmodel was made from")
+    report = getattr(qmodel, "lowbit_report", None)
+    reference = {n: n for n in layers} | dict(report.folded if report is not None else [])
     power = {n: [0.0, 0.0] for n in layers}
     captured: dict[str, torch.Tensor] = {}
-    hooks = [float_layers[n].register_forward_hook(lambda m, i, o, n=n: captured.__setitem__(n, o.detach().clone()))
-             for n in layers]
+    hooks = [float_layers[reference[n]].register_forward_hook(
+        lambda m, i, o, n=n: captured.__setitem__(n, o.detach().clone())) for n in layers]
     hooks += [m.register_forward_hook(lambda m, i, o, n=n: _accumulate(power[n], captured[n], o)) for n, m in layers.items()]
     modes = float_model.training, qmodel.training
     float_model.eval()

@@ -83,3 +83,20 @@ def test_sqnr_report_rejects_unrelated_float_model():
     q = lowbit.quantize(model, None, calib_data=[torch.randn(8, 16)])
     with pytest.raises(ValueError, match="float model has no layer"):
         sqnr_report(nn.Sequential(nn.Linear(16, 8)), q, [torch.randn(8, 16)])
+
+
+def test_sqnr_report_compares_folded_layers_with_the_batch_norm_output():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():  # a norm far from identity: comparing against the raw conv output would read ~0 dB
+        model[1].running_mean.uniform_(-2, 2)
+        model[1].running_var.uniform_(0.1, 4)
+        model[1].weight.uniform_(0.5, 3)
+    data = [torch.randn(16, 3, 10, 10) for _ in range(2)]
+    recipe = {"weights": {"method": "minmax", "bits": 12}, "activations": {"method": "minmax", "bits": 12},
+              "ptq": {"fold_bn": True}}
+    q = lowbit.quantize(model, recipe, calib_data=data)
+    assert q.lowbit_report.folded == [("0", "1")]
+    rows = sqnr_report(model, q, data)
+    assert [r["layer"] for r in rows] == ["0", "3"]
+    assert all(r["output_sqnr_db"] > 50 for r in rows)  # 12 bits: about 6 dB per bit
