@@ -762,14 +762,18 @@ def test_aciq_clip_near_brute_force_optimum(prior, m):
     assert a_aciq == pytest.approx(optimal_clip(m, prior) * spread, rel=1e-5)
 
 
-def test_aciq_statistics_averaged_over_batches_unsigned():
+@pytest.mark.parametrize("one_sided_scale", ["reference", "positive"])
+def test_aciq_statistics_averaged_over_batches_unsigned(one_sided_scale):
     # heavy-tailed post-ReLU-like batches: exponential with different scales, max far above mean + alpha
     g = _gen(71)
     batches = [-torch.log(torch.rand(20000, generator=g)) * sc for sc in (0.5, 1.0, 1.5)]
-    q = _calibrate(ACIQQuantizer(4, None, prior="laplace"), *batches)
+    q = _calibrate(ACIQQuantizer(4, None, prior="laplace", one_sided_scale=one_sided_scale), *batches)
     assert q.signed is False and (q.qmin, q.qmax) == (0, 15)
     bd = [b.double().numpy() for b in batches]
-    b_hat = np.mean([np.mean(np.abs(v - v.mean())) for v in bd])
+    if one_sided_scale == "reference":
+        b_hat = np.mean([np.mean(np.abs(v - v.mean())) for v in bd])
+    else:
+        b_hat = np.mean([v[v > 0].mean() for v in bd])
     mean = np.mean([v.mean() for v in bd])
     alpha = optimal_clip(4, "laplace", one_sided=True) * b_hat
     assert optimal_clip(4, "laplace", one_sided=True) == pytest.approx(6.20, abs=0.015)
@@ -778,6 +782,26 @@ def test_aciq_statistics_averaged_over_batches_unsigned():
     assert float(q.scale) == pytest.approx(hi / 15, rel=1e-5)
     # statistics of one batch would give another step
     assert abs(float(q.scale) - (bd[0].mean() + 6.2048 * np.mean(np.abs(bd[0] - bd[0].mean()))) / 15) > 1e-3
+
+
+@pytest.mark.parametrize("prior", ["laplace", "gaussian"])
+def test_aciq_one_sided_scale_recovers_the_pre_activation_scale(prior):
+    """Post-ReLU samples of Laplace(0, b) / N(0, s^2): the positive-part estimate finds b (s); the
+    reference estimate mean|x - mean x| reads about 0.61 b, so its clip would be ~40 % short."""
+    g = _gen(74)
+    u = torch.rand(200000, generator=g, dtype=torch.float64)
+    scale = 0.7
+    pre = (-scale * torch.sign(u - 0.5) * torch.log1p(-2 * (u - 0.5).abs()) if prior == "laplace"
+           else scale * torch.randn(200000, generator=g, dtype=torch.float64))
+    x = pre.clamp_min(0).float()
+    positive = _calibrate(ACIQQuantizer(4, None, prior=prior), x)
+    reference = _calibrate(ACIQQuantizer(4, None, prior=prior, one_sided_scale="reference"), x)
+    alpha = optimal_clip(4, prior, one_sided=True)
+    assert float(positive.scale) * 15 == pytest.approx(float(x.mean()) + alpha * scale, rel=0.02)  # [0, mean + a]
+    if prior == "laplace":
+        assert float(reference.scale) * 15 == pytest.approx(float(x.mean()) + alpha * 0.607 * scale, rel=0.02)
+    with pytest.raises(ValueError, match="one_sided_scale"):
+        ACIQQuantizer(4, one_sided_scale="tail")
 
 
 def test_aciq_unsigned_range_capped_at_observed_max():

@@ -3,8 +3,9 @@
 For each step group (see :class:`~lowbit.quant.grid.Granularity`) it keeps the exact count,
 mean and variance (Chan et al.'s parallel merge of per-batch moments), min and max, and, as
 the ACIQ reference code does (``stats_kind='mean'``), batch-averaged statistics: the mean
-absolute deviation from the batch mean (the Laplace scale ``b``), the batch std, and any
-requested percentiles.
+absolute deviation from the batch mean (the Laplace scale ``b``), the batch std, the mean and
+root mean square of the positive values (``pos_mean``, ``pos_rms``: the scales of a one-sided
+tensor's tail, see :mod:`lowbit.quant.aciq`), and any requested percentiles.
 """
 
 from __future__ import annotations
@@ -34,8 +35,12 @@ class RunningStats:
         v = v.double()
         mean = v.mean(dim=dims, keepdim=True)
         m2 = (v - mean).pow(2).sum(dim=dims)
+        positive = v.clamp_min(0)
+        n_pos = (v > 0).sum(dim=dims).clamp_min(1)
         batch = {"mad": (v - mean).abs().mean(dim=dims),
                  "std": (m2 / max(n - 1, 1)).sqrt(),
+                 "pos_mean": positive.sum(dim=dims) / n_pos,
+                 "pos_rms": (positive.pow(2).sum(dim=dims) / n_pos).sqrt(),
                  **{f"p{p}": percentile(v, g, p) for p in self.percentiles}}
         mean = mean.reshape(m2.shape)
         lo, hi = v.amin(dim=dims), v.amax(dim=dims)
@@ -72,7 +77,7 @@ class RunningStats:
         return self.var.sqrt()
 
     def batch_mean(self, name: str) -> torch.Tensor:
-        """Average over batches of ``mad``, ``std`` or ``p<percentile>`` (e.g. ``"p99.9"``)."""
+        """Average over batches of ``mad``, ``std``, ``pos_mean``, ``pos_rms`` or ``p<percentile>`` (e.g. ``"p99.9"``)."""
         self._need_data()
         if name not in self._sums:
             raise KeyError(f"no batch statistic {name!r}; have {sorted(self._sums)}")
