@@ -19,14 +19,26 @@ from torch import nn
 from lowbit.errors import CheckpointError
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` with the usual file mode (``0o666`` less the umask).
+
+    safetensors creates its files owner-only (0600), so a checkpoint shipped or shared from it
+    would be unreadable to other users; callers write to a temporary name and ``os.replace`` it.
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
 def save_checkpoint(model_or_state: nn.Module | dict, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write a safetensors file (and a JSON sidecar with ``meta``); returns the path."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: checkpoints are written as safetensors; name the file *.safetensors")
@@ -34,7 +46,7 @@ def save_checkpoint(model_or_state: nn.Module | dict, path: str | os.PathLike, m
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
+    write_safetensors(tensors, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated checkpoint
     if meta is not None:
         sidecar_path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -12,7 +12,12 @@ with every method available, and writes ``results.json``, ``results.md`` and
 
 accuracy in percent (top-1 on the test split, or its first ``test_images`` with ``--quick``);
 ``seconds`` is the time to produce the quantized model (calibration, fine-tuning), not to
-evaluate it; mixed precision rows report average bits.
+evaluate it; mixed precision rows report average bits (weights: per parameter; activations:
+per multiply-accumulate).
+
+The fine-tuning rows are deliberately short (``finetune_steps`` SGD steps at batch 128, a
+fraction of one epoch, no distillation) so that the demo fits its time limit; the full recipes
+and their results are in ``benchmarks/qat.py`` and ``docs/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -33,19 +38,52 @@ from lowbit.zoo import pretrained
 
 @dataclass
 class DemoMethod:
-    """One row of the demo: a name, nominal bits, and how to build the quantized model."""
+    """One row of the demo: a name, nominal bits, and how to build the quantized model.
+
+    ``finetune_steps``: quantization-aware fine-tuning steps after calibration (0: post-training
+    only). ``mixed_budget``: choose per-layer precision with EAGL at this fraction of the
+    uniform ``recipe`` model's bit-operations first (candidates W4A4 / W2A2).
+    """
 
     method: str
     w_bits: float
     a_bits: float
     recipe: str
+    finetune_steps: int = 0
+    mixed_budget: float | None = None
 
 
 METHODS = [
     DemoMethod("PTQ min-max", 8, 8, "ptq-w8a8"),
     DemoMethod("PTQ min-max", 4, 4, "ptq-w4a4-minmax"),
     DemoMethod("PTQ ACIQ + bit allocation + bias correction", 4, 4, "ptq-w4a4-aciq"),
+    DemoMethod("QAT LSQ (short)", 4, 4, "lsq-w4a4", finetune_steps=150),
+    DemoMethod("Mixed EAGL 2/4-bit + LSQ (short)", 4, 4, "lsq-w4a4", finetune_steps=150, mixed_budget=0.5),
 ]
+
+
+def build(m: DemoMethod, model: torch.nn.Module, calib, train) -> tuple[torch.nn.Module, float, float]:
+    """The quantized model of one demo row, and its (average) weight and activation bits."""
+    from lowbit.qat import finetune
+    from lowbit.recipe import load_recipe
+
+    recipe, w_bits, a_bits = load_recipe(m.recipe), m.w_bits, m.a_bits
+    if m.mixed_budget is not None:
+        from lowbit.mixed import select_precision
+
+        example = next(iter(calib))[0][:1]
+        selection = select_precision(model, m.mixed_budget, "eagl", recipe=m.recipe, example_input=example,
+                                     log=lambda s: None)
+        recipe = selection.recipe()
+        totals = selection.totals()
+        w_bits, a_bits = round(totals["mean_w_bits"], 2), round(totals["mean_a_bits_by_macs"], 2)
+    qmodel = lowbit.quantize(model, recipe, calib_data=calib)
+    if m.finetune_steps:
+        config = dict(load_recipe(m.recipe).sections.get("qat", {}), max_steps=m.finetune_steps, progress=False,
+                      log_every=0)
+        finetune(qmodel, train, config=config, log=lambda s: None)
+        qmodel.eval()
+    return qmodel, w_bits, a_bits
 
 
 def run_demo(out: str | Path = "lowbit-demo", *, model_name: str = "resnet20", dataset: str = "fashion-mnist",
@@ -63,12 +101,13 @@ def run_demo(out: str | Path = "lowbit-demo", *, model_name: str = "resnet20", d
     fp_size = 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
     rows = [{"method": "full precision", "w_bits": 32, "a_bits": 32, "accuracy": round(fp, 2),
              "size_bytes": fp_size, "seconds": 0.0}]
+    train = make_loader(dataset, "train", 128, shuffle=True, augment=True, seed=0)
     for m in METHODS:
         start = time.perf_counter()
-        qmodel = lowbit.quantize(model, m.recipe, calib_data=calib)
+        qmodel, w_bits, a_bits = build(m, model, calib, train)
         seconds = time.perf_counter() - start
-        acc = evaluate(qmodel, progress(test, f"{m.method} W{m.w_bits}A{m.a_bits}"))["top1"]
-        rows.append({"method": m.method, "w_bits": m.w_bits, "a_bits": m.a_bits, "accuracy": round(acc, 2),
+        acc = evaluate(qmodel, progress(test, f"{m.method} W{w_bits:g}A{a_bits:g}"))["top1"]
+        rows.append({"method": m.method, "w_bits": w_bits, "a_bits": a_bits, "accuracy": round(acc, 2),
                      "size_bytes": lowbit.stored_size_bytes(qmodel), "seconds": round(seconds, 2)})
     results = {"model": model_name, "dataset": dataset, "fp_accuracy": round(fp, 2), "rows": rows}
     if quick:

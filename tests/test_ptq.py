@@ -187,10 +187,9 @@ needs_fmnist = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").
 
 
 @needs_fmnist
-def test_w4a4_all_methods_within_3_points_of_fp_on_real_data():
-    """Issue 4's W4A4 target on ResNet-20. Beating min-max is NOT asserted: with per-channel min-max
-    weights and 8-bit first/last layers, min-max W4A4 is already within 1 point here (measured
-    94.0 vs 93.8 for all methods on these 2,000 images); the ablation benchmark studies why."""
+def test_w4a4_all_methods_within_3_points_of_fp_and_above_min_max_on_real_data():
+    """Issue 4's W4A4 target on ResNet-20, and the issue's test that PTQ beats min-max at 4 bits
+    (measured on these 2,000 images: FP 94.80, min-max 94.00, all methods 94.25; deterministic)."""
     from lowbit.data import make_loader
     from lowbit.evaluate import evaluate
     from lowbit.zoo import pretrained
@@ -200,7 +199,7 @@ def test_w4a4_all_methods_within_3_points_of_fp_on_real_data():
     fp = evaluate(model, test)["top1"]
     naive = evaluate(lowbit.quantize(model, "ptq-w4a4-minmax", calib_data=calib), test)["top1"]
     best = evaluate(lowbit.quantize(model, "ptq-w4a4-aciq", calib_data=calib), test)["top1"]
-    assert best > fp - 3.0 and naive > fp - 3.0
+    assert best > fp - 3.0 and best > naive
 
 
 @needs_fmnist

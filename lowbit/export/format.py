@@ -202,7 +202,7 @@ def _weight_storage(layer: LayerData) -> tuple[str, torch.Tensor, object]:
 
 def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = True) -> Path:
     """Write ``exp`` to the folder ``path`` (created); returns the folder."""
-    from safetensors.torch import save_file
+    from lowbit.checkpoint import write_safetensors
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = T
         layers_meta[name] = _drop_none(entry)
     tensors = arena.tensors()
     tmp = folder / (TENSOR_FILE + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    write_safetensors(tensors, tmp, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     os.replace(tmp, folder / TENSOR_FILE)
     data = (folder / TENSOR_FILE).read_bytes()
     manifest = {

@@ -197,7 +197,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
                         meta: dict) -> Path:
     """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from lowbit.checkpoint import write_safetensors
 
     path, side = checkpoint_paths(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +212,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     text = json.dumps(_json_safe(meta), sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={META_KEY: text})
+    write_safetensors(tensors, tmp, metadata={META_KEY: text})
     with safe_open(str(tmp), "pt") as f:  # read back before publishing
         if set(f.keys()) != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
             raise CheckpointError(f"{tmp}: the checkpoint did not read back; the previous one is kept")
