@@ -955,3 +955,37 @@ def test_round_mode_option_reaches_quantizer():
         assert float(q.scale) == 1.0
         assert q.quantize_int(x).tolist() == expect
         assert q(x).tolist() == [float(v) for v in expect]
+
+
+# ----- MSE-optimal step (LSQ init="mse") --------------------------------------------------------
+@pytest.mark.parametrize("qmin,qmax", [(-2, 1), (-8, 7), (0, 3), (0, 15)])
+def test_mse_optimal_step_matches_brute_force_per_channel(qmin, qmax):
+    from lowbit.quant.grid import Granularity
+    from lowbit.quant.mse_step import mse_optimal_step
+
+    g = _gen(81)
+    v = torch.randn(3, 400, generator=g) * torch.tensor([[0.1], [1.0], [5.0]])
+    if qmin == 0:
+        v = v.clamp_min(0)
+    got = mse_optimal_step(v, Granularity("channel", axis=0), qmin, qmax)
+    for c in range(3):
+        x = v[c].double().numpy()
+        s_max = max(x.max() / qmax, x.min() / qmin if qmin < 0 else 0.0)
+        steps = [s_max * k / 100 for k in range(1, 101)]
+        errs = [np.mean((np.clip(np.round(x / s), qmin, qmax) * s - x) ** 2) for s in steps]
+        best = steps[int(np.argmin(errs))]
+        err_got = np.mean((np.clip(np.round(x / float(got[c])), qmin, qmax) * float(got[c]) - x) ** 2)
+        assert err_got <= min(errs) * (1 + 1e-5)
+        assert float(got[c]) == pytest.approx(best, rel=1e-5) or err_got == pytest.approx(min(errs), rel=1e-5)
+        assert err_got <= np.mean((np.clip(np.round(x / s_max), qmin, qmax) * s_max - x) ** 2)  # min-max is a candidate
+
+
+def test_lsq_mse_init_has_less_error_than_paper_init_and_is_checked():
+    x = torch.randn(4096, generator=_gen(82)).clamp_min(0) ** 2  # skewed, heavy tail
+    errs = {}
+    for init in ("paper", "mse"):
+        q = _calibrate(LSQQuantizer(2, None, init=init), x)
+        errs[init] = float((q(x) - x).pow(2).mean())
+    assert errs["mse"] < 0.8 * errs["paper"]
+    with pytest.raises(ValueError, match="LSQ init"):
+        LSQQuantizer(4, init="max")

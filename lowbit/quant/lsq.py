@@ -9,9 +9,12 @@ clipped), scaled by ``g = 1 / sqrt(N * Q_P)``; ``N`` is the number of weights of
 channel: of the channel) or, for activations, the features per sample (``n_features="sample"``,
 the paper's wording) or per batch (``"numel"``).
 
-Initialisation, exactly once: ``s_0 = 2 mean(|v|) / sqrt(Q_P)`` from the pretrained weights or the
-first calibration batch. The ``initialized`` buffer travels in the state dict, so a reloaded
-checkpoint keeps its learned step. The step is kept >= 1e-5 in the forward.
+Initialisation, exactly once, from the pretrained weights or the first calibration batch:
+``init="paper"`` (default) ``s_0 = 2 mean(|v|) / sqrt(Q_P)``; ``init="mse"`` the step with the
+least quantization error of that data (:mod:`lowbit.quant.mse_step`, LSQ+'s advice), which
+starts a short fine-tuning much closer to its optimum, most at 2-3 bits. The ``initialized``
+buffer travels in the state dict, so a reloaded checkpoint keeps its learned step. The step is
+kept >= 1e-5 in the forward.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import nn
 
 from lowbit.quant.base import Quantizer
 from lowbit.quant.grid import fake_quant
+from lowbit.quant.mse_step import mse_optimal_step
 
 MIN_STEP = 1e-5
 
@@ -33,29 +37,33 @@ class LSQQuantizer(Quantizer):
     learnable = True
 
     def __init__(self, bits: int = 4, signed: bool | None = None, granularity=None, *, role: str = "activation",
-                 n_features: str = "sample", **kw):
+                 n_features: str = "sample", init: str = "paper", **kw):
         if n_features not in ("sample", "numel"):
             raise ValueError(f"n_features must be 'sample' or 'numel', got {n_features!r}")
+        if init not in ("paper", "mse"):
+            raise ValueError(f"LSQ init must be 'paper' (2 mean|v| / sqrt(Q_P)) or 'mse', got {init!r}")
         super().__init__(bits, signed, granularity, **kw)
         if self.signed is not None and self.qmax < 1:
             raise ValueError(f"LSQ needs Q_P >= 1: a signed {bits}-bit grid has no positive level; use >= 2 bits")
-        self.role, self.n_features = role, n_features
+        self.role, self.n_features, self.init = role, n_features, init
         del self._buffers["scale"]
         self.scale = nn.Parameter(torch.ones(()))
 
     def _reset_stats(self):
-        self._abs_mean = None
+        self._init_step = None
 
     def _observe(self, v):
-        if self._abs_mean is None:  # LSQ initialises from the first batch only
-            self._abs_mean = self.granularity.reduce(v.abs(), "mean")
+        if self._init_step is None:  # LSQ initialises from the first batch only
+            if self.init == "mse":
+                self._init_step = mse_optimal_step(v, self.granularity, self.qmin, self.qmax)
+            else:
+                self._init_step = 2.0 * self.granularity.reduce(v.abs(), "mean") / math.sqrt(self.qmax)
 
     def _compute(self):
-        if self._abs_mean is None:
+        if self._init_step is None:
             from lowbit.errors import CalibrationError
             raise CalibrationError(f"{self._where()}finalize() before any data was observed")
-        scale = 2.0 * self._abs_mean / math.sqrt(self.qmax)
-        return scale, torch.zeros_like(scale)
+        return self._init_step, torch.zeros_like(self._init_step)
 
     def observe(self, x):
         if not bool(self.initialized):  # never re-initialise a learned (or reloaded) step
