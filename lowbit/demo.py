@@ -16,7 +16,7 @@ evaluate it; mixed precision rows report average bits (weights: per parameter; a
 per multiply-accumulate).
 
 The fine-tuning rows are deliberately short (``finetune_steps`` SGD steps at batch 128, a
-fraction of one epoch, no distillation) so that the demo fits its time limit; the full recipes
+fraction of one epoch, no distillation; a tenth of that with ``--quick``) so that the demo fits its time limit; the full recipes
 and their results are in ``benchmarks/qat.py`` and ``docs/RESULTS.md``.
 """
 
@@ -62,8 +62,10 @@ METHODS = [
 ]
 
 
-def build(m: DemoMethod, model: torch.nn.Module, calib, train) -> tuple[torch.nn.Module, float, float]:
-    """The quantized model of one demo row, and its (average) weight and activation bits."""
+def build(m: DemoMethod, model: torch.nn.Module, calib, train, *, quick: bool = False
+          ) -> tuple[torch.nn.Module, float, float]:
+    """The quantized model of one demo row, and its (average) weight and activation bits;
+    ``quick`` fine-tunes for a tenth of the row's steps."""
     from lowbit.qat import finetune
     from lowbit.recipe import load_recipe
 
@@ -79,8 +81,8 @@ def build(m: DemoMethod, model: torch.nn.Module, calib, train) -> tuple[torch.nn
         w_bits, a_bits = round(totals["mean_w_bits"], 2), round(totals["mean_a_bits_by_macs"], 2)
     qmodel = lowbit.quantize(model, recipe, calib_data=calib)
     if m.finetune_steps:
-        config = dict(load_recipe(m.recipe).sections.get("qat", {}), max_steps=m.finetune_steps, progress=False,
-                      log_every=0)
+        steps = max(1, m.finetune_steps // 10) if quick else m.finetune_steps
+        config = dict(load_recipe(m.recipe).sections.get("qat", {}), max_steps=steps, progress=False, log_every=0)
         finetune(qmodel, train, config=config, log=lambda s: None)
         qmodel.eval()
     return qmodel, w_bits, a_bits
@@ -104,7 +106,7 @@ def run_demo(out: str | Path = "lowbit-demo", *, model_name: str = "resnet20", d
     train = make_loader(dataset, "train", 128, shuffle=True, augment=True, seed=0)
     for m in METHODS:
         start = time.perf_counter()
-        qmodel, w_bits, a_bits = build(m, model, calib, train)
+        qmodel, w_bits, a_bits = build(m, model, calib, train, quick=quick)
         seconds = time.perf_counter() - start
         acc = evaluate(qmodel, progress(test, f"{m.method} W{w_bits:g}A{a_bits:g}"))["top1"]
         rows.append({"method": m.method, "w_bits": w_bits, "a_bits": a_bits, "accuracy": round(acc, 2),
