@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -117,8 +118,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     torch.set_num_threads(args.threads)
     calib = list(make_loader("fashion-mnist", "calib", 128, limit=args.calib_images))
-    tmp = Path(__file__).resolve().parent / ".export_speed_tmp"
-    tmp.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="lowbit-export-speed-"))
     models = {
         "ResNet-20": pretrained("resnet20") if checkpoint_path("resnet20").is_file() else create_model("resnet20"),
         "ResNet-18-sized": ResNet18(),
