@@ -417,6 +417,20 @@ def test_metrics_jsonl_progress_bar_and_eval(pretrained, tmp_path, capsys):
     assert meta["optimizer"]["param_groups"][0]["nesterov"] is True
 
 
+def test_tensorboard_event_file_holds_the_logged_scalars(pretrained, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    q = lowbit.quantize(pretrained, "lsq-w4a4", calib_data=loader("calib"), calib_batches=2)
+    cfg = FinetuneConfig(epochs=1, lr=0.01, log_every=2, progress=False, tensorboard=True)
+    finetune(q, loader(limit=320), eval_data=loader("calib", 90), config=cfg, checkpoint_dir=tmp_path, log=quiet)
+    records = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    loss = acc.Scalars("step/loss")
+    assert [e.step for e in loss] == [r["step"] for r in records if r["kind"] == "step"] == [2, 4]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in records if r["kind"] == "step"])
+    assert "epoch/val_top1" in acc.Tags()["scalars"]
+
+
 def test_uncalibrated_quantizers_are_initialised_before_the_optimizer(pretrained):
     q = lowbit.quantize(pretrained, "pact-sawb-w2a2")  # no calibration data: alphas not set yet
     alpha = q.fc.input_quantizer.alpha
