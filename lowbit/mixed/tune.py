@@ -39,8 +39,9 @@ def step_config(recipe, steps: int, train_data, *, config: FinetuneConfig | dict
 
 
 def frozen_teacher(model: nn.Module) -> nn.Module:
-    """A copy of the float model for distillation (finetune turns off its gradients; the
-    caller's model must keep them, since later quantized copies are made from it)."""
+    """A frozen copy of the float model for distillation: finetune puts its teacher in eval mode,
+    and the caller's model must keep its own mode and gradients, since later quantized copies
+    are made from it."""
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
