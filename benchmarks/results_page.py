@@ -35,19 +35,25 @@ def machine() -> str:
 
 
 def git_commit() -> str:
+    """The checked-out commit, ``+uncommitted changes`` if tracked files other than the results
+    (``docs/RESULTS.md`` and its plots, which the suites write) differ from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!docs/RESULTS.md", ":!docs/*.png"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
         return sha + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
+COMMIT = git_commit()  # taken when the suite starts: the code that produced its numbers
+
+
 def stamp(seed: int) -> str:
     cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    return (f"_Command: `{cmd}` · seed {seed} · commit {git_commit()} · {datetime.date.today().isoformat()} · "
+    return (f"_Command: `{cmd}` · seed {seed} · commit {COMMIT} · {datetime.date.today().isoformat()} · "
             f"machine: {machine()}_")
 
 

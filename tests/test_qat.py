@@ -241,7 +241,9 @@ def test_quantizer_parameters_alone_learn_and_lower_the_loss(pretrained, recipe)
     before = {k: p.detach().clone() for k, p in quant.items()}
     data = loader("calib", 90)
     loss0 = mean_loss(q, data)
-    cfg = FinetuneConfig(epochs=2, lr=0.01, quantizer_lr_mult=10.0, schedule="constant", weight_decay=0,
+    # quantizer lr 0.03: at 0.1 the 8-bit first layer's step oscillates down to its floor and
+    # back, and float rounding alone decides where it lands
+    cfg = FinetuneConfig(epochs=2, lr=0.01, quantizer_lr_mult=3.0, schedule="constant", weight_decay=0,
                          freeze_bn_steps=0)
     finetune(q, loader(limit=640), config=cfg, log=quiet)
     loss1 = mean_loss(q, data)

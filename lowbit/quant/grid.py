@@ -31,6 +31,8 @@ set, whose zero point is the half-integer ``(2^b - 1) / 2``.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -146,29 +148,50 @@ class Granularity:
 
 
 class _FakeQuant(torch.autograd.Function):
+    """Forward ``(clamp(round(x/s + z), qmin, qmax) - z) * s``; backward the STE for ``x`` and, on
+    request, the step gradient of LSQ Eq. 3 / PACT Eq. 3.
+
+    With ``u = x/s + z`` (the unrounded code) and ``inside = qmin < u < qmax``, the local step
+    gradient is ``round(u) - u`` inside and ``q - z`` where clipped, which is one expression,
+    ``(q - z) - inside * x/s``, since ``q = round(u)`` inside. So the step gradient is
+    ``sum(g (q - z)) - sum(g inside x/s)`` (LSQ) or ``sum(g (q - z)) - sum(g inside (q - z))``
+    (clip only), two multiply-reductions with no temporary for a per-tensor step. A zero point
+    that is zero everywhere (every symmetric and unsigned grid) skips its two passes.
+    """
+
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through):
         xs = x / scale
-        q = torch.clamp(round_(xs + zero_point, round_mode), qmin, qmax)
+        shifted = bool(torch.any(zero_point != 0))
+        q = round_(xs + zero_point if shifted else xs, round_mode).clamp_(qmin, qmax)
         ctx.save_for_backward(xs, q, zero_point, scale)
-        ctx.cfg = (qmin, qmax, round_mode, scale_grad, grad_scale, pass_through)
-        return (q - zero_point) * scale
+        ctx.cfg = (qmin, qmax, scale_grad, grad_scale, pass_through, shifted)
+        return (q - zero_point) * scale if shifted else q * scale
 
     @staticmethod
     def backward(ctx, grad):
         xs, q, zero_point, scale = ctx.saved_tensors
-        qmin, qmax, round_mode, scale_grad, grad_scale, pass_through = ctx.cfg
-        pre = xs + zero_point  # unrounded code: the clip test of LSQ Eq. 3 and PACT Eq. 3
-        below, above = pre <= qmin, pre >= qmax
-        inside = ~(below | above)
-        grad_x = grad if pass_through else grad * inside
+        qmin, qmax, scale_grad, grad_scale, pass_through, shifted = ctx.cfg
+        pre = xs + zero_point if shifted else xs
+        inside = (pre > qmin) & (pre < qmax)
+        grad_inside = grad * inside
+        grad_x = grad if pass_through else grad_inside
         grad_s = None
         if scale_grad is not None and ctx.needs_input_grad[1]:
-            local = torch.where(below, qmin - zero_point, torch.where(above, qmax - zero_point, torch.zeros_like(xs)))
+            code = q - zero_point if shifted else q  # x_hat / s
             if scale_grad == "lsq":
-                local = local + inside * (round_(pre, round_mode) - pre)
-            grad_s = _sum_to(grad * local, scale.shape) * grad_scale
+                grad_s = _dot_to(grad, code, scale.shape) - _dot_to(grad_inside, xs, scale.shape)
+            else:
+                grad_s = _dot_to(grad - grad_inside, code, scale.shape)
+            grad_s = grad_s * grad_scale
         return grad_x, grad_s, None, None, None, None, None, None, None
+
+
+def _dot_to(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``a * b`` summed back to ``shape``; one fused dot product when ``shape`` is a single step."""
+    if math.prod(shape) == 1 and a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1)).reshape(shape)
+    return _sum_to(a * b, shape)
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
