@@ -2,19 +2,25 @@
 
     python benchmarks/qat.py [--models resnet20] [--recipes faq-w8a8,faq-w4a4,lsq-w4a4,...]
                              [--epochs N] [--distill]
+    python benchmarks/qat.py --recipes ''      # rebuild the section from docs/results/qat.json
 
 Protocol (the comparison protocol of the project brief): start from the shipped FP
 checkpoint, first and last layers 8-bit, quantizers calibrated on 512 held-out training images,
 fine-tune on the train split with each recipe's ``qat:`` settings (``--epochs`` overrides),
 no distillation unless ``--distill``; report Fashion-MNIST test top-1. ``minmax-w2a2`` is the
 naive baseline: min-max 2-bit quantizers fine-tuned with the same steps as ``lsq-w2a2``.
-Writes the 'qat' section of docs/RESULTS.md and docs/qat_accuracy_vs_bits.png.
+
+Each run's rows are kept in ``docs/results/qat.json`` (keyed by model, recipe and distillation,
+with the commit that produced them), and the 'qat' section of docs/RESULTS.md and
+docs/qat_accuracy_vs_bits.png are rebuilt from every stored row: a run of some recipes (an hour of
+CPU for all of them) updates those rows and leaves the others as measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import ROOT, write_section  # noqa: E402
+from results_page import COMMIT, ROOT, write_section  # noqa: E402
 
 from lowbit.qat.pipeline import run_qat  # noqa: E402
 from lowbit.recipe import load_recipe  # noqa: E402
@@ -32,6 +38,30 @@ from lowbit.zoo import pretrained  # noqa: E402
 SEED = 0
 RECIPES = ["faq-w8a8", "faq-w4a4", "lsq-w4a4", "lsq-w3a3", "lsq-w2a2", "pact-sawb-w2a2", "minmax-w2a2"]
 BITS = {"w8a8": 8, "w4a4": 4, "w3a3": 3, "w2a2": 2}
+STORE = ROOT / "docs" / "results" / "qat.json"
+
+
+def load_rows() -> dict[str, dict]:
+    return json.loads(STORE.read_text()) if STORE.is_file() else {}
+
+
+def save_rows(rows: dict[str, dict]) -> None:
+    STORE.parent.mkdir(parents=True, exist_ok=True)
+    STORE.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+
+
+def table(rows: dict[str, dict]) -> str:
+    """Markdown table of the stored rows: models in first-seen order, recipes in RECIPES order."""
+    models = list(dict.fromkeys(r["model"] for r in rows.values()))
+    order = {r: i for i, r in enumerate(RECIPES)}
+    lines = ["| model | recipe | W/A bits | epochs | steps | LR (schedule) | distillation | test top-1 (%) | "
+             "delta vs FP | fine-tune time (min) | commit |",
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|---|"]
+    for r in sorted(rows.values(), key=lambda r: (models.index(r["model"]), order.get(r["recipe"], 99), r["distill"])):
+        lines.append(f"| {r['model']} | {r['recipe']} | W{r['bits']}A{r['bits']} | {r['epochs']} | {r['steps']} | "
+                     f"{r['lr']:g} ({r['schedule']}) | {'yes' if r['distill'] else 'no'} | {r['test_top1']:.2f} | "
+                     f"{r['test_top1'] - r['fp_top1']:+.2f} | {r['minutes']:.1f} | {r['commit']} |")
+    return "\n".join(lines)
 
 
 def minmax_w2a2() -> dict:
@@ -46,16 +76,14 @@ def minmax_w2a2() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="resnet20")
-    ap.add_argument("--recipes", default=",".join(RECIPES))
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="'' only rebuilds the section from the stored rows")
     ap.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     ap.add_argument("--distill", action="store_true", help="distil from the FP model (off in the protocol)")
     args = ap.parse_args()
-    rows = ["| model | recipe | W/A bits | epochs | steps | test top-1 (%) | delta vs FP | fine-tune time (min) |",
-            "|---|---|---|---:|---:|---:|---:|---:|"]
-    points = []
-    for name in args.models.split(","):
+    rows = load_rows()
+    for name in args.models.split(",") if args.recipes else []:
         model = pretrained(name)
-        for recipe in args.recipes.split(","):
+        for recipe in [r for r in args.recipes.split(",") if r]:
             spec = minmax_w2a2() if recipe == "minmax-w2a2" else recipe
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
@@ -63,19 +91,24 @@ def main() -> None:
                 result = run_qat(copy.deepcopy(model), model_name=name, dataset="fashion-mnist", recipe=spec,
                                  checkpoint_dir=tmp, epochs=args.epochs, seed=SEED, teacher=args.distill,
                                  progress=False, log=lambda s: None)
-            minutes = (time.perf_counter() - start) / 60
-            bits = BITS[recipe.rsplit("-", 1)[1]]
-            epochs = result["config"]["epochs"]
-            rows.append(f"| {name} | {recipe} | W{bits}A{bits} | {epochs} | {result['steps']} | "
-                        f"{result['test_top1']:.2f} | {result['test_top1'] - result['fp_top1']:+.2f} | {minutes:.1f} |")
-            points.append((name, recipe, bits, result["test_top1"], result["fp_top1"]))
-            print(rows[-1], flush=True)
+            cfg = result["config"]
+            row = {"model": name, "recipe": recipe, "bits": BITS[recipe.rsplit("-", 1)[1]], "epochs": cfg["epochs"],
+                   "steps": result["steps"], "lr": cfg["lr"], "schedule": cfg["schedule"],
+                   "distill": bool(args.distill), "test_top1": round(result["test_top1"], 2),
+                   "fp_top1": round(result["fp_top1"], 2), "minutes": round((time.perf_counter() - start) / 60, 1),
+                   "commit": COMMIT}
+            rows[f"{name}/{recipe}" + ("/distill" if args.distill else "")] = row
+            save_rows(rows)
+            print(table({"new": row}).splitlines()[-1], flush=True)
+    points = [(r["model"], r["recipe"], r["bits"], r["test_top1"], r["fp_top1"]) for r in rows.values()
+              if not r["distill"]]
     plot = write_plot(points, ROOT / "docs" / "qat_accuracy_vs_bits.png")
     body = ("Fashion-MNIST test top-1 after quantization-aware fine-tuning from the shipped FP checkpoints; "
-            "first and last layers 8-bit, quantizers calibrated on 512 held-out training images, "
-            f"{'with' if args.distill else 'no'} distillation; recipes in `lowbit/recipes/` (their epochs and "
-            "learning rates are scaled down to a 2-core CPU and say so).\n\n" + "\n".join(rows)
-            + (f"\n\n![accuracy vs bits]({plot.name})" if plot else ""))
+            "first and last layers 8-bit, quantizers calibrated on 512 held-out training images; recipes in "
+            "`lowbit/recipes/` (their epochs and learning rates are scaled down to a 2-core CPU and say so). "
+            "Rows come from `docs/results/qat.json`, each with the commit that produced it; the time column "
+            "includes calibration and the test evaluations.\n\n" + table(rows)
+            + ("\n\n![accuracy vs bits, no distillation](qat_accuracy_vs_bits.png)" if plot else ""))
     write_section("qat", "Quantization-aware fine-tuning", body, SEED)
 
 
