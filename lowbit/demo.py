@@ -42,7 +42,9 @@ class DemoMethod:
 
     ``finetune_steps``: quantization-aware fine-tuning steps after calibration (0: post-training
     only). ``mixed_budget``: choose per-layer precision with EAGL at this fraction of the
-    uniform ``recipe`` model's bit-operations first (candidates W4A4 / W2A2).
+    uniform ``recipe`` model's bit-operations first (candidates W4A4 / W2A2; raised to the
+    all-W2A2 cost where that is higher, as for the MLP, whose 8-bit first and last layers
+    hold most of its bit-operations).
     """
 
     method: str
@@ -71,10 +73,12 @@ def build(m: DemoMethod, model: torch.nn.Module, calib, train, *, quick: bool = 
 
     recipe, w_bits, a_bits = load_recipe(m.recipe), m.w_bits, m.a_bits
     if m.mixed_budget is not None:
-        from lowbit.mixed import select_precision
+        from lowbit.mixed import build_space, select_precision
 
         example = next(iter(calib))[0][:1]
-        selection = select_precision(model, m.mixed_budget, "eagl", recipe=m.recipe, example_input=example,
+        lo, hi = build_space(model, m.recipe, example_input=example).bounds()
+        budget = max(m.mixed_budget, lo / hi)  # a model whose fixed first/last layers dominate: all low
+        selection = select_precision(model, budget, "eagl", recipe=m.recipe, example_input=example,
                                      log=lambda s: None)
         recipe = selection.recipe()
         totals = selection.totals()
