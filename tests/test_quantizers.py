@@ -989,3 +989,15 @@ def test_lsq_mse_init_has_less_error_than_paper_init_and_is_checked():
     assert errs["mse"] < 0.8 * errs["paper"]
     with pytest.raises(ValueError, match="LSQ init"):
         LSQQuantizer(4, init="max")
+
+
+def test_mse_optimal_step_subsample_bounds_work_and_stays_close():
+    from lowbit.quant.grid import Granularity
+    from lowbit.quant.mse_step import mse_optimal_step
+
+    v = torch.randn(400_000, generator=_gen(83)) ** 3  # heavy tails: the optimum clips well inside the max
+    full = mse_optimal_step(v, Granularity(), -8, 7)
+    sampled = mse_optimal_step(v, Granularity(), -8, 7, max_elements=1 << 14)
+    assert float(sampled) == pytest.approx(float(full), rel=0.05)
+    assert torch.equal(mse_optimal_step(v[:1000], Granularity(), -8, 7, max_elements=1 << 14),
+                       mse_optimal_step(v[:1000], Granularity(), -8, 7))  # small tensors: untouched
