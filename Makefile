@@ -47,8 +47,7 @@ demo: venv data
 	$(VENV)/bin/lowbit demo
 
 bench: venv data
-	@if [ -f benchmarks/run_all.sh ]; then bash benchmarks/run_all.sh; \
-	else echo "benchmarks/run_all.sh not present yet: nothing to run"; fi
+	bash benchmarks/run_all.sh
 
 clean-venv:
 	rm -rf $(VENV)
