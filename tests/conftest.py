@@ -1,7 +1,16 @@
 """Shared test settings."""
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (same seed, same result, in CI too);
+# HYPOTHESIS_PROFILE=explore draws fresh ones, to hunt for new counterexamples.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True, scope="session")

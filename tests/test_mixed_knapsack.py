@@ -141,3 +141,17 @@ def test_additivity_check(space):
 
     res = additivity_check(space, drops, interacting, 90.0, combos=[space.candidates[:2]])
     assert res["rows"][0]["error"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("costs", [[[11, 2], [25, 24]], [[25, 24], [11, 2]], [[3, 2], [32, 24]]])
+def test_budget_equal_to_the_cheapest_cost_up_to_rounding(costs):
+    """Float costs whose budget is the cheapest assignment's cost up to rounding (found by hypothesis):
+    the solver returns the cheapest assignment, never an overflowed or over-budget one."""
+    fcosts = [[c * 0.37 + 0.011 * j for j, c in enumerate(cs)] for cs in costs]
+    cheapest = sum(min(cs) for cs in fcosts)
+    for budget in (cheapest, cheapest * (1 + 1e-15), 26 * 0.37 + 0.011 * 2):  # the last: the test's own sum
+        sol = solve_knapsack([[0.0, 0.0], [0.0, 0.0]], fcosts, budget, resolution=5000)
+        assert sol.cost <= max(budget, cheapest) + 1e-9
+        assert sol.cost == pytest.approx(cheapest)
+    tiny = solve_knapsack([[1.0, 0.0], [1.0, 0.0]], [[1000.0, 0.0], [1000.0, 0.0]], 1e-6, resolution=5000)
+    assert tiny.choice == [1, 1] and tiny.cost == 0.0

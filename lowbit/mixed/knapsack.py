@@ -61,7 +61,8 @@ def solve_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[f
     cap = float(capacity) - base
     if cap < -1e-9 * max(1.0, abs(base)):
         raise RecipeError(f"budget {capacity:,.0f} is below the cheapest assignment's cost {base:,.0f}")
-    cap = max(cap, 0.0)
+    if cap <= 1e-9 * max(1.0, abs(base)):  # at the cheapest cost up to float rounding: nothing extra fits
+        cap = 0.0
     extra = [c - c.min() for c in cs]
     everything = np.concatenate(extra) if n else np.zeros(0)
     exact = False
@@ -82,7 +83,8 @@ def solve_knapsack(values: Sequence[Sequence[float]], costs: Sequence[Sequence[f
             C = 0
         else:
             scale = cap / resolution
-            units = [np.ceil(e / scale - 1e-9).astype(np.int64) for e in extra]
+            # an option dearer than the whole budget never fits: clamp before the int cast (no overflow)
+            units = [np.minimum(np.ceil(e / scale - 1e-9), resolution + 1).astype(np.int64) for e in extra]
             C = min(resolution, int(sum(u.max() for u in units)))
     dp = np.zeros(C + 1)
     choice = np.zeros((n, C + 1), dtype=np.int32)
