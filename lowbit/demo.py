@@ -71,22 +71,22 @@ def build(m: DemoMethod, model: torch.nn.Module, calib, train, *, quick: bool = 
     from lowbit.qat import finetune
     from lowbit.recipe import load_recipe
 
-    recipe, w_bits, a_bits = load_recipe(m.recipe), m.w_bits, m.a_bits
+    base = load_recipe(m.recipe)
+    recipe, w_bits, a_bits = base, m.w_bits, m.a_bits
     if m.mixed_budget is not None:
-        from lowbit.mixed import build_space, select_precision
+        from lowbit.mixed import build_space, select
 
-        example = next(iter(calib))[0][:1]
-        lo, hi = build_space(model, m.recipe, example_input=example).bounds()
+        space = build_space(model, base, example_input=next(iter(calib))[0][:1])
+        lo, hi = space.bounds()
         budget = max(m.mixed_budget, lo / hi)  # a model whose fixed first/last layers dominate: all low
-        selection = select_precision(model, budget, "eagl", recipe=m.recipe, example_input=example,
-                                     log=lambda s: None)
+        selection = select(space, budget, "eagl", model=model)
         recipe = selection.recipe()
         totals = selection.totals()
         w_bits, a_bits = round(totals["mean_w_bits"], 2), round(totals["mean_a_bits_by_macs"], 2)
     qmodel = lowbit.quantize(model, recipe, calib_data=calib)
     if m.finetune_steps:
         steps = max(1, m.finetune_steps // 10) if quick else m.finetune_steps
-        config = dict(load_recipe(m.recipe).sections.get("qat", {}), max_steps=steps, progress=False, log_every=0)
+        config = dict(base.sections.get("qat", {}), max_steps=steps, progress=False, log_every=0)
         finetune(qmodel, train, config=config, log=lambda s: None)
         qmodel.eval()
     return qmodel, w_bits, a_bits
