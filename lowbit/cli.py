@@ -97,7 +97,8 @@ def cmd_qat(args) -> None:
     run_qat(model, model_name=args.model, dataset=args.dataset, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
             batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, teacher=args.teacher,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
-            calib_images=args.calib_images, augment=args.augment, data_dir=args.data_dir)
+            calib_images=args.calib_images, data_dir=args.data_dir,
+            augment=True if args.augment is None and args.weights else args.augment)
 
 
 def cmd_mixed(args) -> None:
@@ -167,7 +168,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, help="override the recipe's seed")
     sp.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
                     help="distil from the float model (default: on)")
-    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
+    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                    help="crop/flip the training images (default: as the zoo checkpoint was trained; on with --weights)")
     sp.add_argument("--checkpoint-dir", help="checkpoints, metrics.jsonl and the fine-tuned model "
                     "(default: lowbit-qat/MODEL-RECIPE)")
     sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")

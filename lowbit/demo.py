@@ -33,7 +33,7 @@ import lowbit
 from lowbit.data.datasets import make_loader
 from lowbit.evaluate import evaluate
 from lowbit.progress import progress
-from lowbit.zoo import pretrained
+from lowbit.zoo import pretrained, trained_with_augment
 
 
 @dataclass
@@ -107,7 +107,7 @@ def run_demo(out: str | Path = "lowbit-demo", *, model_name: str = "resnet20", d
     fp_size = 4 * sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
     rows = [{"method": "full precision", "w_bits": 32, "a_bits": 32, "accuracy": round(fp, 2),
              "size_bytes": fp_size, "seconds": 0.0}]
-    train = make_loader(dataset, "train", 128, shuffle=True, augment=True, seed=0)
+    train = make_loader(dataset, "train", 128, shuffle=True, augment=trained_with_augment(model_name, dataset), seed=0)
     for m in METHODS:
         start = time.perf_counter()
         qmodel, w_bits, a_bits = build(m, model, calib, train, quick=quick)

@@ -202,6 +202,13 @@ def test_pretrained_uses_the_dataset_input_size(tmp_path, monkeypatch):
     assert zoo.checkpoint_meta("vgg", "digits") == {}
 
 
+def test_fine_tuning_augmentation_follows_the_checkpoint():
+    # the MLP was trained on unaugmented images, the conv nets with crop/flip; unknown models: on
+    assert zoo.trained_with_augment("mlp") is False
+    assert zoo.trained_with_augment("resnet20") is True
+    assert zoo.trained_with_augment("resnet20", "digits") is True
+
+
 # --------------------------------------------------------------------------- training
 
 def test_cosine_warmup_values():

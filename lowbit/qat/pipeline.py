@@ -25,14 +25,19 @@ from lowbit.qat.trainer import finetune
 
 def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, checkpoint_dir=None, epochs=None, lr=None,
             batch_size=None, max_steps=None, seed=None, teacher: bool = True, resume: bool = False,
-            calib_images: int = 512, augment: bool = True, data_dir=None, progress=None, log=print) -> dict:
+            calib_images: int = 512, augment: bool | None = None, data_dir=None, progress=None, log=print) -> dict:
+    """``augment=None`` fine-tunes with the augmentation the shipped checkpoint of ``model_name``
+    was trained with (:func:`lowbit.zoo.trained_with_augment`; on for models the zoo does not know)."""
     import lowbit
     from lowbit.data.datasets import make_loader
     from lowbit.evaluate import evaluate
     from lowbit.recipe import load_recipe
     from lowbit.serialize import save_quantized
+    from lowbit.zoo import trained_with_augment
 
     recipe_obj = load_recipe(recipe)
+    if augment is None:
+        augment = trained_with_augment(model_name, dataset)
     name = recipe_obj.sections.get("name") or Path(str(recipe)).stem
     checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else Path("lowbit-qat") / f"{model_name}-{name}"
     cfg = FinetuneConfig.from_recipe(recipe_obj, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,

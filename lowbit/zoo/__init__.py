@@ -62,3 +62,10 @@ def pretrained(name: str, dataset: str = "fashion-mnist") -> nn.Module:
 def checkpoint_meta(name: str, dataset: str = "fashion-mnist") -> dict:
     side = sidecar_path(checkpoint_path(name, dataset))
     return json.loads(side.read_text()) if side.is_file() else {}
+
+
+def trained_with_augment(name: str, dataset: str = "fashion-mnist") -> bool:
+    """Whether the shipped checkpoint was trained with crop/flip augmentation (its sidecar's
+    ``config.augment``; True when unrecorded). Fine-tuning should match it: the MLP, trained
+    without augmentation, lost 0.6 points in one epoch of W8A8 fine-tuning on augmented images."""
+    return bool(checkpoint_meta(name, dataset).get("config", {}).get("augment", True))
