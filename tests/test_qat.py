@@ -370,6 +370,58 @@ def test_batch_norm_freezes_after_n_steps(pretrained):
     assert q.training is False  # the model's mode is restored (it came in eval mode)
 
 
+def test_batch_norm_reestimation_is_the_plain_average_of_batch_statistics(pretrained):
+    q = lowbit.quantize(pretrained, "lsq-w2a2", calib_data=loader("calib"), calib_batches=2)
+    data = loader("calib", batch=50, limit=150)
+    quantizer_state = {k: v.clone() for k, v in q.state_dict().items() if "quantizer" in k}
+    # by hand: the BN input of each batch, its per-channel mean and unbiased variance, averaged
+    feats = []
+    hook = q.bn1.register_forward_hook(lambda m, inp, out: feats.append(inp[0].detach()))
+    with torch.no_grad():
+        for x, _ in data:
+            q.eval()(x)
+    hook.remove()
+    means = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats])
+    variances = torch.stack([f.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for f in feats])
+    q.bn1.momentum = 0.1
+    q.train()
+    assert lowbit.qat.reestimate_batchnorm(q, data, batches=3) == 3
+    assert torch.allclose(q.bn1.running_mean, means.mean(0), atol=1e-6)
+    assert torch.allclose(q.bn1.running_var, variances.mean(0), rtol=1e-5)
+    assert q.bn1.momentum == 0.1 and q.training and q.bn1.training  # modes and momentum restored
+    assert all(torch.equal(v, q.state_dict()[k]) for k, v in quantizer_state.items())  # quantizers untouched
+
+
+def test_batch_norm_reestimation_keeps_the_statistics_when_it_gets_no_data(pretrained):
+    model = copy.deepcopy(pretrained)
+    before = model.bn1.running_mean.clone()
+    with pytest.raises(ValueError, match="no batches"):
+        lowbit.qat.reestimate_batchnorm(model, [], batches=4)
+    assert torch.equal(model.bn1.running_mean, before)
+    with pytest.raises(ValueError, match="at least one batch"):
+        lowbit.qat.reestimate_batchnorm(model, loader("calib"), batches=0)
+    with pytest.raises(RecipeError, match="bn_reestimate_batches"):
+        FinetuneConfig(bn_reestimate_batches=-1)
+
+
+def test_finetune_reestimates_batch_norm_after_the_last_step(pretrained):
+    cfg = FinetuneConfig(epochs=2, lr=0.01, tensorboard=False)
+    runs = []
+    for batches in (0, 3):
+        q = lowbit.quantize(pretrained, "lsq-w4a4", calib_data=loader("calib"), calib_batches=2)
+        finetune(q, loader(limit=512), config=cfg.replace(bn_reestimate_batches=batches), log=quiet)
+        runs.append(q)
+    plain, reestimated = runs
+    weights = [k for k, v in plain.state_dict().items() if "running" not in k and v.is_floating_point()]
+    assert all(torch.equal(plain.state_dict()[k], reestimated.state_dict()[k]) for k in weights)  # same training
+    assert not torch.allclose(plain.bn1.running_mean, reestimated.bn1.running_mean)
+    data = loader(limit=512)
+    data.set_epoch(1)  # the last epoch's batch order
+    lowbit.qat.reestimate_batchnorm(plain, data, batches=3)
+    assert torch.equal(plain.bn1.running_mean, reestimated.bn1.running_mean)
+    assert torch.equal(plain.bn1.running_var, reestimated.bn1.running_var)
+
+
 def test_gradient_clipping_bounds_the_update(pretrained):
     q = lowbit.quantize(pretrained, "lsq-w4a4", calib_data=loader("calib"), calib_batches=2)
     before = [p.detach().clone() for p in q.parameters()]

@@ -5,10 +5,12 @@
     lowbit.finetune(qmodel, train_loader, teacher=model, config=lowbit.FinetuneConfig.from_recipe("lsq-w4a4"))
 """
 
+from lowbit.qat.batchnorm import reestimate_batchnorm
 from lowbit.qat.config import FinetuneConfig
 from lowbit.qat.distill import TeacherMismatchError, distillation_loss
 from lowbit.qat.schedule import LRSchedule
 from lowbit.qat.state import NonFiniteError
 from lowbit.qat.trainer import finetune
 
-__all__ = ["FinetuneConfig", "LRSchedule", "NonFiniteError", "TeacherMismatchError", "distillation_loss", "finetune"]
+__all__ = ["FinetuneConfig", "LRSchedule", "NonFiniteError", "TeacherMismatchError", "distillation_loss", "finetune",
+           "reestimate_batchnorm"]

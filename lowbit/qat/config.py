@@ -44,7 +44,9 @@ class FinetuneConfig:
     ``weight_decay`` (the paper's lambda_alpha) unless ``pact_weight_decay`` is set.
 
     ``freeze_bn_epochs`` / ``freeze_bn_steps``: after that many, batch norm layers run in eval
-    mode (running statistics frozen). Distillation (when a teacher is given):
+    mode (running statistics frozen). ``bn_reestimate_batches``: after the last step, recompute
+    every batch-norm layer's statistics as the average over that many training batches with the
+    final weights (:mod:`lowbit.qat.batchnorm`; 0: off). Distillation (when a teacher is given):
     ``loss = (1 - distill_weight) CE + distill_weight T^2 KL(teacher || student)`` with
     ``T = temperature``. ``grad_clip``: max gradient norm. ``max_steps`` caps the run.
 
@@ -73,6 +75,7 @@ class FinetuneConfig:
     pact_weight_decay: float | None = None
     freeze_bn_epochs: float | None = None
     freeze_bn_steps: int | None = None
+    bn_reestimate_batches: int = 0
     distill_weight: float = 0.5
     temperature: float = 1.0
     grad_clip: float | None = None
@@ -122,7 +125,8 @@ class FinetuneConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
-_INT = {"epochs", "batch_size", "warmup_steps", "seed", "checkpoint_every", "log_every", "calib_batches"}
+_INT = {"epochs", "batch_size", "warmup_steps", "seed", "checkpoint_every", "log_every", "calib_batches",
+        "bn_reestimate_batches"}
 _OPT_INT = {"freeze_bn_steps", "max_steps"}
 _FLOAT = {"lr", "momentum", "weight_decay", "final_lr", "gamma", "warmup_epochs", "quantizer_lr_mult",
           "quantizer_weight_decay", "distill_weight", "temperature"}
@@ -214,6 +218,7 @@ def _validate(c: FinetuneConfig) -> None:
     need(c.freeze_bn_steps is None or c.freeze_bn_steps >= 0, "freeze_bn_steps", "must be >= 0 or null")
     need(c.freeze_bn_epochs is None or c.freeze_bn_steps is None, "freeze_bn_steps",
          "set freeze_bn_epochs or freeze_bn_steps, not both")
+    need(c.bn_reestimate_batches >= 0, "bn_reestimate_batches", "must be >= 0 (0: off)")
     need(0.0 <= c.distill_weight <= 1.0, "distill_weight", "must be in [0, 1]")
     need(c.temperature > 0, "temperature", "must be > 0")
     need(c.grad_clip is None or c.grad_clip > 0, "grad_clip", "must be > 0 or null")

@@ -30,6 +30,7 @@ from lowbit.errors import CheckpointError
 from lowbit.evaluate import evaluate
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
+from lowbit.qat.batchnorm import reestimate_batchnorm
 from lowbit.qat.config import BOOKKEEPING, FinetuneConfig
 from lowbit.qat.distill import TeacherMismatchError, check_teacher_output, distillation_loss
 from lowbit.qat.optim import build_optimizer, clamp_quantizer_parameters, set_lr
@@ -308,6 +309,8 @@ class _Run:
                     self.save(epoch)
                 if self.on_step is not None:
                     self.on_step({"step": self.step, "epoch": epoch, "batch": index, "model": self.model, **info})
+            if self.step >= self.total and cfg.bn_reestimate_batches:
+                self.reestimate_bn(epoch)
             self.end_epoch(epoch, start)
         self.finish()
         last = self.history[-1] if self.history else {}
@@ -315,6 +318,16 @@ class _Run:
                 "seconds": round(time.time() - start, 3), "config": cfg.to_dict(),
                 "checkpoint": str(checkpoint_paths(self.dir)[0]) if self.dir is not None else None,
                 "rank": self.dist.rank, "world_size": self.dist.world_size}
+
+    def reestimate_bn(self, epoch: int) -> None:
+        """Batch-norm statistics from the final weights (:mod:`lowbit.qat.batchnorm`). Every rank
+        runs the same whole batches of the epoch's order, so all ranks get the same statistics."""
+        _set_epoch(self.train_data, epoch)
+        used = reestimate_batchnorm(self.model, (_split_batch(b)[0] for b in self.train_data),
+                                    self.cfg.bn_reestimate_batches)
+        self._bn_mode()
+        if used:
+            self.log(f"re-estimated batch-norm statistics on {used} training batches")
 
     def end_epoch(self, epoch: int, start: float) -> None:
         loss, acc = self._global("epoch")
