@@ -14,6 +14,11 @@ frozen, the statistics are re-estimated as the plain average over ``batches`` tr
 
 Only the batch-norm layers run in training mode; every quantizer stays in eval mode, so no
 observer, range or dynamic weight grid changes.
+
+Off by default (``bn_reestimate_batches: 0``): after the shipped recipes' cosine decay to a zero
+learning rate the weights have stopped moving and the running averages already fit them; on the
+MobileNet-style model after 3 epochs of ``lsq-w2a2`` it measured 87.05 % with 50 batches against
+87.08 % without (full test set, one run). It is for schedules that end at a high learning rate.
 """
 
 from __future__ import annotations
