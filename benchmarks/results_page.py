@@ -36,12 +36,13 @@ def machine() -> str:
 
 def git_commit() -> str:
     """The checked-out commit, ``+uncommitted changes`` if tracked files other than the results
-    (``docs/RESULTS.md`` and its plots, which the suites write) differ from it."""
+    (``docs/RESULTS.md``, its plots and the row stores in ``docs/results/``, which the suites
+    write) differ from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!docs/RESULTS.md", ":!docs/*.png"], cwd=ROOT, capture_output=True,
+                                ":!docs/RESULTS.md", ":!docs/*.png", ":!docs/results/"], cwd=ROOT, capture_output=True,
                                text=True).stdout.strip()
         return sha + ("+uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
