@@ -144,22 +144,39 @@ def main() -> None:
 
 
 def write_plot(points, path: Path):
+    """One panel per model: test top-1 against bits for each method (faq-*, lsq-* joined across
+    bit widths), the FP accuracy dashed; points below the panel's range (a collapsed min-max run)
+    sit on its lower edge with their value written next to them."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for recipe in dict.fromkeys(p[1] for p in points):
-        pts = sorted((p[2], p[3]) for p in points if p[1] == recipe)
-        ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=recipe)
-    for name in dict.fromkeys(p[0] for p in points):
-        ax.axhline(next(p[4] for p in points if p[0] == name), color="grey", ls="--", lw=0.8)
-    ax.set_xlabel("weight / activation bits")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_xticks([2, 3, 4, 8])
-    ax.legend(fontsize=7)
+    models = sorted({p[0] for p in points}, key=lambda m: (MODELS + [m]).index(m))
+    methods = list(dict.fromkeys(r.rsplit("-", 1)[0] for r in RECIPES))
+    methods += sorted({p[1].rsplit("-", 1)[0] for p in points} - set(methods))
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.4), dpi=120, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [p for p in points if p[0] == model]
+        fp = mine[0][4]
+        floor = min(p[3] for p in mine if not p[1].startswith("minmax")) - 1.0
+        for method in methods:
+            pts = sorted((p[2], p[3]) for p in mine if p[1].rsplit("-", 1)[0] == method)
+            if pts:
+                ax.plot([b for b, _ in pts], [max(a, floor) for _, a in pts], marker="o", label=method,
+                        color=colour[method])
+            for b, a in pts:
+                if a < floor:
+                    ax.annotate(f"{a:.1f}", (b, floor), textcoords="offset points", xytext=(6, 2), fontsize=7)
+        ax.axhline(fp, color="grey", ls="--", lw=0.8, label="FP")
+        ax.set_ylim(floor - 0.3, fp + 1.0)
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("weight / activation bits")
+        ax.set_xticks([2, 3, 4, 8])
+    axes[0][0].set_ylabel("test top-1 (%)")
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
