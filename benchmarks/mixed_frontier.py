@@ -310,8 +310,8 @@ def main() -> None:
     if r50 is not None:
         checks.append(f"EAGL selection (one thread) on a random ResNet-50-sized model "
                       f"({r50['params'] / 1e6:.1f} M parameters, {r50['candidates']} candidates): "
-                      f"{r50['eagl_seconds']:.2f} s (target < 1 s): "
-                      f"{'PASS' if r50['eagl_seconds'] < 1.0 else 'FAIL'}; its MAC trace at 224x224 (shared by "
+                      f"{r50['eagl_seconds']:.2f} s (no target; timed during this run, which may share the "
+                      f"machine: the eagl-speed section times it alone); its MAC trace at 224x224 (shared by "
                       f"every method): {r50['trace_seconds']:.2f} s")
     for c in checks:
         print(c)
