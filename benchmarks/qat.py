@@ -60,7 +60,7 @@ def model_order(rows: dict[str, dict]) -> list[str]:
 
 
 def table(rows: dict[str, dict]) -> str:
-    """Markdown table of the stored rows: models in first-seen order, recipes in RECIPES order."""
+    """Markdown table of the stored rows: models in MODELS order, recipes in RECIPES order."""
     models = model_order(rows)
     order = {r: i for i, r in enumerate(RECIPES)}
     lines = ["| model | recipe | W/A bits | epochs | steps | LR (schedule) | distillation | test top-1 (%) | "
@@ -161,7 +161,7 @@ def write_plot(points, path: Path):
     for ax, model in zip(axes[0], models):
         mine = [p for p in points if p[0] == model]
         fp = mine[0][4]
-        floor = min(p[3] for p in mine if not p[1].startswith("minmax")) - 1.0
+        floor = min((p[3] for p in mine if not p[1].startswith("minmax")), default=fp - 5.0) - 1.0
         for method in methods:
             pts = sorted((p[2], p[3]) for p in mine if p[1].rsplit("-", 1)[0] == method)
             if pts:
