@@ -10,6 +10,7 @@ import datetime
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ COMMIT = git_commit()  # taken when the suite starts: the code that produced its
 
 
 def stamp(seed: int) -> str:
-    cmd = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+    cmd = "python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
     return (f"_Command: `{cmd}` · seed {seed} · commit {COMMIT} · {datetime.date.today().isoformat()} · "
             f"machine: {machine()}_")
 
