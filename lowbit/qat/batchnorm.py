@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-_BN = nn.modules.batchnorm._BatchNorm
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # frozen or re-estimated
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def reestimate_batchnorm(model: nn.Module, data: Iterable, batches: int) -> int:
     the forward pass fails, the previous statistics are put back."""
     if batches < 1:
         raise ValueError(f"batch-norm re-estimation needs at least one batch, got {batches}")
-    norms = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
     if not norms:
         return 0
     was_training, momenta = model.training, [m.momentum for m in norms]

@@ -30,7 +30,7 @@ from lowbit.errors import CheckpointError
 from lowbit.evaluate import evaluate
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
-from lowbit.qat.batchnorm import reestimate_batchnorm
+from lowbit.qat.batchnorm import BATCH_NORMS, reestimate_batchnorm
 from lowbit.qat.config import BOOKKEEPING, FinetuneConfig
 from lowbit.qat.distill import TeacherMismatchError, check_teacher_output, distillation_loss
 from lowbit.qat.optim import build_optimizer, clamp_quantizer_parameters, set_lr
@@ -40,7 +40,6 @@ from lowbit.qat.state import (NonFiniteError, check_compatible, checkpoint_paths
 from lowbit.quant.base import Quantizer
 
 METRICS_FILE = "metrics.jsonl"
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def resolve_config(config, qmodel: nn.Module) -> FinetuneConfig:
@@ -224,7 +223,7 @@ class _Run:
         self.net.train()
         if self.freeze_at is not None and self.step >= self.freeze_at:
             for m in self.model.modules():
-                if isinstance(m, _BN):
+                if isinstance(m, BATCH_NORMS):
                     m.eval()
 
     # ----- one step ---------------------------------------------------------------------
