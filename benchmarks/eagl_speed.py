@@ -54,8 +54,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     body = (f"EAGL (entropy of each candidate layer's weights quantized at the `{args.recipe}` recipe's own "
             "W4 step, LSQ init `mse`; each column's candidate precisions, first and last layers fixed at 8 bits) "
-            "plus the "
-            "exact knapsack at the middle of the feasible bit-operation range; median of 5 selections on one "
+            "plus the exact knapsack at the middle of the feasible bit-operation range; median of 5 selections on one "
             "thread, after tracing the cost model once. No data is used. Target: under 1 s for the reference "
             "models.\n\n" + "\n".join(rows))
     write_section("eagl-speed", "Mixed precision: EAGL selection time", body, SEED)
