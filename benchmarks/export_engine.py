@@ -29,7 +29,7 @@ from results_page import write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.datasets import make_loader  # noqa: E402
-from lowbit.export import IntegerEngine, fp32_checkpoint_bytes  # noqa: E402
+from lowbit.deploy import IntegerEngine, fp32_checkpoint_bytes  # noqa: E402
 from lowbit.zoo import pretrained  # noqa: E402
 
 SEED = 0
@@ -49,7 +49,7 @@ def ort_session(path):
 
 @torch.no_grad()
 def measure(name: str, model, calib, test, int32_images: int, log) -> dict:
-    from lowbit.export.onnx import to_onnx
+    from lowbit.deploy.onnx import to_onnx
 
     qmodel = lowbit.quantize(model, RECIPES.get(name, name), calib_data=calib).eval()
     folder = Path(tempfile.mkdtemp())
@@ -129,7 +129,7 @@ def main() -> None:
                      f"{r['int8']:.2f}% ({r['int8'] - r['fq']:+.2f}) | {how.strip(', ')} | "
                      f"{r['size']:,} B ({fp32 / r['size']:.2f}x) |")
     body = (f"Shipped ResNet-20 on the Fashion-MNIST test set ({rows[0]['n']:,} images), 512 calibration images. "
-            "*engine*: `lowbit.export.IntegerEngine` reading the exported folder (integer tensors only, exact biases); "
+            "*engine*: `lowbit.deploy.IntegerEngine` reading the exported folder (integer tensors only, exact biases); "
             "*= fake-quant*: share of images with the same top-1 prediction as the fake-quantized model. Targets: "
             "engine = fake-quant >= 99.9 %, engine accuracy within 0.05 points, ONNX accuracy within 0.1 point. "
             "*int32 bias only*: the engine adding just the exported int32 bias (rounded to the accumulator grid), as "

@@ -10,7 +10,7 @@ Models (input 1x28x28, Fashion-MNIST-shaped):
   channels, 1x1 projection shortcuts, 11.2 M parameters) on 1x28x28 inputs, random weights.
 
 Each is quantized with ``ptq-w8a8`` (per-channel int8 weights, per-tensor uint8/int8 activations,
-512 calibration images) and exported with ``lowbit.export.to_onnx`` twice: the default, faithful
+512 calibration images) and exported with ``lowbit.deploy.to_onnx`` twice: the default, faithful
 QDQ graph (residual sums stay float, as in the fake-quant model, so onnxruntime cannot fuse the
 convs that feed them) and ``quantize_residual=True`` (8-bit grids on the conv outputs that feed
 residual additions, calibrated on the same images), which lets onnxruntime run every conv as
@@ -39,7 +39,7 @@ from results_page import write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.datasets import make_loader  # noqa: E402
-from lowbit.export.onnx import to_onnx  # noqa: E402
+from lowbit.deploy.onnx import to_onnx  # noqa: E402
 from lowbit.zoo import checkpoint_path, create_model, pretrained  # noqa: E402
 from lowbit.zoo.models import BasicBlock, conv_bn  # noqa: E402
 

@@ -3,16 +3,30 @@
     import lowbit
     qmodel = lowbit.quantize(model, "ptq-w8a8", calib_data=loader)
     print(lowbit.summary(qmodel))
+
+Two kinds of file, each with its own save/load pair:
+
+- a quantized model for further work (fine-tuning, evaluation): ``lowbit.save(qmodel, folder)`` /
+  ``lowbit.load(folder)``: float weights plus every quantizer's state, the recipe and metadata;
+- a deployment export: ``lowbit.export(qmodel, folder)`` / ``lowbit.load_export(folder)``: packed
+  integer weights, grids and the graph, read by the integer engine and the ONNX writer
+  (:mod:`lowbit.deploy`).
+
+Float weights (the zoo's checkpoints, users' ``.pt``/``.safetensors`` state dicts) load with
+:func:`lowbit.zoo.build_model` or :func:`lowbit.checkpoint.load_into`.
 """
 
-from lowbit import export  # the package, callable: lowbit.export(qmodel, path)
-from lowbit.export import load
+from lowbit import deploy, zoo
+from lowbit.deploy import export
+from lowbit.deploy import load as load_export
 from lowbit.mixed import select_precision
 from lowbit.prepare import calibrate, quantize
 from lowbit.qat import FinetuneConfig, finetune
 from lowbit.recipe import Recipe, list_recipes, load_recipe
+from lowbit.serialize import load, save
 from lowbit.summary import stored_size_bytes, summary
 
 __version__ = "0.1.0"
-__all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "export", "finetune", "list_recipes", "load",
-           "load_recipe", "quantize", "select_precision", "stored_size_bytes", "summary"]
+__all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "deploy", "export", "finetune", "list_recipes",
+           "load", "load_export", "load_recipe", "quantize", "save", "select_precision", "stored_size_bytes",
+           "summary", "zoo"]

@@ -5,7 +5,8 @@ A folder holds ``model.safetensors`` (the quantized model's state dict), ``recip
 the architecture (a zoo name, or the ``model`` you pass), re-applies the folding structure,
 prepares it with the recipe and loads the state strictly, so learned steps, calibrated grids,
 per-channel widths and frozen codes all come back as saved. This is lowbit's training-side
-checkpoint; the packed integer deployment format is ``lowbit.export``.
+checkpoint (``lowbit.save``/``lowbit.load``); the packed integer deployment format is
+``lowbit.export``/``lowbit.load_export``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ FORMAT = "lowbit-quantized"
 VERSION = 1
 
 
-def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None = None,
+def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None = None,
                    dataset: str | None = None, extra: dict | None = None) -> Path:
     report = getattr(qmodel, "lowbit_report", None)
     if report is None:
-        raise CheckpointError("save_quantized expects a model returned by lowbit.quantize")
+        raise CheckpointError("save expects a model returned by lowbit.quantize")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(qmodel, folder / "model.safetensors")
@@ -40,21 +41,24 @@ def save_quantized(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: 
     return folder
 
 
-def load_quantized(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save_quantized` (``model``: the float architecture, if not a zoo model)."""
+def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model saved by :func:`save` (``model``: the float architecture, if not a zoo model)."""
     from lowbit.prepare import quantize
 
     folder = Path(folder)
     meta_path = folder / "lowbit.json"
     if not meta_path.is_file():
-        raise CheckpointError(f"{folder}: no lowbit.json; not a folder written by lowbit.save_quantized")
+        if (folder / "manifest.json").is_file():
+            raise CheckpointError(f"{folder} is a deployment export (manifest.json); load it with "
+                                  "lowbit.load_export(folder)")
+        raise CheckpointError(f"{folder}: no lowbit.json; not a folder written by lowbit.save")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
                               f"{FORMAT!r} version {VERSION}; upgrade lowbit or re-save the model")
     if model is None:
         if not meta.get("model"):
-            raise CheckpointError(f"{meta_path}: names no zoo model; pass the float model: load_quantized(folder, model)")
+            raise CheckpointError(f"{meta_path}: names no zoo model; pass the float model: load(folder, model)")
         from lowbit.data.datasets import dataset_info
         from lowbit.zoo import create_model
         info = dataset_info(meta.get("dataset") or "fashion-mnist")

@@ -50,11 +50,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
-def train_fp(model: nn.Module, dataset: str, cfg: TrainConfig, *, log=print) -> dict:
-    """Train ``model`` in place on ``dataset``'s train split; returns a metadata dict."""
+def train_fp(model: nn.Module, dataset: str, cfg: TrainConfig, *, data_dir=None, log=print) -> dict:
+    """Train ``model`` in place on ``dataset``'s train split (files in ``data_dir``, default: the
+    system location); returns a metadata dict."""
     torch.manual_seed(cfg.seed)
-    train = make_loader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed)
-    test = make_loader(dataset, "test", 1000)
+    train = make_loader(dataset, "train", cfg.batch_size, shuffle=True, augment=cfg.augment, seed=cfg.seed,
+                        data_dir=data_dir)
+    test = make_loader(dataset, "test", 1000, data_dir=data_dir)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)

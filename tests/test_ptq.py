@@ -12,7 +12,7 @@ from lowbit.cli import main
 from lowbit.errors import RecipeError
 from lowbit.quant import make_quantizer
 from lowbit.quant.bias_correction import bias_correct
-from lowbit.serialize import load_quantized, save_quantized
+from lowbit.serialize import load, save
 from lowbit.zoo import checkpoint_path, create_model
 
 
@@ -171,14 +171,14 @@ def test_save_and_load_quantized_round_trip(tmp_path):
     model = create_model("resnet20", in_size=8).eval()
     x = torch.randn(8, 1, 8, 8)
     q = lowbit.quantize(model, "ptq-w4a4-aciq", calib_data=[x, x * 0.5])
-    save_quantized(q, tmp_path, model_name="resnet20", dataset="digits")
-    back = load_quantized(tmp_path)
+    save(q, tmp_path, model_name="resnet20", dataset="digits")
+    back = load(tmp_path)
     assert torch.equal(back(x), q(x))
     assert back.layer1[0].conv1.input_quantizer.channel_bits.numel() == 16
     assert back.layer1[0].conv1.weight_quantizer.frozen
     (tmp_path / "lowbit.json").write_text('{"format": "other", "version": 9}')
     with pytest.raises(Exception, match="format"):
-        load_quantized(tmp_path)
+        load(tmp_path)
 
 
 needs_fmnist = pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir()
@@ -208,4 +208,4 @@ def test_cli_ptq_prints_accuracy_and_saves(tmp_path, capsys):
                  "--no-evaluate", "--out", str(tmp_path / "q")]) == 0
     out = capsys.readouterr().out
     assert "aciq/ch" in out and "calibration + quantization" in out
-    assert (tmp_path / "q" / "model.safetensors").is_file() and load_quantized(tmp_path / "q") is not None
+    assert (tmp_path / "q" / "model.safetensors").is_file() and load(tmp_path / "q") is not None

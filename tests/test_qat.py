@@ -522,7 +522,7 @@ def test_recipes_quantize_and_carry_a_qat_section(pretrained):
 def test_cli_qat_fine_tunes_saves_and_resumes(tmp_path, capsys):
     from lowbit.checkpoint import save_checkpoint
     from lowbit.cli import main
-    from lowbit.serialize import load_quantized
+    from lowbit.serialize import load
     from lowbit.zoo import create_model
 
     torch.manual_seed(0)
@@ -539,7 +539,7 @@ def test_cli_qat_fine_tunes_saves_and_resumes(tmp_path, capsys):
     meta = json.loads((out / "lowbit.json").read_text())
     assert meta["qat"]["lr"] == 0.02 and meta["qat"]["max_steps"] == 3 and meta["recipe_name"] == "lsq-w3a3"
     assert json.loads((out / "last.json").read_text())["step"] == 3
-    reloaded = load_quantized(out)
+    reloaded = load(out)
     test = loader("test", 180)
     assert lowbit.evaluate.evaluate(reloaded, test)["top1"] == pytest.approx(meta["test_top1"])
 

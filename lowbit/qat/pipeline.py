@@ -7,7 +7,7 @@
    win), distilling from the float model unless told not to, validating on ``calib``;
 3. evaluate the float and fine-tuned models on ``test``;
 4. save the fine-tuned model (``model.safetensors``, ``recipe.yaml``, ``lowbit.json``: reload with
-   :func:`lowbit.serialize.load_quantized`) into ``checkpoint_dir`` (default
+   :func:`lowbit.load`) into ``checkpoint_dir`` (default
    ``lowbit-qat/MODEL-RECIPE``), next to the training checkpoint and ``metrics.jsonl``.
 
 Under ``torchrun`` every rank trains; rank 0 evaluates, prints and saves.
@@ -32,7 +32,7 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
     from lowbit.data.datasets import make_loader
     from lowbit.evaluate import evaluate
     from lowbit.recipe import load_recipe
-    from lowbit.serialize import save_quantized
+    from lowbit.serialize import save
     from lowbit.zoo import trained_with_augment
 
     recipe_obj = load_recipe(recipe)
@@ -57,8 +57,8 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
     log(lowbit.summary(qmodel))
     log(f"test top-1: fp32 {fp:.2f}%  fine-tuned {q:.2f}%  ({q - fp:+.2f}) after {result['steps']} steps "
         f"({result['seconds']:.0f} s)")
-    folder = save_quantized(qmodel, checkpoint_dir, model_name=model_name, dataset=dataset,
+    folder = save(qmodel, checkpoint_dir, model_name=model_name, dataset=dataset,
                             extra={"recipe_name": name, "qat": cfg.to_dict(), "steps": result["steps"],
                                    "fp_top1": fp, "test_top1": q})
-    log(f"saved {folder} (model.safetensors, recipe.yaml, lowbit.json; reload with lowbit.serialize.load_quantized)")
+    log(f"saved {folder} (model.safetensors, recipe.yaml, lowbit.json; reload with lowbit.load)")
     return result

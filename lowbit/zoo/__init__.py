@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from lowbit.checkpoint import load_into, sidecar_path
+from lowbit.data.datasets import DATASETS, dataset_info
 from lowbit.errors import CheckpointError
 from lowbit.zoo.models import MLP, VGG, MobileNet, ResNet
 
@@ -41,6 +42,21 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_s
     return _REGISTRY[name](**kw)
 
 
+def build_model(name: str, weights=None, dataset: str = "fashion-mnist") -> nn.Module:
+    """The zoo model ``name`` for ``dataset``: its shipped checkpoint, or ``weights`` (a safetensors or
+    ``.pt`` state dict, read without unpickling) loaded into the untrained architecture. In eval mode.
+
+    Raises :class:`~lowbit.errors.CheckpointError` when ``weights`` does not fit the architecture
+    (naming the first missing, unexpected or mis-shaped tensors) and ``ValueError`` for an unknown
+    model name.
+    """
+    if weights is None:
+        return pretrained(name, dataset)
+    info = dataset_info(dataset)
+    model = create_model(name, in_channels=info.in_channels, num_classes=info.num_classes, in_size=info.image_size)
+    return load_into(model, weights).eval()
+
+
 def checkpoint_path(name: str, dataset: str = "fashion-mnist") -> Path:
     return CHECKPOINT_DIR / f"{name}-{dataset}.safetensors"
 
@@ -51,8 +67,6 @@ def pretrained(name: str, dataset: str = "fashion-mnist") -> nn.Module:
     if not path.is_file():
         raise CheckpointError(f"no shipped checkpoint {path.name}; train one with "
                               f"`lowbit train --model {name} --dataset {dataset}`")
-    from lowbit.data.datasets import DATASETS
-
     info = DATASETS.get(dataset)
     shape = {"in_channels": info.in_channels, "in_size": info.image_size} if info is not None else {}
     model = create_model(name, **shape)  # e.g. the digits MLP takes 8x8 inputs, not 28x28

@@ -8,7 +8,7 @@ and quantizers as leaves and maps each fx node to one of a few operations:
 
 ``Identity``/``Dropout`` disappear (their users read their input) and every batch norm must
 follow a Conv/Linear whose output it alone reads: it is folded into that layer (recorded in
-:attr:`Graph.bn_folds`). Anything else raises :class:`~lowbit.export.errors.ExportError`
+:attr:`Graph.bn_folds`). Anything else raises :class:`~lowbit.deploy.errors.ExportError`
 naming the module (or the function and the module whose ``forward`` calls it) and the op.
 The list is stored in the export's manifest, so the integer engine and the ONNX writer run
 from the exported files alone.
@@ -24,7 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.export.errors import ExportError
+from lowbit.deploy.errors import ExportError
 from lowbit.nn.modules import QuantMixin
 from lowbit.quant.base import Quantizer
 

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.export.pack import pack_bits, packed_nbytes, unpack_bits
+from lowbit.deploy.pack import pack_bits, packed_nbytes, unpack_bits
 
 
 @settings(max_examples=60, deadline=None)

@@ -56,10 +56,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.export.errors import ExportError
-from lowbit.export.format import Exported, build_export, read_export
-from lowbit.export.graph import LAYER_OPS
-from lowbit.export.layers import GridData, LayerData
+from lowbit.deploy.errors import ExportError
+from lowbit.deploy.format import Exported, build_export, read_export
+from lowbit.deploy.graph import LAYER_OPS
+from lowbit.deploy.layers import GridData, LayerData
 
 OPSET = 17
 

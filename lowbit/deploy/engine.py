@@ -89,10 +89,10 @@ of a rounding boundary; such a one-code difference can then spread through later
 the Fashion-MNIST test set the top-1 predictions agree on >= 99.9 % of images
 (``benchmarks/export_engine.py``).
 
-Not supported (a clear :class:`~lowbit.export.errors.ExportError` naming the layer and op):
+Not supported (a clear :class:`~lowbit.deploy.errors.ExportError` naming the layer and op):
 layers exported in float (weights or input), group-wise weight steps, fractional activation
 zero points, average pooling with ``ceil_mode`` or with padding excluded from the count, and
-every operation :mod:`lowbit.export.graph` does not know.
+every operation :mod:`lowbit.deploy.graph` does not know.
 """
 
 from __future__ import annotations
@@ -104,10 +104,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lowbit.export.errors import ExportError
-from lowbit.export.format import Exported, build_export, read_export
-from lowbit.export.graph import LAYER_OPS, Node
-from lowbit.export.layers import GridData, LayerData
+from lowbit.deploy.errors import ExportError
+from lowbit.deploy.format import Exported, build_export, read_export
+from lowbit.deploy.graph import LAYER_OPS, Node
+from lowbit.deploy.layers import GridData, LayerData
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 WIDE_LIMIT = 2**62      # wide values are int64 below this magnitude

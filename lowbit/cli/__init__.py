@@ -5,8 +5,11 @@
     lowbit qat     --model resnet20 --recipe lsq-w4a4 --checkpoint-dir runs/lsq4 [--resume]
     lowbit mixed   --model resnet20 --method eagl --budgets 0.5,0.75 --out runs/mixed
     lowbit export  --model resnet20 --recipe ptq-w4a4-aciq --out runs/deploy [--format both] [--verify 1000]
-    lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24
+    lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24 [--out runs/resnet20.safetensors]
     lowbit demo    [--quick] [--out lowbit-demo]
+
+``python -m lowbit`` is the same command. Each command's work is a function of the Python API
+(or of a small module here, for the commands that also load data and build zoo models).
 
 Errors lowbit raises on purpose (bad recipe, missing data, wrong checkpoint) print one
 line on stderr and exit with status 2; anything else is a bug and shows its traceback.
@@ -18,62 +21,62 @@ import argparse
 import datetime
 import shlex
 import sys
+import time
+from pathlib import Path
 
+import lowbit
+from lowbit.checkpoint import save_checkpoint
+from lowbit.cli.export import run_export
+from lowbit.data.datasets import dataset_info, make_loader
+from lowbit.demo import run_demo
 from lowbit.errors import LowbitError
-
-PENDING: dict[str, str] = {}
-
-
-def build_model(name: str, weights: str | None, dataset: str):
-    """A zoo model by name: its shipped checkpoint, or ``weights`` (safetensors / .pt state dict)."""
-    from lowbit.checkpoint import load_into
-    from lowbit.data.datasets import dataset_info
-    from lowbit.zoo import create_model, pretrained
-
-    if weights is None:
-        return pretrained(name, dataset)
-    info = dataset_info(dataset)
-    model = create_model(name, in_channels=info.in_channels, num_classes=info.num_classes, in_size=info.image_size)
-    return load_into(model, weights).eval()
+from lowbit.evaluate import evaluate
+from lowbit.mixed.command import run_mixed
+from lowbit.qat.pipeline import run_qat
+from lowbit.train import TrainConfig, train_fp
+from lowbit.zoo import build_model, checkpoint_path, create_model
 
 
 def cmd_summary(args) -> None:
-    import lowbit
-    from lowbit.data.datasets import make_loader
-
     model = build_model(args.model, args.weights, args.dataset)
-    calib = make_loader(args.dataset, "calib", 128, limit=args.calib_images) if args.calib_images else None
+    calib = make_loader(args.dataset, "calib", 128, limit=args.calib_images, data_dir=args.data_dir) \
+        if args.calib_images else None
     qmodel = lowbit.quantize(model, args.recipe, calib_data=calib)
     print(lowbit.summary(qmodel))
 
 
-def cmd_train(args) -> None:
-    from lowbit.checkpoint import save_checkpoint
-    from lowbit.data.datasets import dataset_info
-    from lowbit.train import TrainConfig, train_fp
-    from lowbit.zoo import checkpoint_path, create_model
+def train_output(model: str, dataset: str, out: str | None, into_zoo: bool) -> Path:
+    """Where ``lowbit train`` writes: ``--out``, the zoo's shipped file with ``--into-zoo``, else a run folder.
 
+    Raises :class:`LowbitError` when both are given, or when ``--out`` names the zoo's own file
+    without ``--into-zoo`` (overwriting a shipped checkpoint must be asked for by name).
+    """
+    shipped = checkpoint_path(model, dataset)
+    if into_zoo:
+        if out is not None:
+            raise LowbitError("--into-zoo writes the shipped checkpoint; drop --out, or drop --into-zoo")
+        return shipped
+    path = Path(out) if out is not None else Path("lowbit-train") / f"{model}-{dataset}.safetensors"
+    if path.resolve() == shipped.resolve():
+        raise LowbitError(f"{path} is the shipped checkpoint of {model!r}; pass --into-zoo to replace it")
+    return path
+
+
+def cmd_train(args) -> None:
+    out = train_output(args.model, args.dataset, args.out, args.into_zoo)
     info = dataset_info(args.dataset)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       augment=args.augment, seed=args.seed)
     model = create_model(args.model, in_channels=info.in_channels, num_classes=info.num_classes,
                          in_size=info.image_size)
-    meta = train_fp(model, args.dataset, cfg)
+    meta = train_fp(model, args.dataset, cfg, data_dir=args.data_dir)
     meta.update(model=args.model, date=datetime.date.today().isoformat(),
                 command="lowbit " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    out = args.out or checkpoint_path(args.model, args.dataset)
     save_checkpoint(model, out, meta)
     print(f"saved {out} (test top-1 {meta['test_top1']:.2f}%)")
 
 
 def cmd_ptq(args) -> None:
-    import time
-
-    import lowbit
-    from lowbit.data.datasets import make_loader
-    from lowbit.evaluate import evaluate
-    from lowbit.serialize import save_quantized
-
     model = build_model(args.model, args.weights, args.dataset)
     calib = make_loader(args.dataset, "calib", 128, limit=args.calib_images, data_dir=args.data_dir)
     start = time.perf_counter()
@@ -86,24 +89,20 @@ def cmd_ptq(args) -> None:
         print(f"test top-1: fp32 {fp:.2f}%  quantized {q:.2f}%  ({q - fp:+.2f})")
     print(f"calibration + quantization: {seconds:.2f} s on {args.calib_images} images")
     if args.out:
-        save_quantized(qmodel, args.out, model_name=args.model, dataset=args.dataset)
-        print(f"saved {args.out} (reload with lowbit.serialize.load_quantized)")
+        lowbit.save(qmodel, args.out, model_name=args.model, dataset=args.dataset)
+        print(f"saved {args.out} (reload with lowbit.load)")
 
 
 def cmd_qat(args) -> None:
-    from lowbit.qat.pipeline import run_qat
-
     model = build_model(args.model, args.weights, args.dataset)
     run_qat(model, model_name=args.model, dataset=args.dataset, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, teacher=args.teacher,
+            batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, teacher=args.distill,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
             calib_images=args.calib_images, data_dir=args.data_dir,
             augment=True if args.augment is None and args.weights else args.augment)
 
 
 def cmd_mixed(args) -> None:
-    from lowbit.mixed.command import run_mixed
-
     model = build_model(args.model, args.weights, args.dataset)
     run_mixed(model, dataset=args.dataset, model_name=args.model, method=args.method, budgets=args.budgets,
               recipe=args.recipe, precisions=args.precisions, metric=args.metric, fixed_bits=args.fixed_bits,
@@ -115,8 +114,6 @@ def cmd_mixed(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from lowbit.export.command import run_export
-
     run_export(model_name=args.model, weights=args.weights, dataset=args.dataset, recipe=args.recipe,
                quantized=args.quantized, calib_images=args.calib_images, out=args.out, fmt=args.format,
                float_bias=args.float_bias, quantize_residual=args.quantize_residual, verify=args.verify,
@@ -124,15 +121,13 @@ def cmd_export(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from lowbit.demo import run_demo
-
     run_demo(args.out, model_name=args.model, quick=args.quick, calib_images=args.calib_images)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize PyTorch models to 2-8 bits and prove "
                                 "they run in integer arithmetic.")
-    p.add_argument("--version", action="version", version=f"lowbit {_version()}")
+    p.add_argument("--version", action="version", version=f"lowbit {lowbit.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_args(sp):
@@ -140,10 +135,15 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--weights", help="weights to load instead of the shipped checkpoint (.safetensors or .pt)")
         sp.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or digits")
 
+    def data_dir_arg(sp):
+        sp.add_argument("--data-dir", help="folder with the dataset files (default: $LOWBIT_FASHION_MNIST, else the "
+                        "system location /usr/share/datasets/fashion-mnist)")
+
     sp = sub.add_parser("summary", help="quantize a model with a recipe and print the per-layer table")
     model_args(sp)
     sp.add_argument("--recipe", default="ptq-w8a8", help="recipe YAML path or shipped recipe name")
     sp.add_argument("--calib-images", type=int, default=0, help="calibrate on this many held-out training images")
+    data_dir_arg(sp)
     sp.set_defaults(func=cmd_summary)
 
     sp = sub.add_parser("ptq", help="post-training quantization: calibrate, quantize, evaluate, save")
@@ -151,7 +151,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", default="ptq-w4a4-aciq", help="recipe YAML path or shipped recipe name "
                     "(default: ptq-w4a4-aciq: ACIQ + bit allocation + bias correction)")
     sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
-    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    data_dir_arg(sp)
     sp.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=True,
                     help="measure test accuracy of the float and quantized models")
     sp.add_argument("--out", help="folder to save the quantized model in")
@@ -166,15 +166,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     sp.add_argument("--max-steps", type=int, help="stop after this many steps (a short trial run)")
     sp.add_argument("--seed", type=int, help="override the recipe's seed")
-    sp.add_argument("--teacher", action=argparse.BooleanOptionalAction, default=True,
-                    help="distil from the float model (default: on)")
+    sp.add_argument("--distill", "--teacher", dest="distill", action=argparse.BooleanOptionalAction, default=False,
+                    help="distil from the float model (default: off, as the QAT rows of docs/RESULTS.md were run)")
     sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                     help="crop/flip the training images (default: as the zoo checkpoint was trained; on with --weights)")
     sp.add_argument("--checkpoint-dir", help="checkpoints, metrics.jsonl and the fine-tuned model "
                     "(default: lowbit-qat/MODEL-RECIPE)")
     sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
-    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    data_dir_arg(sp)
     sp.set_defaults(func=cmd_qat)
 
     sp = sub.add_parser("mixed", help="mixed precision: choose 4/2-bit layers under a budget (EAGL, ALPS), "
@@ -201,14 +201,15 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--alps-eval-images", type=int, default=1000, help="held-out images ALPS measures accuracy on")
     sp.add_argument("--test-images", type=int, help="evaluate on the first N test images (default: all)")
     sp.add_argument("--batch-size", type=int, help="override the recipe's batch size")
-    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                    help="crop/flip the training images while fine-tuning (default: off)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the selections, calibration and fine-tuning")
     sp.add_argument("--out", default="lowbit-mixed", help="folder for recipes, frontier.json/.md/.png")
     sp.add_argument("--cache-dir", help="ALPS cache folder (default: OUT/alps-cache)")
     sp.add_argument("--shard", help="ALPS only: run part i of n (0-based, 'i/n') into the cache and stop")
     sp.add_argument("--additivity", type=int, default=0, help="ALPS: check additivity on N held-out combinations")
     sp.add_argument("--select-only", action="store_true", help="write the chosen recipes without fine-tuning")
-    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    data_dir_arg(sp)
     sp.set_defaults(func=cmd_mixed)
 
     sp = sub.add_parser("export", help="write a quantized model as packed integers + manifest, and/or ONNX QDQ")
@@ -217,7 +218,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--quantized", help="export a folder saved by `lowbit ptq/qat --out` instead of quantizing")
     sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
     sp.add_argument("--out", required=True, help="folder to write model.safetensors + manifest.json / model.onnx")
-    sp.add_argument("--format", choices=("lowbit", "onnx", "both"), default="lowbit")
+    sp.add_argument("--format", choices=("lowbit", "onnx", "both"), default="lowbit",
+                    help="lowbit: packed integers + manifest (default); onnx: QDQ model.onnx; both")
     sp.add_argument("--float-bias", action=argparse.BooleanOptionalAction, default=True,
                     help="store float32 biases beside the int32 ones (default; bit-identical reload, exact bias in "
                     "the integer engine); --no-float-bias writes the smallest file")
@@ -226,44 +228,35 @@ def parser() -> argparse.ArgumentParser:
                     "not bit-faithful to the fake-quant model)")
     sp.add_argument("--verify", type=int, default=0, metavar="N",
                     help="run the integer engine / onnxruntime on N test images and compare with the fake-quant model")
-    sp.add_argument("--data-dir", help="folder with the dataset files (default: the system location)")
+    data_dir_arg(sp)
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("train", help="train a zoo model in full precision (reproducible, seeded)")
-    sp.add_argument("--model", required=True)
-    sp.add_argument("--dataset", default="fashion-mnist")
-    sp.add_argument("--epochs", type=int, default=20)
-    sp.add_argument("--batch-size", type=int, default=256)
-    sp.add_argument("--lr", type=float, default=0.2)
-    sp.add_argument("--weight-decay", type=float, default=5e-4)
-    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--out", help="checkpoint path (default: the zoo's shipped checkpoint path)")
+    sp.add_argument("--model", required=True, help=f"zoo model to train: {', '.join(lowbit.zoo.list_models())}")
+    sp.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) or digits")
+    sp.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    sp.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    sp.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the cosine schedule (default 0.2)")
+    sp.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay on conv/linear weights "
+                    "(default 5e-4)")
+    sp.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                    help="random 2-pixel translation + horizontal flip (default: on)")
+    sp.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default 0)")
+    sp.add_argument("--out", help="checkpoint path (default: lowbit-train/MODEL-DATASET.safetensors)")
+    sp.add_argument("--into-zoo", action="store_true",
+                    help="replace the checkpoint shipped inside the lowbit package (for maintainers)")
+    data_dir_arg(sp)
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("demo", help="quantize the default model with every method and write a results table")
-    sp.add_argument("--model", default="resnet20")
-    sp.add_argument("--out", default="lowbit-demo")
+    sp.add_argument("--model", default="resnet20", help="zoo model to quantize (default: resnet20)")
+    sp.add_argument("--out", default="lowbit-demo", help="folder for results.json/.md and the plot "
+                    "(default: lowbit-demo)")
     sp.add_argument("--quick", action="store_true", help="2,000 test images: under a minute")
-    sp.add_argument("--calib-images", type=int, default=512)
+    sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on "
+                    "(default 512)")
     sp.set_defaults(func=cmd_demo)
-
-    for name, what in PENDING.items():
-        sp = sub.add_parser(name, help=f"{what}: not available yet")
-        sp.add_argument("rest", nargs=argparse.REMAINDER)
-        sp.set_defaults(func=_pending(name, what))
     return p
-
-
-def _pending(name: str, what: str):
-    def run(_args):
-        raise LowbitError(f"`lowbit {name}` ({what}) is not implemented in this version yet")
-    return run
-
-
-def _version() -> str:
-    from lowbit import __version__
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:

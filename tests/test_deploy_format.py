@@ -8,8 +8,8 @@ from torch import nn
 import lowbit
 from lowbit.data import make_loader
 from lowbit.errors import CheckpointError
-from lowbit.export import ExportError, ExportFileError, IntegerEngine, build_export, read_export
-from lowbit.export.format import expected_packed_bytes, fp32_checkpoint_bytes
+from lowbit.deploy import ExportError, ExportFileError, IntegerEngine, build_export, read_export
+from lowbit.deploy.format import expected_packed_bytes, fp32_checkpoint_bytes
 from lowbit.zoo import create_model
 
 
@@ -36,13 +36,13 @@ def resnet_aciq(calib):
 def test_reload_is_bit_identical(resnet_aciq, calib, batch, tmp_path):
     """ACIQ + per-channel widths + bias correction + folded BN: load() gives the same outputs, bit for bit."""
     lowbit.export(resnet_aciq, tmp_path)
-    model = lowbit.load(tmp_path)
+    model = lowbit.load_export(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(batch), resnet_aciq(batch))
     mlp = quantized("mlp", "ptq-w8a8", calib)
     lowbit.export(mlp, tmp_path / "mlp")
     with torch.no_grad():
-        assert torch.equal(lowbit.load(tmp_path / "mlp")(batch), mlp(batch))
+        assert torch.equal(lowbit.load_export(tmp_path / "mlp")(batch), mlp(batch))
 
 
 def test_int32_only_biases_reload_close(resnet_aciq, batch, tmp_path):
@@ -58,7 +58,7 @@ def test_int32_only_biases_reload_close(resnet_aciq, batch, tmp_path):
     extra = (tmp_path / "both" / "model.safetensors").stat().st_size - size
     assert 4 * 794 <= extra <= 4 * 794 + 80  # 794 output channels x float32, and one more header entry
     with torch.no_grad():
-        a, b = lowbit.load(tmp_path)(batch), resnet_aciq(batch)
+        a, b = lowbit.load_export(tmp_path)(batch), resnet_aciq(batch)
     assert (a - b).abs().max() < 1e-2 * b.abs().max()
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
 
@@ -144,7 +144,7 @@ def test_batch_norm_left_in_the_model_is_folded_into_the_weight_step(calib, batc
     codes = qmodel.layer1[0].conv2.weight_quantizer.quantize_int(qmodel.layer1[0].conv2.weight)
     assert torch.equal(exp.layers["layer1.0.conv2"].weight_codes, codes.long())  # codes unchanged: not re-quantized
     with torch.no_grad():
-        a, b = lowbit.load(tmp_path)(batch), qmodel(batch)
+        a, b = lowbit.load_export(tmp_path)(batch), qmodel(batch)
     # the same real function up to float rounding (an occasional activation code flips by one step)
     assert (a - b).abs().mean() < 1e-3 * b.abs().max() and (a - b).abs().max() < 5e-2 * b.abs().max()
     assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
@@ -157,7 +157,7 @@ def test_tampered_tensor_file_is_refused(resnet_aciq, tmp_path):
     data[-10] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="SHA-256"):
-        lowbit.load(tmp_path)
+        lowbit.load_export(tmp_path)
     with pytest.raises(ExportFileError, match="SHA-256"):
         IntegerEngine.from_path(tmp_path)
     path.write_bytes(bytes(data[:-100]))
@@ -172,10 +172,10 @@ def test_unknown_format_version_is_refused(resnet_aciq, tmp_path):
     manifest["format_version"] = 99
     mpath.write_text(json.dumps(manifest))
     with pytest.raises(ExportFileError, match=r"format version 99 is unknown.*\[1\]"):
-        lowbit.load(tmp_path)
+        lowbit.load_export(tmp_path)
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(ExportFileError, match="no manifest.json"):
-        lowbit.load(tmp_path)
+        lowbit.load_export(tmp_path)
 
 
 def test_layer_left_float_is_exported_float_and_marked(calib, batch, tmp_path):
@@ -187,7 +187,7 @@ def test_layer_left_float_is_exported_float_and_marked(calib, batch, tmp_path):
     assert m["layers"]["fc"]["quantized"] is False and m["layers"]["fc"]["weight"]["float"] is True
     assert m["left_float"] == {"fc": "skipped by the recipe"}
     with torch.no_grad():
-        assert torch.equal(lowbit.load(tmp_path)(batch), qmodel(batch))
+        assert torch.equal(lowbit.load_export(tmp_path)(batch), qmodel(batch))
     with pytest.raises(ExportError, match=r"layer 'fc' \(linear\).*float"):
         IntegerEngine.from_path(tmp_path)
 
@@ -250,21 +250,21 @@ def test_user_model_reloads_with_its_architecture_only(calib, batch, tmp_path):
     m = json.loads((tmp_path / "manifest.json").read_text())
     assert m["architecture"] == {"zoo": None, "name": "custom-cnn-v1"}
     with pytest.raises(ExportFileError, match="not a zoo model"):
-        lowbit.load(tmp_path)
-    reloaded = lowbit.load(tmp_path, _Custom())
+        lowbit.load_export(tmp_path)
+    reloaded = lowbit.load_export(tmp_path, _Custom())
     with torch.no_grad():
         assert torch.allclose(reloaded(batch), qmodel(batch), atol=1e-5)
     assert isinstance(model.bn, nn.BatchNorm2d)  # the caller's model is left alone
     with pytest.raises(ExportFileError, match="weight shape|structure"):
-        lowbit.load(tmp_path, _Custom(hidden=16))
+        lowbit.load_export(tmp_path, _Custom(hidden=16))
     with pytest.raises(ExportFileError, match="no module 'bn'"):
-        lowbit.load(tmp_path, _Gelu())
+        lowbit.load_export(tmp_path, _Gelu())
     with pytest.raises(ExportFileError, match="structure differs"):
-        lowbit.load(tmp_path, _CustomNoPool())
+        lowbit.load_export(tmp_path, _CustomNoPool())
     patched = _Custom()
     patched.forward = lambda x: x  # an instance-level forward is not what fx traces: refused
     with pytest.raises(ExportFileError, match="instance"):
-        lowbit.load(tmp_path, patched)
+        lowbit.load_export(tmp_path, patched)
 
 
 def test_cli_export_prints_sizes_and_verifies(tmp_path, capsys):
@@ -280,5 +280,5 @@ def test_cli_export_prints_sizes_and_verifies(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "fp32 checkpoint" in text and "smaller" in text and "integer engine" in text
     assert (out / "model.safetensors").is_file() and (out / "manifest.json").is_file()
-    assert lowbit.load(out) is not None
+    assert lowbit.load_export(out) is not None
     assert main(["export", "--quantized", str(tmp_path / "missing"), "--dataset", "digits", "--out", str(out)]) == 2

@@ -11,7 +11,7 @@ from lowbit.zoo import create_model
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from lowbit.export.onnx import to_onnx  # noqa: E402
+from lowbit.deploy.onnx import to_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_qdq_model_runs_in_onnxruntime_like_the_quantized_model(name, recipe, da
     model = to_onnx(tmp_path, tmp_path / "model.onnx", input_shape=[1, 1, 8, 8])
     assert (tmp_path / "model.onnx").is_file()
     ops = [n.op_type for n in model.graph.node]
-    n_layers = len(lowbit.export.read_export(tmp_path).graph.layers)
+    n_layers = len(lowbit.deploy.read_export(tmp_path).graph.layers)
     assert ops.count("QuantizeLinear") >= 1 and ops.count("DequantizeLinear") >= n_layers
     # every Conv/Gemm weight comes out of a DequantizeLinear of integer codes, none is a float initializer
     produced = {o: n.op_type for n in model.graph.node for o in n.output}
@@ -54,7 +54,7 @@ def test_qdq_model_runs_in_onnxruntime_like_the_quantized_model(name, recipe, da
         if n.op_type in ("Conv", "Gemm") and "_ones" not in n.input[1]:
             assert produced.get(n.input[1]) == "DequantizeLinear", n.name
     with torch.no_grad():
-        deployed, fake = lowbit.load(tmp_path)(x), qmodel(x)
+        deployed, fake = lowbit.load_export(tmp_path)(x), qmodel(x)
     # as written, the graph computes what the reloaded model computes (up to float order: a rare code flip)
     plain = _run(model, x, optimize=False)
     assert (plain - deployed).abs().mean() < 1e-3 * deployed.abs().max()
@@ -104,5 +104,5 @@ def test_quantized_residuals_fuse_every_conv(data, tmp_path):
     assert fused.count("QLinearConv") == 21 and "Conv" not in fused
     with torch.no_grad():
         assert (got.argmax(1) == qmodel(x).argmax(1)).float().mean() >= 0.9
-    with pytest.raises(lowbit.export.ExportError, match="calib_data"):
+    with pytest.raises(lowbit.deploy.ExportError, match="calib_data"):
         to_onnx(qmodel, quantize_residual=True)

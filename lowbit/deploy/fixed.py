@@ -1,4 +1,4 @@
-"""A quantizer with a fixed grid, for models rebuilt from an export by :func:`lowbit.load`.
+"""A quantizer with a fixed grid, for models rebuilt from an export by :func:`lowbit.load_export`.
 
 It holds the exported step, zero point and integer range (per-channel widths included) and,
 for weights, the exported integer codes (frozen). Its forward is the base quantizer's, so a
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import CalibrationError
-from lowbit.export.layers import GridData
+from lowbit.deploy.layers import GridData
 from lowbit.quant.base import Quantizer
 from lowbit.quant.grid import Granularity
 

@@ -13,8 +13,8 @@ from torch import nn
 
 import lowbit
 from lowbit.data import make_loader
-from lowbit.export import ExportError, IntegerEngine, quantize_multiplier, rounding_shift
-from lowbit.export.engine import requantize
+from lowbit.deploy import ExportError, IntegerEngine, quantize_multiplier, rounding_shift
+from lowbit.deploy.engine import requantize
 from lowbit.nn.modules import QuantMixin
 from lowbit.zoo import checkpoint_path, create_model
 
@@ -174,7 +174,7 @@ def test_fractional_weight_zero_points_are_exact(data):
     recipe = {"weights": {"method": "minmax", "bits": 4, "granularity": "channel", "bias_correction": True},
               "activations": {"method": "minmax", "bits": 8}}
     qmodel = lowbit.quantize(_Depthwise().eval(), recipe, calib_data=calib).eval()
-    exp = lowbit.export.build_export(qmodel)
+    exp = lowbit.deploy.build_export(qmodel)
     fc = exp.layers["fc"]
     assert not torch.equal(fc.weight_grid.zero_point, fc.weight_grid.zero_point.round())
     engine = IntegerEngine(exp)
@@ -202,7 +202,7 @@ def test_negative_batch_norm_gamma_gives_negative_steps(data):
                 m.weight.copy_(torch.randn_like(m.weight))
                 m.bias.copy_(0.1 * torch.randn_like(m.bias))
     qmodel = lowbit.quantize(model, "ptq-w8a8", calib_data=calib).eval()
-    exp = lowbit.export.build_export(qmodel)
+    exp = lowbit.deploy.build_export(qmodel)
     assert bool((exp.layers["layer1.0.conv1"].weight_grid.scale < 0).any())
     engine = IntegerEngine(exp)
     with torch.no_grad():

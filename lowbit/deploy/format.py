@@ -7,7 +7,7 @@ carries almost no header overhead; each layer's slice is named in the manifest a
 ``[tensor key, offset, count]`` (offset and count in elements of that tensor):
 
     weight.int8          I8   8-bit signed weight codes, one per byte
-    weight.packed        U8   every other width: offset codes q - qmin, bit-packed (lowbit.export.pack);
+    weight.packed        U8   every other width: offset codes q - qmin, bit-packed (lowbit.deploy.pack);
                               each layer's stream starts on a byte
     weight.channel_bits  U8   per-output-channel widths of layers with bit allocation (5-bit packed)
     weight.scale         F32  weight steps (per channel, per tensor, or [C, G] per group)
@@ -29,11 +29,11 @@ carries almost no header overhead; each layer's slice is named in the manifest a
 model and its constructor arguments, or a user-given name), the recipe, per layer its type,
 shape, weight and input grids (method, bits or per-channel widths, range, granularity, round
 mode), bias storage and any batch norm folded into it (at quantization or at export), which
-layers stay float and why, the graph of operations (:mod:`lowbit.export.graph`), sizes, and
+layers stay float and why, the graph of operations (:mod:`lowbit.deploy.graph`), sizes, and
 the SHA-256 of ``model.safetensors``.
 
 :func:`read_export` checks the format name and version and the checksum before decoding
-anything; a mismatch raises :class:`~lowbit.export.errors.ExportFileError` (a
+anything; a mismatch raises :class:`~lowbit.deploy.errors.ExportFileError` (a
 ``CheckpointError``). :func:`load` rebuilds a torch model (see its docstring).
 """
 
@@ -50,10 +50,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.export.errors import ExportError, ExportFileError
-from lowbit.export.graph import Graph, trace_graph
-from lowbit.export.layers import GridData, LayerData, extract_layers
-from lowbit.export.pack import pack_bits, packed_nbytes, unpack_bits
+from lowbit.deploy.errors import ExportError, ExportFileError
+from lowbit.deploy.graph import Graph, trace_graph
+from lowbit.deploy.layers import GridData, LayerData, extract_layers
+from lowbit.deploy.pack import pack_bits, packed_nbytes, unpack_bits
 
 FORMAT = "lowbit-export"
 FORMAT_VERSION = 1
@@ -114,7 +114,7 @@ def infer_architecture(model: nn.Module, arch: str | None) -> dict:
                 return {"zoo": name, "kwargs": kwargs}
     if arch in list_models():
         raise ExportError(f"the model does not match the zoo architecture {arch!r} layer for layer; pass arch= "
-                          "a descriptive name instead, and the float model to lowbit.load")
+                          "a descriptive name instead, and the float model to lowbit.load_export")
     return {"zoo": None, "name": arch or f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
@@ -317,6 +317,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     folder = Path(path)
     mpath = folder / MANIFEST_FILE
     if not mpath.is_file():
+        if (folder / "lowbit.json").is_file():
+            raise ExportFileError(f"{folder} is a quantized-model checkpoint (lowbit.json), not a deployment export; "
+                                  "load it with lowbit.load(folder)")
         raise ExportFileError(f"{folder}: no {MANIFEST_FILE}; not a folder written by lowbit.export")
     try:
         manifest = json.loads(mpath.read_text())
@@ -449,7 +452,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     Zoo models are built by name; for other models pass the float architecture as ``model``
     (a copy is modified; yours is left alone). The rebuilt model has the exported batch norms
     replaced by ``Identity``, each quantized layer holds its exported integer codes and grids
-    (:class:`~lowbit.export.fixed.FixedQuantizer`), float layers their float weights. Its
+    (:class:`~lowbit.deploy.fixed.FixedQuantizer`), float layers their float weights. Its
     structure is traced and compared with the exported graph first: a different architecture
     raises instead of computing something else. Outputs equal the exported model's bit for
     bit when the export holds float biases (``float_bias=True``, the default) and the
@@ -464,7 +467,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
     if model is None:
         if not arch.get("zoo"):
             raise ExportFileError(f"{path}: the export is of {arch.get('name')!r}, not a zoo model; pass its float "
-                                  "architecture: lowbit.load(path, model)")
+                                  "architecture: lowbit.load_export(path, model)")
         from lowbit.zoo import create_model
         model = create_model(arch["zoo"], **(arch.get("kwargs") or {}))
     else:
@@ -502,7 +505,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
             elif m.bias is not None:
                 raise ExportFileError(f"{path}: layer {name!r} has a bias the export does not")
         if layer.weight_grid is not None or layer.input_grid is not None:
-            from lowbit.export.fixed import FixedQuantizer
+            from lowbit.deploy.fixed import FixedQuantizer
             wq = FixedQuantizer(layer.weight_grid, "weight", layer.weight_codes, f"{name}.weight") \
                 if layer.weight_grid is not None else None
             aq = FixedQuantizer(layer.input_grid, "activation", None, f"{name}.input") \

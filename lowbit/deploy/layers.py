@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowbit.export.errors import ExportError
-from lowbit.export.graph import Graph
+from lowbit.deploy.errors import ExportError
+from lowbit.deploy.graph import Graph
 from lowbit.nn.modules import QuantMixin
 from lowbit.quant.base import Quantizer
 from lowbit.quant.grid import channel_int_range
