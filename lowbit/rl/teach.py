@@ -35,7 +35,7 @@ def teach(config: DQNConfig, run_dir: str | os.PathLike, *, resume: bool = False
             "num_actions": run.env.num_actions, "obs_scale": run.env.obs_scale, "frames": run.frame,
             "episodes_trained": run.episodes, "minutes": round(run.seconds / 60, 2),
             "mean_return": result.mean, "std_return": result.std, "test_episodes": test_episodes,
-            "test_seed": TEST_SEED, "curve": run.evals, "config": run._config_dict(), "command": command}
+            "test_seed": TEST_SEED, "curve": run.evals, "config": run.config_dict(), "command": command}
     save_checkpoint(net, Path(run_dir) / TEACHER_FILE, meta)
     log(f"{config.game}: teacher return {result.mean:.2f} +- {result.std:.2f} over {test_episodes} test episodes "
         f"after {run.frame:,} steps ({run.seconds / 60:.1f} min)")
