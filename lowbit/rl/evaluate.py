@@ -10,6 +10,8 @@ use small seeds, so the three never share a game.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -42,11 +44,16 @@ class EvalResult:
         return dict(asdict(self), mean=self.mean, std=self.std, episodes=len(self.returns))
 
 
+Policy = Callable[[torch.Tensor], torch.Tensor]  # float frames [N, C, H, W] -> Q-values or logits [N, actions]
+
+
 @torch.no_grad()
-def evaluate_policy(net: nn.Module, game: str, *, episodes: int = 100, seed: int = TEST_SEED, epsilon: float = 0.0,
+def evaluate_policy(net: nn.Module | Policy, game: str, *, episodes: int = 100, seed: int = TEST_SEED, epsilon: float = 0.0,
                     teacher: nn.Module | None = None, env_options: dict | None = None) -> EvalResult:
     """Play ``episodes`` episodes of ``game`` with ``net``'s greedy action (a random one with
-    probability ``epsilon``); return every episode's undiscounted, unclipped return.
+    probability ``epsilon``); return every episode's undiscounted, unclipped return. ``net`` is a
+    module (run in eval mode) or any callable from float frames to action values, such as
+    ``lowbit.deploy.IntegerEngine``.
 
     With ``teacher``, also count the steps where the teacher's greedy action equals the action
     ``net``'s greedy choice (before epsilon) on the states ``net`` visits.
@@ -60,8 +67,9 @@ def evaluate_policy(net: nn.Module, game: str, *, episodes: int = 100, seed: int
     active = list(range(episodes))
     rng = np.random.default_rng(seed)
     steps = agree = 0
-    was_training = net.training
-    net.eval()
+    was_training = isinstance(net, nn.Module) and net.training
+    if was_training:
+        net.eval()
     try:
         while active:
             x = as_input(np.stack([frames[i] for i in active]), scale)
@@ -81,5 +89,17 @@ def evaluate_policy(net: nn.Module, game: str, *, episodes: int = 100, seed: int
                     still.append(i)
             active = still
     finally:
-        net.train(was_training)
+        if was_training:
+            net.train()
     return EvalResult(returns, steps, agree / steps if teacher is not None else None)
+
+
+@torch.no_grad()
+def frames_per_second(policy: nn.Module | Policy, frames: torch.Tensor, *, repeats: int = 1) -> float:
+    """Decisions per second of ``policy`` choosing an action for one frame at a time (batch 1, as a
+    player in real time does), over ``frames`` (float ``[N, C, H, W]``) ``repeats`` times."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for i in range(len(frames)):
+            policy(frames[i:i + 1]).argmax(dim=1)
+    return repeats * len(frames) / (time.perf_counter() - start)

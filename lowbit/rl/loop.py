@@ -176,27 +176,13 @@ class TrainingRun:
     def train(self) -> nn.Module:
         """Run until the first episode end at or after ``config.frames`` steps, save, and return the
         trained network (in eval mode)."""
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         if self.frame >= cfg.frames:
             return self.net.eval()
         self.net.train()
-        obs, episode_return = env.reset(), 0.0
-        self.on_episode_start()
         start, last_log = time.perf_counter(), self.frame
         while True:
-            action = self.act(obs)
-            next_obs, reward, done = env.step(action)
-            self.record(obs, action, reward, next_obs, done and not env.truncated)
-            self.frame += 1
-            episode_return += reward
-            self.learn()
-            if not done:
-                obs = next_obs
-                continue
-            self.episodes += 1
-            self.episode_returns.append(episode_return)
-            obs, episode_return = env.reset(), 0.0
-            self.on_episode_start()
+            self._play_episode()  # whole episodes: a checkpoint never splits one
             now = time.perf_counter()
             self.seconds, start = self.seconds + now - start, now
             if self.frame - last_log >= LOG_EVERY:
@@ -213,3 +199,20 @@ class TrainingRun:
             if self.frame >= self.next_save:
                 self.save()
                 self.next_save += cfg.save_every
+
+    def _play_episode(self) -> None:
+        env = self.env
+        obs, episode_return = env.reset(), 0.0
+        self.on_episode_start()
+        while True:
+            action = self.act(obs)
+            next_obs, reward, done = env.step(action)
+            self.record(obs, action, reward, next_obs, done and not env.truncated)
+            self.frame += 1
+            episode_return += reward
+            self.learn()
+            if done:
+                self.episodes += 1
+                self.episode_returns.append(episode_return)
+                return
+            obs = next_obs
