@@ -7,6 +7,8 @@ command). :func:`teacher_path` names the file; ``lowbit.rl.load_teacher`` loads 
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from lowbit.errors import CheckpointError
@@ -26,3 +28,15 @@ def shipped_teacher(game: str) -> Path:
         raise CheckpointError(f"no shipped teacher for {game!r} ({path.name}); train one with "
                               f"`lowbit rl teach --game {game}` and pass it with --teacher")
     return path
+
+
+def install_teacher(path: str | os.PathLike, game: str) -> Path:
+    """Copy a teacher checkpoint (and its sidecar) to the zoo's file for ``game``, atomically."""
+    from lowbit.checkpoint import sidecar_path
+
+    dest = teacher_path(game)
+    for src, dst in ((Path(path), dest), (sidecar_path(path), sidecar_path(dest))):
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return dest
