@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -23,11 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lowbit.checkpoint import sidecar_path  # noqa: E402
 from lowbit.rl.dqn import DQNConfig  # noqa: E402
 from lowbit.rl.envs import MINATAR_GAMES  # noqa: E402
 from lowbit.rl.teach import TEACHER_FILE, teach  # noqa: E402
-from lowbit.zoo.teachers import teacher_path  # noqa: E402
+from lowbit.zoo.teachers import install_teacher  # noqa: E402
 
 ROWS = ROOT / "docs" / "results" / "rl_teachers.json"
 
@@ -38,14 +36,6 @@ def append_row(row: dict) -> None:
     tmp = ROWS.with_name(ROWS.name + ".tmp")
     tmp.write_text(json.dumps(rows, indent=1) + "\n")
     os.replace(tmp, ROWS)
-
-
-def ship(run_dir: Path, game: str) -> None:
-    dest = teacher_path(game)
-    for src, dst in ((run_dir / TEACHER_FILE, dest), (sidecar_path(run_dir / TEACHER_FILE), sidecar_path(dest))):
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
 
 
 def main() -> None:
@@ -62,7 +52,7 @@ def main() -> None:
         config = DQNConfig(game=game, frames=args.frames, seed=args.seed)
         _, meta = teach(config, run_dir, resume=(run_dir / "last.safetensors").is_file(), command=command,
                         log=lambda msg: print(msg, flush=True))
-        ship(run_dir, game)
+        install_teacher(run_dir / TEACHER_FILE, game)
         append_row({k: meta[k] for k in ("game", "frames", "minutes", "mean_return", "std_return", "test_episodes",
                                          "command", "curve")})
 

@@ -140,8 +140,8 @@ def cmd_eval(args) -> None:
     scale = make_env(args.game, args.seed).obs_scale
     frames = play_frames(args.game, 500, policy=policy, seed=args.seed).float() * scale
     fps = frames_per_second(policy, frames)
-    print(f"one frame at a time: {fps:,.0f} decisions/s on {torch.get_num_threads()} thread(s) "
-          f"({fps / 60:.1f}x the 60 frames/s of the console)")
+    print(f"one frame at a time: {fps:,.0f} decisions per second of CPU time ({torch.get_num_threads()} thread(s); "
+          f"{fps / 60:.1f}x the 60 frames/s of the console)")
 
 
 def cmd_play(args) -> None:

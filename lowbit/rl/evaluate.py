@@ -94,12 +94,24 @@ def evaluate_policy(net: nn.Module | Policy, game: str, *, episodes: int = 100, 
     return EvalResult(returns, steps, agree / steps if teacher is not None else None)
 
 
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
 @torch.no_grad()
-def frames_per_second(policy: nn.Module | Policy, frames: torch.Tensor, *, repeats: int = 1) -> float:
+def frames_per_second(policy: nn.Module | Policy, frames: torch.Tensor, *, repeats: int = 1,
+                      clock: str = "cpu") -> float:
     """Decisions per second of ``policy`` choosing an action for one frame at a time (batch 1, as a
-    player in real time does), over ``frames`` (float ``[N, C, H, W]``) ``repeats`` times."""
-    start = time.perf_counter()
+    player in real time does), over ``frames`` (float ``[N, C, H, W]``) ``repeats`` times.
+
+    ``clock="cpu"`` (default) divides by this thread's CPU time, i.e. frames per second of one
+    core's own time, which a machine shared with other jobs does not distort (run with one torch
+    thread); ``"wall"`` by elapsed time.
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    tick = CLOCKS[clock]
+    start = tick()
     for _ in range(repeats):
         for i in range(len(frames)):
             policy(frames[i:i + 1]).argmax(dim=1)
-    return repeats * len(frames) / (time.perf_counter() - start)
+    return repeats * len(frames) / (tick() - start)
