@@ -264,7 +264,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the files that record it
     try:
         args.func(args)
     except LowbitError as exc:

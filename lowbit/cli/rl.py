@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -33,8 +32,8 @@ from lowbit.rl.teach import TEACHER_FILE, load_teacher, teach
 from lowbit.zoo.teachers import install_teacher, shipped_teacher, teacher_path
 
 
-def _command() -> str:
-    return "lowbit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def _command(args) -> str:
+    return "lowbit " + shlex.join(args.argv)
 
 
 def _recipe(args):
@@ -77,7 +76,7 @@ def cmd_teach(args) -> None:
         if args.teacher:
             raise LowbitError("--teacher scores a low-precision DQN student against a teacher; a float teacher "
                               "run takes no --teacher")
-        _, meta = teach(cfg, out, resume=args.resume, test_episodes=args.test_episodes, command=_command())
+        _, meta = teach(cfg, out, resume=args.resume, test_episodes=args.test_episodes, command=_command(args))
         print(f"teacher written to {out / TEACHER_FILE} (return {meta['mean_return']:.2f} +- {meta['std_return']:.2f})")
         if args.into_zoo:
             print(f"installed as {install_teacher(out / TEACHER_FILE, args.game)}")
