@@ -72,7 +72,7 @@ class DistillRun(TrainingRun):
         super().__init__(config, run_dir, log=log)
         self.teacher = teacher.eval()
         self.net = student
-        probe = as_input(self.env.reset()[None], self.env.obs_scale)
+        probe = torch.zeros(1, *self.env.obs_shape)
         for who, net in (("teacher", teacher), ("student", student)):
             try:
                 with torch.no_grad():
