@@ -119,8 +119,10 @@ def table() -> str:
                        f"{t['minutes']:.0f} |")
     out += ["", "Students (every layer at the stated precision, LSQ steps; `rl-*` recipes), trained for the same "
             "number of environment steps by policy distillation (KL on softmax(Q_T / 0.01), teacher play with "
-            "epsilon 0.05) or directly by double DQN (MinAtar reference settings); 100 test episodes each. "
-            "Agreement: share of the student's own states on which its greedy action is the teacher's.", "",
+            "epsilon 0.05) or directly by double DQN (MinAtar reference settings); test episodes per student: "
+            f"{', '.join(str(n) for n in sorted({r['test_episodes'] for r in rows})) or '-'}. Agreement: share of the "
+            "student's own states on which its greedy action is the teacher's. Minutes are wall-clock on a shared "
+            "2-core machine.", "",
             "| game | precision | method | return | % of teacher | agreement | steps | minutes |",
             "|---|---|---|---|---|---|---|---|"]
     order = {p: i for i, p in enumerate(["8", "4", "2", "ternary"])}
