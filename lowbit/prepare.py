@@ -31,7 +31,7 @@ from torch import nn
 from lowbit.errors import CalibrationError, RecipeError
 from lowbit.nn.modules import QUANT_MODULES, QuantMixin
 from lowbit.quant import make_quantizer
-from lowbit.ptq.fold import fold_batchnorm
+from lowbit.nn.fold import fold_batchnorm
 from lowbit.quant.base import Quantizer
 from lowbit.quant.grid import Granularity
 from lowbit.recipe import FIRST, LAST, Recipe, load_recipe

@@ -1,7 +1,6 @@
 """EAGL: entropy of quantized weights on known distributions, the quantizer's own step, weightings."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -102,10 +101,9 @@ def test_three_precisions_interpolate_between_high_and_low():
         assert g[n][1] == pytest.approx(g[n][0] / 2) and g[n][2] == 0.0
 
 
-def test_eagl_selection_is_fast_on_resnet20():
+def test_eagl_selection_on_resnet20_meets_the_budget_exactly():
+    # its speed is a benchmark (benchmarks/eagl_speed.py, docs/RESULTS.md section eagl-speed), not a test
     model = create_model("resnet20")
-    start = time.perf_counter()
     sel = lowbit.select_precision(model, 0.5, "eagl", example_input=torch.zeros(1, 1, 28, 28), log=lambda s: None)
-    assert time.perf_counter() - start < 1.0
     assert sel.cost <= 0.5 * sel.space.bounds()[1] and sel.solution.exact
     assert len(sel.gains) == len(sel.space.candidates) == 20
