@@ -34,12 +34,18 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_size: int = 28) -> nn.Module:
+    """An untrained zoo model. It records what it is in ``model.lowbit_arch``
+    (``{"zoo": name, "kwargs": {...}, "input_shape": [1, C, H, W]}``, a plain dict that survives
+    ``copy.deepcopy`` and :func:`lowbit.quantize`), so that later stages need no example input or
+    architecture name from the user (bit-operation counts, exports)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; the zoo has {list_models()}")
     kw = {"in_channels": in_channels, "num_classes": num_classes}
     if name in _TAKES_IN_SIZE:
         kw["in_size"] = in_size
-    return _REGISTRY[name](**kw)
+    model = _REGISTRY[name](**kw)
+    model.lowbit_arch = {"zoo": name, "kwargs": dict(kw), "input_shape": [1, in_channels, in_size, in_size]}
+    return model
 
 
 def build_model(name: str, weights=None, dataset: str = "fashion-mnist") -> nn.Module:
