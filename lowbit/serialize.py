@@ -34,7 +34,7 @@ def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None
          dataset: str | None = None, extra: dict | None = None) -> Path:
     """Write ``qmodel`` (from :func:`lowbit.quantize`, possibly fine-tuned) into ``folder``; returns it.
 
-    A zoo model's architecture record (``qmodel.lowbit_arch``) goes into ``lowbit.json``, so that
+    A zoo model's architecture record (``qmodel.lowbit_architecture``) goes into ``lowbit.json``, so that
     :func:`load` rebuilds it by name; ``model_name``/``dataset`` are recorded as given.
     Raises :class:`CheckpointError` for a model that did not come from :func:`lowbit.quantize`.
     """
@@ -45,7 +45,7 @@ def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(qmodel, folder / "model.safetensors")
     report.recipe.save(folder / "recipe.yaml")
-    arch = getattr(qmodel, "lowbit_arch", None)
+    arch = getattr(qmodel, "lowbit_architecture", None)
     meta = {"format": FORMAT, "version": VERSION, "model": model_name or (arch or {}).get("zoo"), "dataset": dataset,
             "architecture": arch, "folded": [list(p) for p in report.folded], **(extra or {})}
     (folder / "lowbit.json").write_text(json.dumps(meta, indent=2) + "\n")

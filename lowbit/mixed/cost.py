@@ -147,10 +147,10 @@ def count_macs(model: nn.Module, example_input) -> dict[str, int]:
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor | None:
-    """Zeros of the input shape the model records (``model.lowbit_arch["input_shape"]``: every zoo
+    """Zeros of the input shape the model records (``model.lowbit_architecture["input_shape"]``: every zoo
     model), else ``zeros(1, in_features)`` when the first Conv/Linear layer is a Linear (an MLP),
     else None."""
-    shape = (getattr(model, "lowbit_arch", None) or {}).get("input_shape")
+    shape = (getattr(model, "lowbit_architecture", None) or {}).get("input_shape")
     if shape:
         return torch.zeros(shape)
     first = next((m for m in model.modules() if isinstance(m, _COUNTED)), None)
