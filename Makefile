@@ -11,11 +11,12 @@ venv: $(VENV)/.stamp
 
 # torch first, pinned: that exact CPU build lies on local disk, while a plain `torch`
 # (asked for by `pip install -e .`) would download a multi-GB CUDA build.
-# The stamp skips the reinstall until pyproject.toml changes.
+# The stamp skips the reinstall until pyproject.toml changes. The `rl` extra (GPL games: MinAtar,
+# the Atari emulator) is installed for the tests only, so the reinforcement-learning tests run.
 $(VENV)/.stamp: pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install $(TORCH)
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install -e '.[dev,rl]'
 	@touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package; never fail hard here:

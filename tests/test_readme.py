@@ -17,8 +17,16 @@ README = (ROOT / "README.md").read_text()
 FENCE = re.compile(r"```(\w*)\n(.*?)```", re.S)
 
 
-def blocks(language: str) -> list[str]:
-    return [body for lang, body in FENCE.findall(README) if lang == language]
+def blocks(language: str, section: str | None = None) -> list[str]:
+    """The fenced blocks of ``language``, in order; with ``section``, only those under that ``## `` heading."""
+    text = README if section is None else sections()[section]
+    return [body for lang, body in FENCE.findall(text) if lang == language]
+
+
+def sections() -> dict[str, str]:
+    """``{heading: text}`` of the README's ``## `` sections."""
+    parts = re.split(r"^## (.+)$", README, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
 
 
 def prose_spans() -> list[str]:
@@ -60,7 +68,7 @@ def test_readme_python_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the examples write runs/...
     torch.manual_seed(0)
     namespace: dict = {}
-    python = blocks("python")
+    python = blocks("python", "In Python")
     assert len(python) >= 2
     for i, code in enumerate(python):
         exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)
@@ -79,3 +87,18 @@ def test_readme_python_runs_as_written(tmp_path, monkeypatch, capsys):
         assert torch.equal(namespace["deployed"](x), reference)  # batch norm folded at quantization: exact
         assert (namespace["engine"].predict(x) == reference.argmax(1)).sum() >= 15  # integer arithmetic
     assert namespace["plan"].cost <= 0.5 * namespace["plan"].space.bounds()[1]
+
+
+@pytest.mark.slow
+def test_readme_reinforcement_learning_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("minatar", reason="minatar is not installed (pip install lowbit[rl])")
+    from lowbit.zoo.teachers import teacher_path
+
+    if not teacher_path("breakout").is_file():
+        pytest.skip("the breakout teacher is not shipped")
+    monkeypatch.chdir(tmp_path)
+    (code,) = blocks("python", "Reinforcement learning: low-precision policy distillation")
+    exec(compile(code, "README.md (reinforcement learning)", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "% of the teacher" in lines[-2] and float(lines[-1]) >= 0.0
+    assert (tmp_path / "runs" / "breakout-w2a2" / "export" / "manifest.json").is_file()

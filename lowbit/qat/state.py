@@ -194,8 +194,11 @@ def _check_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        meta: dict) -> Path:
-    """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors."""
+                        meta: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors.
+
+    ``extra`` adds tensors of the caller's own (a target network, a replay memory), under names
+    that start with neither ``model.`` nor ``optim.``."""
     from safetensors import safe_open
     from lowbit.checkpoint import write_safetensors
 
@@ -204,6 +207,10 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     tensors.update(opt_tensors)
+    for key, value in (extra or {}).items():
+        if key.startswith(("model.", "optim.")):
+            raise ValueError(f"extra checkpoint tensor {key!r}: the prefixes model. and optim. are taken")
+        tensors[key] = value
     bad = _check_finite(tensors)
     if bad:
         raise NonFiniteError(f"refusing to save a checkpoint at step {meta.get('step')}: non-finite values in "
@@ -237,7 +244,7 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict[str, torch.T
         tensors = load_file(str(path))
         meta = json.loads(header[META_KEY])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not a lowbit fine-tuning checkpoint ({exc}); delete it or "
+        raise CheckpointError(f"{path}: not a lowbit training checkpoint ({exc}); delete it or "
                               "start without resume") from exc
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
