@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_PROBE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 
-.PHONY: venv data test demo bench clean-venv
+.PHONY: venv data test test-slow demo bench clean-venv
 
 venv: $(VENV)/.stamp
 
@@ -41,8 +41,13 @@ data:
 		echo "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz files and set LOWBIT_FASHION_MNIST=<folder>."; \
 	fi
 
+# The fast suite (about a minute): what a developer runs after every change.
 test: venv data
 	$(VENV)/bin/python -m pytest
+
+# The slower accuracy and agreement checks on full test sets (CI's second stage).
+test-slow: venv data
+	$(VENV)/bin/python -m pytest -m slow
 
 demo: venv data
 	$(VENV)/bin/lowbit demo

@@ -11,6 +11,7 @@ checkpoint (``lowbit.save``/``lowbit.load``); the packed integer deployment form
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -19,15 +20,24 @@ import torch
 from torch import nn
 
 from lowbit.checkpoint import load_into, save_checkpoint
+from lowbit.data.datasets import dataset_info
 from lowbit.errors import CheckpointError
+from lowbit.prepare import quantize
 from lowbit.recipe import Recipe, load_recipe
+from lowbit.zoo import create_model
 
 FORMAT = "lowbit-quantized"
 VERSION = 1
 
 
 def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None = None,
-                   dataset: str | None = None, extra: dict | None = None) -> Path:
+         dataset: str | None = None, extra: dict | None = None) -> Path:
+    """Write ``qmodel`` (from :func:`lowbit.quantize`, possibly fine-tuned) into ``folder``; returns it.
+
+    A zoo model's architecture record (``qmodel.lowbit_architecture``) goes into ``lowbit.json``, so that
+    :func:`load` rebuilds it by name; ``model_name``/``dataset`` are recorded as given.
+    Raises :class:`CheckpointError` for a model that did not come from :func:`lowbit.quantize`.
+    """
     report = getattr(qmodel, "lowbit_report", None)
     if report is None:
         raise CheckpointError("save expects a model returned by lowbit.quantize")
@@ -35,16 +45,21 @@ def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(qmodel, folder / "model.safetensors")
     report.recipe.save(folder / "recipe.yaml")
-    meta = {"format": FORMAT, "version": VERSION, "model": model_name, "dataset": dataset,
-            "folded": [list(p) for p in report.folded], **(extra or {})}
+    arch = getattr(qmodel, "lowbit_architecture", None)
+    meta = {"format": FORMAT, "version": VERSION, "model": model_name or (arch or {}).get("zoo"), "dataset": dataset,
+            "architecture": arch, "folded": [list(p) for p in report.folded], **(extra or {})}
     (folder / "lowbit.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
 
 def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save` (``model``: the float architecture, if not a zoo model)."""
-    from lowbit.prepare import quantize
+    """Rebuild a model saved by :func:`save`, in eval mode.
 
+    ``model``: the float architecture (a copy is used; yours is left alone), needed when the saved
+    model is not a zoo model. Raises :class:`CheckpointError` for a folder :func:`save` did not
+    write (a deployment export names :func:`lowbit.load_export`), another format version, or a
+    checkpoint that does not fit the architecture.
+    """
     folder = Path(folder)
     meta_path = folder / "lowbit.json"
     if not meta_path.is_file():
@@ -57,13 +72,9 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
                               f"{FORMAT!r} version {VERSION}; upgrade lowbit or re-save the model")
     if model is None:
-        if not meta.get("model"):
-            raise CheckpointError(f"{meta_path}: names no zoo model; pass the float model: load(folder, model)")
-        from lowbit.data.datasets import dataset_info
-        from lowbit.zoo import create_model
-        info = dataset_info(meta.get("dataset") or "fashion-mnist")
-        model = create_model(meta["model"], in_channels=info.in_channels, num_classes=info.num_classes,
-                             in_size=info.image_size)
+        model = _zoo_model(meta, meta_path)
+    else:
+        model = copy.deepcopy(model)
     recipe = load_recipe(folder / "recipe.yaml")
     _apply_fold_structure(model, meta.get("folded", []))
     sections = {**recipe.sections, "ptq": {**(recipe.sections.get("ptq") or {}), "fold_bn": False}}
@@ -73,6 +84,18 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     qmodel.lowbit_report.recipe = recipe
     qmodel.lowbit_report.folded = [tuple(p) for p in meta.get("folded", [])]
     return qmodel.eval()
+
+
+def _zoo_model(meta: dict, where: Path) -> nn.Module:
+    """The untrained zoo architecture the metadata names (its record, or a model name and dataset)."""
+    arch = meta.get("architecture") or {}
+    if arch.get("zoo"):
+        return create_model(arch["zoo"], **arch.get("kwargs", {}))
+    if not meta.get("model"):
+        raise CheckpointError(f"{where}: names no zoo model; pass the float model: lowbit.load(folder, model)")
+    info = dataset_info(meta.get("dataset") or "fashion-mnist")
+    return create_model(meta["model"], in_channels=info.in_channels, num_classes=info.num_classes,
+                        in_size=info.image_size)
 
 
 def _apply_fold_structure(model: nn.Module, folded: list) -> None:

@@ -98,7 +98,7 @@ def cmd_ptq(args) -> None:
 def cmd_qat(args) -> None:
     model = build_model(args.model, args.weights, args.dataset)
     run_qat(model, model_name=args.model, dataset=args.dataset, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, teacher=args.distill,
+            batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, distill=args.distill,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
             calib_images=args.calib_images, data_dir=args.data_dir,
             augment=True if args.augment is None and args.weights else args.augment)

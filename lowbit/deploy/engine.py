@@ -105,10 +105,12 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from lowbit.deploy.build import build_export
 from lowbit.deploy.errors import ExportError
-from lowbit.deploy.format import Exported, build_export, read_export
+from lowbit.deploy.format import Exported
 from lowbit.deploy.graph import LAYER_OPS, Node
 from lowbit.deploy.layers import GridData, LayerData
+from lowbit.deploy.read import read_export
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 WIDE_LIMIT = 2**62      # wide values are int64 below this magnitude

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from lowbit.errors import CheckpointError
 from lowbit.evaluate import evaluate
+from lowbit.prepare import calibrate, release_frozen_weights
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
 from lowbit.qat.batchnorm import BATCH_NORMS, reestimate_batchnorm
@@ -73,8 +74,6 @@ def ensure_quantizers_initialized(model: nn.Module, data: Iterable, max_batches:
     LSQ steps and PACT clips must exist (with their final shapes) before the optimizer
     captures them. Quantizers already initialised keep their grids. Returns the batches used.
     """
-    from lowbit.prepare import calibrate
-
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and m.enabled]
     pending = [q for q in quantizers if not bool(q.initialized)]
     if not pending:
@@ -129,6 +128,11 @@ class _Run:
                 raise TeacherMismatchError("the teacher must be the full-precision model, not the model being "
                                            "fine-tuned")
             self.teacher.to(self.device).eval()  # its outputs run under no_grad; it never trains
+        released = release_frozen_weights(self.model)
+        if released:
+            self.log(f"fine-tuning re-quantizes the weights of {len(released)} bias-corrected layer(s) at every step "
+                     f"(their frozen codes were released; bias correction is a post-training transform): "
+                     f"{', '.join(released[:4])}{' ...' if len(released) > 4 else ''}")
         ensure_quantizers_initialized(self.model, self.train_data, cfg.calib_batches, self.log)
 
         self.step, self.history = 0, []
@@ -369,6 +373,10 @@ def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | N
     ``last.safetensors``/``last.json`` and ``metrics.jsonl`` go. ``resume``: continue from the
     checkpoint there. ``on_step``: called after every step with a dict (step, epoch, batch,
     loss, acc, lr, model).
+
+    Layers whose integer weight codes bias correction froze (``ptq-w4a4-aciq``) would not train:
+    their codes are released first and their weights re-quantized at every step
+    (:func:`lowbit.prepare.release_frozen_weights`, logged).
 
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank passes the same, global loader
     (not a ``DistributedSampler``): each batch is split across the ranks here.

@@ -3,6 +3,11 @@
 ``create_model("resnet20")`` builds an untrained model; ``pretrained("resnet20")`` also
 loads the checkpoint shipped in ``lowbit/zoo/checkpoints`` (trained by ``lowbit train``;
 its JSON sidecar records the command, seed and test accuracy).
+
+Every model the zoo builds carries its recipe for being built again,
+``model.lowbit_architecture = {"zoo": name, "kwargs": {...}}`` (an instance attribute, so it
+survives ``copy.deepcopy`` and :func:`lowbit.quantize`); :func:`lowbit.export` writes it into
+the manifest, and :func:`lowbit.load_export` gives it back to :func:`create_model`.
 """
 
 from __future__ import annotations
@@ -34,12 +39,24 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_size: int = 28) -> nn.Module:
+    """The untrained zoo model ``name``, with ``lowbit_architecture`` recording how it was built:
+    ``{"zoo": name, "kwargs": {...}, "input_shape": [1, C, H, W]}``, a plain dict that survives
+    ``copy.deepcopy`` and :func:`lowbit.quantize`, so that later stages need no architecture name or
+    example input from the user (exports, checkpoints, bit-operation counts).
+
+    Raises ``ValueError`` for an unknown name or a size that is not a positive integer.
+    """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; the zoo has {list_models()}")
     kw = {"in_channels": in_channels, "num_classes": num_classes}
     if name in _TAKES_IN_SIZE:
         kw["in_size"] = in_size
-    return _REGISTRY[name](**kw)
+    for key, value in kw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    model = _REGISTRY[name](**kw)
+    model.lowbit_architecture = {"zoo": name, "kwargs": dict(kw), "input_shape": [1, in_channels, in_size, in_size]}
+    return model
 
 
 def build_model(name: str, weights=None, dataset: str = "fashion-mnist") -> nn.Module:
