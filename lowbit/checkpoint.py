@@ -49,7 +49,10 @@ def save_checkpoint(model_or_state: nn.Module | dict, path: str | os.PathLike, m
     write_safetensors(tensors, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated checkpoint
     if meta is not None:
-        sidecar_path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        side = sidecar_path(path)
+        side_tmp = side.with_name(side.name + ".tmp")
+        side_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        os.replace(side_tmp, side)  # the sidecar too is never half-written
     return path
 
 
