@@ -111,12 +111,13 @@ def table() -> str:
     names = {"8": "W8A8", "4": "W4A4", "2": "W2A2", "ternary": "ternary/binary"}
     out = ["Teachers: float double DQN (MinAtar reference network, 132k parameters on Breakout), trained by "
            "`benchmarks/rl_teachers.py`; return over 100 seeded test episodes (greedy, MinAtar's sticky actions).", "",
-           "| game | teacher return | steps | minutes |", "|---|---|---|---|"]
+           "| game | teacher return | steps | minutes | validation curve (10 episodes each) |", "|---|---|---|---|---|"]
     for game in MINATAR_GAMES:
         if game in teachers:
             t = teachers[game]
+            curve = " · ".join(f"{p['frame'] // 1000}k: {p['mean']:.1f}" for p in t.get("curve", []))
             out.append(f"| {game} | {t['mean_return']:.2f} +- {t['std_return']:.2f} | {t['frames']:,} | "
-                       f"{t['minutes']:.0f} |")
+                       f"{t['minutes']:.0f} | {curve or '-'} |")
     out += ["", "Students (every layer at the stated precision, LSQ steps; `rl-*` recipes), trained for the same "
             "number of environment steps by policy distillation (KL on softmax(Q_T / 0.01), teacher play with "
             "epsilon 0.05) or directly by double DQN (MinAtar reference settings); test episodes per student: "
