@@ -7,7 +7,8 @@ For each game with a shipped teacher (``lowbit/zoo/checkpoints/dqn-<game>.safete
 ``benchmarks/rl_teachers.py``) and each student precision, one student is trained by policy
 distillation from the teacher (:func:`lowbit.rl.students.distill_student`, the command
 ``lowbit rl distill``) and one directly by double DQN (:func:`lowbit.rl.students.dqn_student`,
-``lowbit rl teach --bits``), both for the same number of environment steps (``--frames``), and each
+``lowbit rl teach --bits --epsilon-frames``, exploring over a fifth of a short budget), both for
+the same number of environment steps (``--frames``), and each
 is scored on 100 seeded test episodes (mean +- std of the return, % of the teacher's test return,
 agreement of greedy actions with the teacher on the student's own states). The distilled W2A2 and
 ternary/binary students are exported (``lowbit.export``) and played by the integer engine:

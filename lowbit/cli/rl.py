@@ -71,7 +71,7 @@ def cmd_teach(args) -> None:
     kind = f"dqn-{args.game.replace('/', '-')}" + (f"-{args.bits or Path(str(recipe)).stem}" if recipe else "")
     out = Path(args.out or Path("lowbit-rl") / kind)
     cfg = DQNConfig(game=args.game, frames=args.frames, seed=args.seed, arch=args.arch,
-                    clip_rewards=args.game.startswith("ale/"))
+                    epsilon_frames=args.epsilon_frames, clip_rewards=args.game.startswith("ale/"))
     if recipe is None:
         if args.teacher:
             raise LowbitError("--teacher scores a low-precision DQN student against a teacher; a float teacher "
@@ -178,6 +178,8 @@ def register(subparsers) -> None:
     sp.add_argument("--arch", default="minatar", help="Q-network: minatar (default), minatar-small, nature (Atari)")
     sp.add_argument("--teacher", help="with --bits: a teacher to measure action agreement against "
                     "(default: the shipped one, if any)")
+    sp.add_argument("--epsilon-frames", type=int, default=100_000,
+                    help="steps over which epsilon decays from 1 to 0.1 (default 100,000, MinAtar's)")
     sp.add_argument("--into-zoo", action="store_true", help="install the trained teacher as the shipped one")
     sp.set_defaults(func=cmd_teach)
 
