@@ -184,7 +184,7 @@ def register(subparsers) -> None:
     sp.set_defaults(func=cmd_teach)
 
     sp = sub.add_parser("distill", help="distil a teacher into a low-precision student")
-    common(sp, 100_000, "teacher play distilled")
+    common(sp, DistillConfig.frames, "teacher play distilled")
     sp.add_argument("--teacher", help="teacher checkpoint (default: the shipped teacher of --game)")
     sp.add_argument("--arch", help="student Q-network: minatar or minatar-small (default: the teacher's)")
     sp.add_argument("--tau", type=float, default=0.01, help="teacher softmax temperature (default 0.01)")
