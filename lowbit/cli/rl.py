@@ -128,7 +128,8 @@ def _policy(args):
 def cmd_eval(args) -> None:
     check_game(args.game)
     policy, name = _policy(args)
-    against = None if args.teacher else _optional_teacher(args.game, args.against)
+    student = args.student or args.export  # a teacher is not scored against a teacher
+    against = _optional_teacher(args.game, args.against) if student else None
     teacher = load_teacher(against, args.game)[0] if against is not None else None
     start = time.perf_counter()
     result = evaluate_policy(policy, args.game, episodes=args.episodes, seed=args.seed, teacher=teacher)
