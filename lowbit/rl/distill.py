@@ -19,6 +19,7 @@ resume work as for DQN (:mod:`lowbit.rl.loop`).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -90,6 +91,14 @@ class DistillRun(TrainingRun):
         self._teacher_q: torch.Tensor | None = None
         if resume:
             self.resume()
+
+    def config_dict(self) -> dict:
+        """The settings plus a digest of the teacher's weights: resuming with another teacher is refused."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.teacher.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return dict(super().config_dict(), teacher_sha256=digest.hexdigest()[:16])
 
     def on_episode_start(self) -> None:
         if self.cfg.student_acting > 0:
