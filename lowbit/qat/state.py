@@ -90,7 +90,7 @@ def recipe_of(model: nn.Module) -> dict | None:
     if report is None:
         return None
     d = report.recipe.to_dict()
-    return {k: d[k] for k in ("weights", "activations", "layers", "skip") if k in d}
+    return {k: d[k] for k in ("weights", "activations", "layers", "skip", "embeddings", "kv_cache") if k in d}
 
 
 def digest(obj) -> str:
