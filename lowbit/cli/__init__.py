@@ -7,6 +7,7 @@
     lowbit export  --model resnet20 --recipe ptq-w4a4-aciq --out runs/deploy [--format both] [--verify 1000]
     lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24 [--out runs/resnet20.safetensors]
     lowbit demo    [--quick] [--out lowbit-demo]
+    lowbit llm     quantize|finetune|eval|generate|export|train ...   (language models: lowbit.cli.llm)
 
 ``python -m lowbit`` is the same command. Each command's work is a function of the Python API
 (or of a small module here, for the commands that also load data and build zoo models).
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import lowbit
 from lowbit.checkpoint import save_checkpoint
+from lowbit.cli import llm as llm_cli
 from lowbit.cli.export import run_export
 from lowbit.data.datasets import dataset_info, make_loader
 from lowbit.demo import run_demo
@@ -256,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on "
                     "(default 512)")
     sp.set_defaults(func=cmd_demo)
+
+    llm_cli.register(sub)
     return p
 
 

@@ -197,7 +197,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
                         meta: dict) -> Path:
     """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors."""
     from safetensors import safe_open
-    from lowbit.checkpoint import write_safetensors
+    from lowbit.checkpoint import ALIASES_KEY, write_safetensors
 
     path, side = checkpoint_paths(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,8 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     tmp = path.with_name(path.name + ".tmp")
     write_safetensors(tensors, tmp, metadata={META_KEY: text})
     with safe_open(str(tmp), "pt") as f:  # read back before publishing
-        if set(f.keys()) != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
+        stored = set(f.keys()) | set(json.loads(f.metadata().get(ALIASES_KEY, "{}")))
+        if stored != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
             raise CheckpointError(f"{tmp}: the checkpoint did not read back; the previous one is kept")
     os.replace(tmp, path)
     side_tmp = side.with_name(side.name + ".tmp")
@@ -225,16 +226,14 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
 
 def load_training_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:
     """``(tensors, meta)`` of ``directory``'s last checkpoint, or None if there is none."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from lowbit.checkpoint import read_safetensors
 
     path, _ = checkpoint_paths(directory)
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
+        tensors, header = read_safetensors(path)
         meta = json.loads(header[META_KEY])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: not a lowbit fine-tuning checkpoint ({exc}); delete it or "
