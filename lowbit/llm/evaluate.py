@@ -21,34 +21,54 @@ from torch.nn import functional as F
 
 
 def logits_of(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits ``[B, T, V]`` of a causal LM (a Hugging Face model or a plain module), float32."""
-    out = model(ids, use_cache=False) if _takes_use_cache(model) else model(ids)
+    """Next-token logits ``[B, T, V]`` of a causal LM, float32. A Hugging Face model (also inside a
+    DDP/FSDP wrapper) runs without building a cache."""
+    inner = getattr(model, "module", model)
+    out = model(input_ids=ids, use_cache=False) if hasattr(getattr(inner, "config", None), "use_cache") else model(ids)
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
-def _takes_use_cache(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model.config, "use_cache")
-
-
-def _batches(windows: torch.Tensor, batch_size: int):
-    for i in range(0, windows.shape[0], batch_size):
-        yield windows[i:i + batch_size]
+def as_windows(data) -> torch.Tensor:
+    """Evaluation windows ``[N, T]`` from a tensor of windows or an iterable of window batches."""
+    windows = data if isinstance(data, torch.Tensor) else torch.cat([torch.as_tensor(b) for b in data])
+    if windows.dim() != 2 or windows.shape[1] < 2:
+        raise ValueError(f"evaluation windows must be [count, tokens >= 2], got shape {tuple(windows.shape)}")
+    return windows
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8) -> float:
-    """``exp`` of the mean next-token negative log-likelihood over ``windows`` ``[N, T]``."""
-    was_training = model.training
-    model.eval()
-    nll, count = 0.0, 0
+def measure(model: nn.Module, windows, *, teacher: nn.Module | None = None, batch_size: int = 8) -> dict[str, float]:
+    """``{"perplexity"}`` of ``model`` over ``windows`` (``[N, T]``, or batches of them), plus ``"kl"``
+    and ``"agreement"`` (percent) against ``teacher`` when given (module docstring)."""
+    windows = as_windows(windows)
+    models = [m for m in (model, teacher) if m is not None]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     device = next(model.parameters()).device
+    nll = kl = agree = 0.0
+    count = 0
     try:
-        for ids in _batches(windows, batch_size):
-            ids = ids.to(device)
+        for i in range(0, windows.shape[0], batch_size):
+            ids = windows[i:i + batch_size].to(device)
             logits = logits_of(model, ids)[:, :-1]
-            nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                         reduction="sum"))
-            count += ids[:, 1:].numel()
+            flat = logits.reshape(-1, logits.shape[-1])
+            nll += float(F.cross_entropy(flat, ids[:, 1:].reshape(-1), reduction="sum"))
+            if teacher is not None:
+                t_flat = logits_of(teacher, ids)[:, :-1].reshape(-1, logits.shape[-1])
+                kl += float(F.kl_div(F.log_softmax(flat, -1), F.log_softmax(t_flat, -1), log_target=True,
+                                     reduction="sum"))
+                agree += float((flat.argmax(-1) == t_flat.argmax(-1)).sum())
+            count += flat.shape[0]
     finally:
-        model.train(was_training)
-    return math.exp(nll / count)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    out = {"perplexity": math.exp(nll / count)}
+    if teacher is not None:
+        out.update(kl=kl / count, agreement=100.0 * agree / count)
+    return out
+
+
+def perplexity(model: nn.Module, windows, *, batch_size: int = 8) -> float:
+    """``exp`` of the mean next-token negative log-likelihood over ``windows``."""
+    return measure(model, windows, batch_size=batch_size)["perplexity"]
