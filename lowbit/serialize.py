@@ -12,6 +12,7 @@ checkpoint (``lowbit.save``/``lowbit.load``); the packed integer deployment form
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ from lowbit.checkpoint import load_into, save_checkpoint
 from lowbit.data.datasets import dataset_info
 from lowbit.errors import CheckpointError
 from lowbit.prepare import quantize
-from lowbit.recipe import Recipe, load_recipe
+from lowbit.recipe import load_recipe
 from lowbit.zoo import create_model
 
 FORMAT = "lowbit-quantized"
@@ -78,7 +79,7 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     recipe = load_recipe(folder / "recipe.yaml")
     _apply_fold_structure(model, meta.get("folded", []))
     sections = {**recipe.sections, "ptq": {**(recipe.sections.get("ptq") or {}), "fold_bn": False}}
-    rebuilt = Recipe(recipe.weights, recipe.activations, recipe.layers, recipe.skip, sections)
+    rebuilt = dataclasses.replace(recipe, sections=sections)
     qmodel = quantize(model, rebuilt, inplace=True)
     load_into(qmodel, folder / "model.safetensors")
     qmodel.lowbit_report.recipe = recipe

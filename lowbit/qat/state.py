@@ -90,7 +90,7 @@ def recipe_of(model: nn.Module) -> dict | None:
     if report is None:
         return None
     d = report.recipe.to_dict()
-    return {k: d[k] for k in ("weights", "activations", "layers", "skip") if k in d}
+    return {k: d[k] for k in ("weights", "activations", "layers", "skip", "embeddings", "kv_cache") if k in d}
 
 
 def digest(obj) -> str:
@@ -200,7 +200,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     ``extra`` adds tensors of the caller's own (a target network, a replay memory), under names
     that start with neither ``model.`` nor ``optim.``."""
     from safetensors import safe_open
-    from lowbit.checkpoint import write_safetensors
+    from lowbit.checkpoint import ALIASES_KEY, write_safetensors
 
     path, side = checkpoint_paths(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,8 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     tmp = path.with_name(path.name + ".tmp")
     write_safetensors(tensors, tmp, metadata={META_KEY: text})
     with safe_open(str(tmp), "pt") as f:  # read back before publishing
-        if set(f.keys()) != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
+        stored = set(f.keys()) | set(json.loads(f.metadata().get(ALIASES_KEY, "{}")))
+        if stored != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
             raise CheckpointError(f"{tmp}: the checkpoint did not read back; the previous one is kept")
     os.replace(tmp, path)
     side_tmp = side.with_name(side.name + ".tmp")
@@ -232,16 +233,14 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
 
 def load_training_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:
     """``(tensors, meta)`` of ``directory``'s last checkpoint, or None if there is none."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from lowbit.checkpoint import read_safetensors
 
     path, _ = checkpoint_paths(directory)
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
+        tensors, header = read_safetensors(path)
         meta = json.loads(header[META_KEY])
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: not a lowbit training checkpoint ({exc}); delete it or "
