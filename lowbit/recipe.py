@@ -31,6 +31,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from lowbit.errors import RecipeError
 from lowbit.quant import QUANTIZERS, make_granularity, quantizer_options
 from lowbit.quant.grid import check_bits
@@ -102,7 +104,6 @@ class Recipe:
         return out
 
     def save(self, path: str | os.PathLike) -> None:
-        import yaml
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def spec_for(self, name: str, side: str, matched_patterns: list[str]) -> dict | None:
@@ -184,7 +185,6 @@ def load_recipe(recipe) -> Recipe:
         if not path.is_file():
             raise RecipeError(f"recipe {str(recipe)!r} is neither a file nor a shipped recipe; shipped: "
                               f"{list_recipes()}")
-        import yaml
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
