@@ -97,6 +97,6 @@ def checkpoint_meta(name: str, dataset: str = "fashion-mnist") -> dict:
 
 def trained_with_augment(name: str, dataset: str = "fashion-mnist") -> bool:
     """Whether the shipped checkpoint was trained with crop/flip augmentation (its sidecar's
-    ``config.augment``; True when unrecorded). Fine-tuning should match it: the MLP, trained
-    without augmentation, lost 0.6 points in one epoch of W8A8 fine-tuning on augmented images."""
+    ``config.augment``; True when unrecorded). Fine-tuning should match it (the MLP was trained
+    without augmentation; section "choices" of docs/RESULTS.md compares both on the validation split)."""
     return bool(checkpoint_meta(name, dataset).get("config", {}).get("augment", True))
