@@ -97,9 +97,12 @@ class Recipe:
         out.update(copy.deepcopy(self.sections))
         return out
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the recipe as YAML (atomically: a temporary file moved into place)."""
-        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomic(path, self.to_yaml())
 
     def spec_for(self, name: str, side: str, matched_patterns: list[str]) -> dict | None:
         """The merged spec of one layer's ``side`` given the override patterns that match it."""
@@ -165,16 +168,23 @@ def load_recipe(recipe) -> Recipe:
             raise RecipeError(f"recipe {str(recipe)!r} is neither a file nor a shipped recipe; shipped: "
                               f"{list_recipes()}")
         try:
-            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
-            raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+            text = path.read_bytes()
         except OSError as exc:
             raise RecipeError(f"{path}: cannot be read ({exc})") from None
-        try:
-            return Recipe.from_dict(data)
-        except RecipeError as exc:
-            raise RecipeError(f"{path}: {exc}") from None
+        return recipe_from_yaml(text, path)
     raise RecipeError(f"a recipe is a Recipe, a dict or a YAML path, got {type(recipe).__name__}")
+
+
+def recipe_from_yaml(text: bytes | str, where: str | os.PathLike) -> Recipe:
+    """A :class:`Recipe` from YAML text (bytes: UTF-8); every error is a RecipeError naming ``where``."""
+    try:
+        data = yaml.safe_load(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise RecipeError(f"{where}: not valid YAML ({exc})") from None
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
 
 
 def check_plain_data(value, where: str) -> None:
