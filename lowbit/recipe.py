@@ -43,6 +43,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 SIDES = ("weights", "activations")
 COMMON_KEYS = {"method", "bits", "granularity", "signed"}
 PIPELINE_SECTIONS = {"name", "description", "calibration", "ptq", "qat", "mixed", "export"}
+TEXT_SECTIONS = {"name", "description"}  # the others are mappings of settings
 TOP_KEYS = set(SIDES) | {"layers", "skip"} | PIPELINE_SECTIONS
 FIRST, LAST = "@first", "@last"
 
@@ -81,6 +82,10 @@ class Recipe:
         unknown = set(data) - TOP_KEYS
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+        for key in PIPELINE_SECTIONS & set(data):
+            kind = str if key in TEXT_SECTIONS else dict
+            if data[key] is not None and not isinstance(data[key], kind):
+                raise RecipeError(f"{key}: a {'text' if kind is str else 'mapping of settings'}, got {data[key]!r}")
         defaults = cls()
         data = copy.deepcopy(data)
         return cls(weights=data.get("weights", defaults.weights),
