@@ -115,7 +115,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 torch.manual_seed(SEED)
                 result = run_qat(copy.deepcopy(model), model_name=name, dataset="fashion-mnist", recipe=spec,
-                                 checkpoint_dir=tmp, epochs=args.epochs, seed=SEED, teacher=args.distill,
+                                 checkpoint_dir=tmp, epochs=args.epochs, seed=SEED, distill=args.distill,
                                  progress=False, log=lambda s: None)
             cfg = result["config"]
             row = {"model": name, "recipe": recipe, "bits": BITS[recipe.rsplit("-", 1)[1]], "epochs": cfg["epochs"],

@@ -19,3 +19,11 @@ class DataError(LowbitError, FileNotFoundError):
 
 class CheckpointError(LowbitError, ValueError):
     """A checkpoint is not safetensors, is damaged, or does not match the model."""
+
+
+class MissingExtraError(LowbitError, ImportError):
+    """An optional dependency (an extra such as ``lowbit[rl]``) is not installed."""
+
+
+class GameError(LowbitError, ValueError):
+    """An unknown game, or a model or checkpoint that belongs to another game."""

@@ -8,11 +8,17 @@ A recipe is a YAML file, a dict of the same shape, or a :class:`Recipe`::
       "conv1": {weights: {bits: 8}, activations: {bits: 8}}
       "@last": {weights: {bits: 8}, activations: {bits: 8}}   # @first / @last: first / last quantizable layer
     skip: ["head.*"]              # these stay float
+    embeddings: {method: lsq, bits: 8, granularity: channel}   # every nn.Embedding's table (default: float)
+    kv_cache: {method: lsq, bits: 8, granularity: head}        # language models: keys and values as cached
 
 A quantizer spec takes ``method``, ``bits``, ``granularity`` (``tensor``, ``channel``,
 ``group:SIZE``), ``signed`` (``auto``/true/false) and the method's own options (e.g.
 ``percentile``, ``prior``, ``convention``). ``weights: null`` or ``activations: null`` keeps that
-side float. Overrides merge over the defaults; an override that changes ``method`` drops the
+side float. ``embeddings`` quantizes the table of every ``nn.Embedding`` (one step per table, or
+per row with ``granularity: channel``: one step per token). ``kv_cache`` quantizes the keys (after
+the rotary embedding) and values of every attention block as they are written to the cache (one
+step per KV head with ``granularity: head``, or per tensor); it needs a model whose attention
+family :mod:`lowbit.llm` knows. Both are absent (float) unless given. Overrides merge over the defaults; an override that changes ``method`` drops the
 default's method-specific options. Later patterns win over earlier ones. Other top-level
 sections (``calibration``, ``ptq``, ``qat``, ``mixed``, ``name``, ``description``) are kept for
 the pipelines that read them.
@@ -44,7 +50,9 @@ SIDES = ("weights", "activations")
 COMMON_KEYS = {"method", "bits", "granularity", "signed"}
 PIPELINE_SECTIONS = {"name", "description", "calibration", "ptq", "qat", "mixed", "export"}
 TEXT_SECTIONS = {"name", "description"}  # the others are mappings of settings
-TOP_KEYS = set(SIDES) | {"layers", "skip"} | PIPELINE_SECTIONS
+POINTS = ("embeddings", "kv_cache")  # quantization points beyond the Conv/Linear layers
+POINT_GRANULARITIES = {"embeddings": ("tensor", "channel"), "kv_cache": ("head", "tensor")}
+TOP_KEYS = set(SIDES) | {"layers", "skip"} | set(POINTS) | PIPELINE_SECTIONS
 FIRST, LAST = "@first", "@last"
 
 
@@ -55,11 +63,16 @@ class Recipe:
     layers: dict[str, dict] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     sections: dict = field(default_factory=dict)
+    embeddings: dict | None = None
+    kv_cache: dict | None = None
 
     def __post_init__(self):
         for side in SIDES:
             if getattr(self, side) is not None:
                 setattr(self, side, validate_spec(getattr(self, side), f"{side}", full=True))
+        for point in POINTS:
+            if getattr(self, point) is not None:
+                setattr(self, point, validate_point_spec(getattr(self, point), point))
         if not isinstance(self.layers, dict):
             raise RecipeError(f"'layers' must map name patterns to overrides, got {type(self.layers).__name__}")
         for pattern, override in self.layers.items():
@@ -91,7 +104,8 @@ class Recipe:
         return cls(weights=data.get("weights", defaults.weights),
                    activations=data.get("activations", defaults.activations),
                    layers=data.get("layers") or {}, skip=data.get("skip") or [],
-                   sections={k: data[k] for k in PIPELINE_SECTIONS if k in data})
+                   sections={k: data[k] for k in PIPELINE_SECTIONS if k in data},
+                   **{k: data.get(k) for k in POINTS})
 
     def to_dict(self) -> dict:
         out = {"weights": copy.deepcopy(self.weights), "activations": copy.deepcopy(self.activations)}
@@ -99,6 +113,9 @@ class Recipe:
             out["layers"] = copy.deepcopy(self.layers)
         if self.skip:
             out["skip"] = list(self.skip)
+        for point in POINTS:
+            if getattr(self, point) is not None:
+                out[point] = copy.deepcopy(getattr(self, point))
         out.update(copy.deepcopy(self.sections))
         return out
 
@@ -157,6 +174,22 @@ def validate_spec(spec, where: str, *, full: bool) -> dict:
             allowed = sorted(quantizer_options(method) - {"bits", "signed", "granularity", "role"})
             raise RecipeError(f"{where}: {method} does not take option(s) {sorted(unknown)}; it takes {allowed}")
     return spec
+
+
+def validate_point_spec(spec, point: str) -> dict:
+    """Check an ``embeddings`` or ``kv_cache`` spec: a full quantizer spec whose granularity is one
+    that point has (``head``, the cache's default, means one step per KV head; embeddings default to
+    one step per table)."""
+    if not isinstance(spec, dict):
+        raise RecipeError(f"{point}: a quantizer spec is a mapping like {{method: lsq, bits: 8}} (or null for "
+                          f"float), got {spec!r}")
+    allowed = POINT_GRANULARITIES[point]
+    granularity = spec.get("granularity", allowed[0])
+    if granularity not in allowed:
+        raise RecipeError(f"{point}: granularity must be one of {list(allowed)}, got {granularity!r}")
+    role = "weights" if point == "embeddings" else "activations"
+    checked = validate_spec({k: v for k, v in spec.items() if k != "granularity"}, f"{point} ({role})", full=True)
+    return {**checked, "granularity": granularity} if "granularity" in spec else checked
 
 
 def load_recipe(recipe) -> Recipe:

@@ -17,6 +17,7 @@ A folder is published file by file, each atomically, ``lowbit.json`` last.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,14 +29,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from lowbit.checkpoint import load_into, write_safetensors
+from lowbit.checkpoint import ALIASES_KEY, load_into, write_safetensors
 from lowbit.data.datasets import dataset_info
 from lowbit.errors import CheckpointError
 from lowbit.files import canonical_sha256, temporary_path, write_text_atomic
 from lowbit.nn.modules import QuantMixin
 from lowbit.prepare import quantize
 from lowbit.quant.grid import check_bits
-from lowbit.recipe import Recipe, check_plain_data, recipe_from_yaml
+from lowbit.recipe import recipe_from_yaml
 from lowbit.zoo import create_model
 
 FORMAT = "lowbit-quantized"
@@ -47,17 +48,19 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None = None,
          dataset: str | None = None, extra: dict | None = None) -> Path:
-    """Write ``qmodel`` (from :func:`lowbit.quantize`) to ``folder``; returns the folder.
+    """Write ``qmodel`` (from :func:`lowbit.quantize`, possibly fine-tuned) into ``folder``; returns it.
 
-    ``model_name``/``dataset``: the zoo model and dataset it was built for (then :func:`load` needs
-    no model); ``extra``: more plain data for ``lowbit.json``. Raises :class:`CheckpointError` for a
-    model that :func:`lowbit.quantize` did not return or ``extra`` that is not plain data.
+    A zoo model's architecture record (``qmodel.lowbit_architecture``) goes into ``lowbit.json``, so that
+    :func:`load` rebuilds it by name; ``model_name``/``dataset`` are recorded as given; ``extra``: more
+    plain data for ``lowbit.json``. Raises :class:`CheckpointError` for a model that did not come from
+    :func:`lowbit.quantize` or ``extra`` that is not plain data.
     """
     report = getattr(qmodel, "lowbit_report", None)
     if report is None:
         raise CheckpointError("save expects a model returned by lowbit.quantize")
-    meta = {"format": FORMAT, "version": VERSION, "model": model_name, "dataset": dataset,
-            "folded": [list(p) for p in report.folded], **(extra or {})}
+    arch = getattr(qmodel, "lowbit_architecture", None)
+    meta = {"format": FORMAT, "version": VERSION, "model": model_name or (arch or {}).get("zoo"), "dataset": dataset,
+            "architecture": arch, "folded": [list(p) for p in report.folded], **(extra or {})}
     try:
         digest = canonical_sha256(meta)
     except (TypeError, ValueError) as exc:
@@ -97,7 +100,7 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     model = copy.deepcopy(model) if model is not None else _zoo_model(folder / META_FILE, meta)
     _apply_fold_structure(model, meta["folded"], folder / META_FILE)
     sections = {**recipe.sections, "ptq": {**(recipe.sections.get("ptq") or {}), "fold_bn": False}}
-    rebuilt = Recipe(recipe.weights, recipe.activations, recipe.layers, recipe.skip, sections)
+    rebuilt = dataclasses.replace(recipe, sections=sections)
     qmodel = quantize(model, rebuilt, inplace=True)
     load_into(qmodel, state)
     check_quantizer_state(qmodel, folder / TENSOR_FILE)
@@ -177,15 +180,23 @@ def _read_state(path: Path, data: bytes, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def _zoo_model(path: Path, meta: dict) -> nn.Module:
-    if not meta.get("model"):
-        raise CheckpointError(f"{path}: names no zoo model; pass the float model: lowbit.load(folder, model)")
+    """The untrained zoo architecture the metadata names (its record, or a model name and dataset)."""
+    arch = meta.get("architecture")
     try:
+        if arch is not None:
+            if not isinstance(arch, dict) or not isinstance(arch.get("zoo"), str) or \
+                    not isinstance(arch.get("kwargs", {}), dict):
+                raise ValueError(f"a record {{zoo: name, kwargs: {{...}}}}, got {arch!r}")
+            return create_model(arch["zoo"], **arch.get("kwargs", {}))
+        if not meta.get("model"):
+            raise CheckpointError(f"{path}: names no zoo model; pass the float model: lowbit.load(folder, model)")
         info = dataset_info(meta.get("dataset") or "fashion-mnist")
         return create_model(meta["model"], in_channels=info.in_channels, num_classes=info.num_classes,
                             in_size=info.image_size)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: fields model/dataset: {exc}; pass the float model: "
-                              "lowbit.load(folder, model)") from None
+    except (ValueError, TypeError) as exc:
+        field = "architecture" if arch is not None else "model/dataset"
+        raise CheckpointError(f"{path}: field {field}: {exc}; pass the float model: lowbit.load(folder, model)") \
+            from None
 
 
 def _apply_fold_structure(model: nn.Module, folded: list, where: Path) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.ptq.fold import find_conv_bn_pairs, fold_batchnorm
+from lowbit.nn.fold import find_conv_bn_pairs, fold_batchnorm
 from lowbit.zoo import create_model
 
 

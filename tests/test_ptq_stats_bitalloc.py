@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.errors import CalibrationError, RecipeError
-from lowbit.ptq.calibration import collect_stats
+from lowbit.errors import RecipeError
 from lowbit.quant.bitalloc import allocate_bits, allocate_bits_exact, noise_power
 from lowbit.quant.grid import Granularity
 from lowbit.quant.running import RunningStats
@@ -39,21 +38,6 @@ def test_running_stats_match_numpy_exactly_and_per_batch():
     assert stats.batches == 5 and stats.count == sum(b.numel() // 3 for b in data)
     with pytest.raises(KeyError, match="p50"):
         stats.batch_mean("p50")
-
-
-def test_collect_stats_hooks_every_layer_input():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
-    data = batches()
-    stats = collect_stats(model, [(b, None) for b in data], max_batches=3)
-    assert set(stats) == {"0", "3"} and stats["0"].batches == 3
-    first = torch.cat(data[:3]).transpose(0, 1).reshape(3, -1).double().numpy()
-    np.testing.assert_allclose(stats["0"].mean.numpy(), first.mean(1), rtol=1e-5, atol=1e-6)
-    assert stats["3"].mean.shape == (64,) and bool((stats["3"].min >= 0).all())  # after ReLU
-    with pytest.raises(CalibrationError, match="NaN"):
-        collect_stats(model, [torch.full((2, 3, 4, 4), float("nan"))])
-    with pytest.raises(CalibrationError, match="no batches"):
-        collect_stats(model, [])
 
 
 def test_bit_allocation_meets_budget_and_favours_wide_channels():

@@ -7,7 +7,6 @@ Gradients are in tests/test_quant_gradients.py; the bare grid in tests/test_grid
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.errors import CalibrationError
+from lowbit.quant import sawb as sawb_module
 from lowbit.quant import (QUANTIZERS, ACIQQuantizer, FAQQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
                           PercentileQuantizer, SAWBQuantizer, clip_mse, fit_coefficients, make_quantizer,
                           optimal_clip, quantizer_options, sawb_coefficients)
@@ -919,12 +919,14 @@ def test_unknown_method_and_option():
 
 @pytest.mark.parametrize("bad", [0, 17, 4.0, True])
 @pytest.mark.parametrize("method", sorted(QUANTIZERS))
-def test_bad_bits_rejected_quickly(method, bad):
+def test_bad_bits_rejected_before_any_coefficient_fit(method, bad, monkeypatch):
+    def no_fit(*args, **kwargs):
+        raise AssertionError("SAWB fitted coefficients before checking bits")
+
+    monkeypatch.setattr(sawb_module, "fit_coefficients", no_fit)
     role = "weight" if method == "sawb" else "activation"
-    t0 = time.perf_counter()
     with pytest.raises(ValueError, match="bits"):
         make_quantizer(method, bits=bad, role=role)
-    assert time.perf_counter() - t0 < 1.0  # no coefficient fit before the check
 
 
 def test_direct_construction_matches_factory():
@@ -945,7 +947,24 @@ def test_direct_construction_matches_factory():
         assert torch.equal(a.get_scale().detach(), b.get_scale().detach()), type(a).__name__
         assert torch.equal(a(w), b(w))
         grid = a.grid()
-        assert (grid.qmin, grid.qmax, grid.bits, grid.signed) == (a.qmin, a.qmax, 4, True)
+        signed = not isinstance(a, SAWBQuantizer)  # SAWB's even level set: unsigned codes around z = 7.5
+        assert (grid.qmin, grid.qmax, grid.bits, grid.signed) == (a.qmin, a.qmax, 4, signed)
+
+
+@pytest.mark.parametrize("convention, signed, qrange", [("even", False, (0, 15)), ("odd", True, (-7, 7))])
+def test_sawb_grid_reports_the_signedness_of_its_codes(convention, signed, qrange):
+    q = make_quantizer("sawb", bits=4, role="weight", convention=convention)
+    _calibrate(q, _weight(12))
+    grid = q.grid()
+    assert (grid.signed, grid.qmin, grid.qmax) == (signed, *qrange)
+    assert float(grid.zero_point.reshape(-1)[0]) == (7.5 if convention == "even" else 0.0)
+
+
+def test_pact_keeps_no_step_buffer():
+    q = make_quantizer("pact", bits=4, role="activation", init=2.0)
+    _calibrate(q, torch.rand(64))
+    assert "scale" not in q.state_dict() and set(q.state_dict()) >= {"alpha", "zero_point"}
+    assert float(q.get_scale().detach()) == pytest.approx(2.0 / 15)
 
 
 def test_round_mode_option_reaches_quantizer():

@@ -32,7 +32,7 @@ def build_export(qmodel: nn.Module, *, arch: str | None = None, input_shape=None
     """Trace ``qmodel`` and read every layer's integers and grids (the model is put back in the mode it had).
 
     ``arch``: a name for the architecture (see :func:`architecture_of`); ``input_shape``: recorded in
-    the manifest. Raises :class:`~lowbit.deploy.errors.ExportError` for an operation or layer the
+    the manifest (default: the one a zoo model records). Raises :class:`~lowbit.deploy.errors.ExportError` for an operation or layer the
     format cannot hold, naming it.
     """
     was_training = qmodel.training
@@ -52,5 +52,7 @@ def build_export(qmodel: nn.Module, *, arch: str | None = None, input_shape=None
                  "weights float" if layer.weight_grid is None else "input (activations) float")
             left_float[name] = why
     recipe = report.recipe.to_dict() if report is not None else None
+    if input_shape is None:  # a zoo model records its own
+        input_shape = (getattr(qmodel, ARCHITECTURE_ATTR, None) or {}).get("input_shape")
     return Exported(graph, layers, architecture_of(qmodel, arch), recipe,
                     list(input_shape) if input_shape is not None else None, left_float)

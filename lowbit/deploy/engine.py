@@ -100,6 +100,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -250,8 +251,10 @@ class Rep:
     round_mode: str = "half_even"
     exponent: int | None = None     # wide only
 
-    @property
+    @cached_property
     def key(self) -> tuple:
+        """Identifies the representation (reps are never mutated, so it is computed once: every
+        layer of every call compares keys, and for a per-channel grid this is a list of floats)."""
         if self.kind == "wide":
             return ("wide", self.exponent)
         return ("codes", self.round_mode, *(tuple(t.reshape(-1).tolist()) for t in

@@ -4,7 +4,7 @@
 
 1. quantize the float model with the recipe, calibrating on the held-out ``calib`` split;
 2. fine-tune on the ``train`` split with the recipe's ``qat:`` settings (command-line overrides
-   win), distilling from the float model unless told not to, validating on ``calib``;
+   win), distilling from the float model only with ``distill=True``, validating on ``calib``;
 3. evaluate the float and fine-tuned models on ``test``;
 4. save the fine-tuned model (``model.safetensors``, ``recipe.yaml``, ``lowbit.json``: reload with
    :func:`lowbit.load`) into ``checkpoint_dir`` (default
@@ -24,7 +24,7 @@ from lowbit.qat.trainer import finetune
 
 
 def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, checkpoint_dir=None, epochs=None, lr=None,
-            batch_size=None, max_steps=None, seed=None, teacher: bool = True, resume: bool = False,
+            batch_size=None, max_steps=None, seed=None, distill: bool = False, resume: bool = False,
             calib_images: int = 512, augment: bool | None = None, data_dir=None, progress=None, log=print) -> dict:
     """``augment=None`` fine-tunes with the augmentation the shipped checkpoint of ``model_name``
     was trained with (:func:`lowbit.zoo.trained_with_augment`; on for models the zoo does not know)."""
@@ -47,7 +47,7 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
     train = make_loader(dataset, "train", cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                         data_dir=data_dir)
     val = make_loader(dataset, "calib", 500, data_dir=data_dir)
-    result = finetune(qmodel, train, eval_data=val, teacher=model if teacher else None, config=cfg,
+    result = finetune(qmodel, train, eval_data=val, teacher=model if distill else None, config=cfg,
                       checkpoint_dir=checkpoint_dir, resume=resume, log=log)
     if result["rank"] != 0:
         return result

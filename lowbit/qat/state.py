@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 
-from lowbit.checkpoint import write_safetensors
+from lowbit.checkpoint import ALIASES_KEY, read_safetensors, write_safetensors
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.files import temporary_path, write_text_atomic
 
@@ -103,7 +102,7 @@ def recipe_of(model: nn.Module) -> dict | None:
     if report is None:
         return None
     d = report.recipe.to_dict()
-    return {k: d[k] for k in ("weights", "activations", "layers", "skip") if k in d}
+    return {k: d[k] for k in ("weights", "activations", "layers", "skip", "embeddings", "kv_cache") if k in d}
 
 
 def digest(obj) -> str:
@@ -250,13 +249,20 @@ def state_digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        meta: dict) -> Path:
-    """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors."""
+                        meta: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors.
+
+    ``extra`` adds tensors of the caller's own (a target network, a replay memory), under names
+    that start with neither ``model.`` nor ``optim.``."""
     path, side = checkpoint_paths(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     tensors.update(opt_tensors)
+    for key, value in (extra or {}).items():
+        if key.startswith(("model.", "optim.")):
+            raise ValueError(f"extra checkpoint tensor {key!r}: the prefixes model. and optim. are taken")
+        tensors[key] = value
     bad = _check_finite(tensors)
     if bad:
         raise NonFiniteError(f"refusing to save a checkpoint at step {meta.get('step')}: non-finite values in "
@@ -267,7 +273,8 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     tmp = temporary_path(path)
     write_safetensors(tensors, tmp, metadata={META_KEY: text, DIGEST_KEY: state_digest(text, tensors)})
     with safe_open(str(tmp), "pt") as f:  # read back before publishing
-        if set(f.keys()) != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
+        stored = set(f.keys()) | set(json.loads(f.metadata().get(ALIASES_KEY, "{}")))
+        if stored != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
             raise CheckpointError(f"{tmp}: the checkpoint did not read back; the previous one is kept")
     os.replace(tmp, path)
     write_text_atomic(side, json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n")
@@ -284,13 +291,11 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict[str, torch.T
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
+        tensors, header = read_safetensors(path)
         text = header[META_KEY]
         meta = json.loads(text, parse_constant=_reject_constant)
-    except (SafetensorError, OSError, ValueError, KeyError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: not a lowbit fine-tuning checkpoint ({exc}); delete it or "
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a lowbit training checkpoint ({exc}); delete it or "
                               "start without resume") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
@@ -315,21 +320,27 @@ def _is_number(v) -> bool:
 
 
 def check_training_meta(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Check every field resume reads (module docstring); raise a :class:`CheckpointError` naming the first bad one."""
+    """Check the fields every training checkpoint has (step, config, the architecture fingerprint and the model
+    tensors it lists, the optimizer's record) and, in a fine-tuning checkpoint (one with ``steps_per_epoch``:
+    the fine-tuning loop refuses any other), every field the loop reads back. Raise a
+    :class:`CheckpointError` naming the first bad field."""
     def need(ok: bool, field: str, rule: str):
         if not ok:
             raise CheckpointError(f"{where}: field {field}: {rule}, got {meta.get(field.split('.')[0])!r:.200}")
 
-    for key, low in (("step", 0), ("epoch", 0), ("total_steps", 0), ("steps_per_epoch", 1), ("world_size", 1)):
+    integers = [("step", 0)]
+    if "steps_per_epoch" in meta:
+        integers += [("epoch", 0), ("total_steps", 0), ("steps_per_epoch", 1), ("world_size", 1)]
+        need(isinstance(meta.get("history"), list) and all(isinstance(h, dict) for h in meta["history"]), "history",
+             "a list of evaluation records")
+        stats = meta.get("stats")
+        need(isinstance(stats, dict) and set(stats) == {"epoch", "window"} and
+             all(isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v) for v in stats.values()),
+             "stats", "{epoch: [3 numbers], window: [3 numbers]}")
+        _check_rng(meta.get("rng"), where)
+    for key, low in integers:
         need(_is_int(meta.get(key)) and meta[key] >= low, key, f"an integer >= {low}")
-    need(isinstance(meta.get("config"), dict), "config", "the fine-tuning settings as a mapping")
-    need(isinstance(meta.get("history"), list) and all(isinstance(h, dict) for h in meta["history"]), "history",
-         "a list of evaluation records")
-    stats = meta.get("stats")
-    need(isinstance(stats, dict) and set(stats) == {"epoch", "window"} and
-         all(isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v) for v in stats.values()),
-         "stats", "{epoch: [3 numbers], window: [3 numbers]}")
-    _check_rng(meta.get("rng"), where)
+    need(isinstance(meta.get("config"), dict), "config", "the training settings as a mapping")
     opt = meta.get("optimizer")
     need(isinstance(opt, dict) and isinstance(opt.get("type"), str) and isinstance(opt.get("param_groups"), list)
          and all(isinstance(g, dict) for g in opt["param_groups"]) and isinstance(opt.get("scalars"), dict),
@@ -347,10 +358,9 @@ def check_training_meta(meta: dict, tensors: dict[str, torch.Tensor], where: str
         if detail["tensors"][k] != f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}":
             raise CheckpointError(f"{where}: tensor model.{k} is {list(t.shape)} {t.dtype}, the architecture it records "
                                   f"says {detail['tensors'][k]}")
-    other = [k for k in tensors if not k.startswith("model.") and
-             not (k.startswith("optim.") and k.count(".") >= 2 and k.split(".")[1].isdigit())]
-    if other:
-        raise CheckpointError(f"{where}: unexpected tensors {other[:4]} (a checkpoint holds model.* and optim.<i>.*)")
+    bad = [k for k in tensors if k.startswith("optim.") and not (k.count(".") >= 2 and k.split(".")[1].isdigit())]
+    if bad:
+        raise CheckpointError(f"{where}: tensors {bad[:4]}: optimizer state is named optim.<parameter index>.<name>")
 
 
 def _check_rng(state, where: str) -> None:

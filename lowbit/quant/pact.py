@@ -47,6 +47,7 @@ class PACTQuantizer(Quantizer):
             raise ValueError("PACT clips activations; for weights use sawb, lsq, faq, aciq or minmax")
         super().__init__(bits, signed, granularity, **kw)
         self.init, self.pct, self.gradient, self.weight_decay = init, percentile, gradient, weight_decay
+        del self._buffers["scale"]  # the step is alpha / qmax (get_scale), never stored
         self.alpha = nn.Parameter(torch.full((), float(init) if init != "percentile" else 1.0))
 
     @property

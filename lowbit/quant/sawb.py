@@ -9,7 +9,8 @@ recomputed from the current weights at every training forward (the step is not l
 Two level sets (ALGORITHMS.md 2.2):
 
 - ``even`` ("SAWB+", default): ``2^b`` levels ``alpha * {-1, -1 + 2/(2^b-1), ..., 1}`` with no zero;
-  on lowbit's grid ``q in [0, 2^b - 1]``, ``z = (2^b - 1)/2``, ``s = 2 alpha / (2^b - 1)``;
+  on lowbit's grid unsigned codes ``q in [0, 2^b - 1]`` (so the grid reports ``signed=False``; the
+  values are symmetric through the zero point), ``z = (2^b - 1)/2``, ``s = 2 alpha / (2^b - 1)``;
 - ``odd``: ``2^b - 1`` levels with zero, ``q in [-(2^(b-1)-1), 2^(b-1)-1]``, ``z = 0``,
   ``s = alpha / (2^(b-1) - 1)``.
 
@@ -103,15 +104,10 @@ class SAWBQuantizer(Quantizer):
         self.coefficients = sawb_coefficients(bits, convention)
         self.clip_grad = clip_grad
         kw.pop("restricted", None)  # set by the convention
-        super().__init__(bits, True, granularity, restricted=convention == "odd", **kw)
+        odd = convention == "odd"  # the even level set uses unsigned codes around a half-integer zero point
+        super().__init__(bits, odd, granularity, restricted=odd, **kw)
         if role != "weight":
             raise ValueError("SAWB sets weight clips; for activations use pact, lsq, aciq, minmax or percentile")
-
-    @property
-    def qrange(self):
-        if self.convention == "even":
-            return 0, 2**self.bits - 1
-        return int_range(self.bits, True, restricted=True)
 
     def _reset_stats(self):
         self._e1 = self._e2 = self._amax = None

@@ -39,7 +39,10 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_size: int = 28) -> nn.Module:
-    """The untrained zoo model ``name``, with ``lowbit_architecture`` recording how it was built.
+    """The untrained zoo model ``name``, with ``lowbit_architecture`` recording how it was built:
+    ``{"zoo": name, "kwargs": {...}, "input_shape": [1, C, H, W]}``, a plain dict that survives
+    ``copy.deepcopy`` and :func:`lowbit.quantize`, so that later stages need no architecture name or
+    example input from the user (exports, checkpoints, bit-operation counts).
 
     Raises ``ValueError`` for an unknown name or a size that is not a positive integer.
     """
@@ -52,7 +55,7 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_s
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     model = _REGISTRY[name](**kw)
-    model.lowbit_architecture = {"zoo": name, "kwargs": dict(kw)}
+    model.lowbit_architecture = {"zoo": name, "kwargs": dict(kw), "input_shape": [1, in_channels, in_size, in_size]}
     return model
 
 
