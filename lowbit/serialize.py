@@ -37,7 +37,7 @@ from lowbit.nn.modules import QuantMixin
 from lowbit.prepare import quantize
 from lowbit.quant.grid import check_bits
 from lowbit.recipe import recipe_from_yaml
-from lowbit.zoo import create_model
+from lowbit.zoo import create_model_matching
 
 FORMAT = "lowbit-quantized"
 VERSION = 2  # 2: lowbit.json names the digests of the other files and is sealed into the tensor file
@@ -97,7 +97,7 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     recipe_bytes = _read_listed(folder, RECIPE_FILE, meta)
     state = _read_state(folder / TENSOR_FILE, tensor_bytes, meta)
     recipe = recipe_from_yaml(recipe_bytes, folder / RECIPE_FILE)
-    model = copy.deepcopy(model) if model is not None else _zoo_model(folder / META_FILE, meta)
+    model = copy.deepcopy(model) if model is not None else _zoo_model(folder / META_FILE, meta, state)
     _apply_fold_structure(model, meta["folded"], folder / META_FILE)
     sections = {**recipe.sections, "ptq": {**(recipe.sections.get("ptq") or {}), "fold_bn": False}}
     rebuilt = dataclasses.replace(recipe, sections=sections)
@@ -165,13 +165,20 @@ def _read_listed(folder: Path, name: str, meta: dict) -> bytes:
 
 
 def _read_state(path: Path, data: bytes, meta: dict) -> dict[str, torch.Tensor]:
+    """The state dict in ``data`` (tied tensors restored from the header's aliases), after checking the digest of
+    ``lowbit.json`` sealed into its header."""
     try:
         n = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + n].decode("utf-8")) if 0 < n <= len(data) - 8 else {}
-        sealed = (header.get("__metadata__") or {}).get(META_DIGEST_KEY) if isinstance(header, dict) else None
+        metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+        sealed = metadata.get(META_DIGEST_KEY)
         state = load_safetensors(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({exc}); re-save the model") from None
+        aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
+        state.update({name: state[stored] for name, stored in aliases.items()})
+    except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError, AttributeError, KeyError,
+            TypeError) as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({type(exc).__name__}: {exc}); re-save the "
+                              "model") from None
     if sealed != canonical_sha256({k: v for k, v in meta.items() if k != "files"}):
         raise CheckpointError(f"{path.parent / META_FILE}: its content does not match the digest sealed into "
                               f"{TENSOR_FILE} ({META_DIGEST_KEY}): {META_FILE} was edited (model, dataset, folded, "
@@ -179,24 +186,25 @@ def _read_state(path: Path, data: bytes, meta: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def _zoo_model(path: Path, meta: dict) -> nn.Module:
-    """The untrained zoo architecture the metadata names (its record, or a model name and dataset)."""
+def _zoo_model(path: Path, meta: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The untrained zoo architecture the metadata names (its record, or a model name and dataset), checked against
+    the saved weight shapes before it is built (:func:`lowbit.zoo.create_model_matching`)."""
     arch = meta.get("architecture")
+    shapes = {k.removesuffix(".weight"): tuple(v.shape) for k, v in state.items() if k.endswith(".weight")}
     try:
         if arch is not None:
             if not isinstance(arch, dict) or not isinstance(arch.get("zoo"), str) or \
                     not isinstance(arch.get("kwargs", {}), dict):
                 raise ValueError(f"a record {{zoo: name, kwargs: {{...}}}}, got {arch!r}")
-            return create_model(arch["zoo"], **arch.get("kwargs", {}))
+            return create_model_matching(arch["zoo"], shapes, **arch.get("kwargs", {}))
         if not meta.get("model"):
             raise CheckpointError(f"{path}: names no zoo model; pass the float model: lowbit.load(folder, model)")
         info = dataset_info(meta.get("dataset") or "fashion-mnist")
-        return create_model(meta["model"], in_channels=info.in_channels, num_classes=info.num_classes,
-                            in_size=info.image_size)
+        return create_model_matching(meta["model"], shapes, in_channels=info.in_channels,
+                                     num_classes=info.num_classes, in_size=info.image_size)
     except (ValueError, TypeError) as exc:
-        field = "architecture" if arch is not None else "model/dataset"
-        raise CheckpointError(f"{path}: field {field}: {exc}; pass the float model: lowbit.load(folder, model)") \
-            from None
+        fields = "field architecture" if arch is not None else "fields model/dataset"
+        raise CheckpointError(f"{path}: {fields}: {exc}; pass the float model: lowbit.load(folder, model)") from None
 
 
 def _apply_fold_structure(model: nn.Module, folded: list, where: Path) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import lowbit
-from lowbit.checkpoint import write_safetensors
+from lowbit.checkpoint import ALIASES_KEY, read_safetensors, write_safetensors
 from lowbit.data import make_loader
 from lowbit.errors import CheckpointError, LowbitError
 from lowbit.files import canonical_sha256
@@ -161,12 +161,19 @@ def test_forged_quantizer_state_is_refused_naming_the_tensor(saved, tmp_path):
         lowbit.load(folder, Tiny())
 
 
-def test_zoo_model_saved_and_loaded_by_name(calib, batch, tmp_path):
+def test_zoo_model_saved_and_loaded_by_name_and_a_forged_record_builds_nothing_big(calib, batch, tmp_path):
     torch.manual_seed(0)
     qmodel = lowbit.quantize(create_model("mlp", in_size=8).eval(), "ptq-w8a8", calib_data=calib).eval()
-    lowbit.save(qmodel, tmp_path, model_name="mlp", dataset="digits")
+    lowbit.save(qmodel, tmp_path)
     with torch.no_grad():
         assert torch.equal(lowbit.load(tmp_path)(batch), qmodel(batch))
+    meta = json.loads((tmp_path / "lowbit.json").read_text())
+    assert meta["architecture"]["zoo"] == "mlp" and meta["model"] == "mlp"
+    meta["architecture"]["kwargs"]["in_size"] = 2**20  # a 2^40 x 512 first layer, were it built
+    reseal_saved(tmp_path, meta)
+    with pytest.raises(CheckpointError, match=r"lowbit\.json: field architecture: mlp with .* layer 'net.1' with "
+                                              r"weight shape \(512, 1099511627776\), the file holds \(512, 64\)"):
+        lowbit.load(tmp_path)
 
 
 # ----- fuzz: lowbit.save folders --------------------------------------------------------------------------------
@@ -380,3 +387,29 @@ def test_fuzz_resume_ends_identically_or_raises_lowbit_error(resumable, calib, d
             return
     if not forged:
         assert all(torch.equal(v, final[k]) for k, v in state.items())
+
+
+class Tied(nn.Module):
+    """An embedding and an output layer sharing one weight (a language model's usual tie)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(1))
+
+
+def test_tied_weights_survive_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 16, (4, 5))
+    qmodel = lowbit.quantize(Tied().eval(), "ptq-w8a8", calib_data=[tokens])
+    lowbit.save(qmodel, tmp_path)
+    assert json.loads(read_safetensors(tmp_path / "model.safetensors")[1][ALIASES_KEY]) == {"head.weight":
+                                                                                             "embed.weight"}
+    back = lowbit.load(tmp_path, Tied())
+    assert back.head.weight is back.embed.weight
+    with torch.no_grad():
+        assert torch.equal(back(tokens), qmodel(tokens))

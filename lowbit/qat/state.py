@@ -14,10 +14,13 @@ replaces a good checkpoint with a bad one.
 
 The header also holds :func:`state_digest`, a SHA-256 of the metadata text and of every tensor
 (name, dtype, shape, bytes): :func:`load_training_state` recomputes it, so a damaged or edited
-checkpoint is refused, and then checks every field resume reads (types and ranges, RNG states
-that their generators accept, model tensors that are exactly what the recorded architecture
-lists, optimizer tensors of their parameters' shapes) before anything is restored. Every
-failure is a :class:`~lowbit.errors.CheckpointError` naming the file and the field.
+checkpoint is refused, and then checks the fields before anything is restored
+(:func:`check_training_meta`: model tensors exactly as the recorded architecture lists them, and
+in a fine-tuning checkpoint every field the loop reads, RNG states included, which fresh
+generators must accept); :func:`optimizer_from_flat` checks the optimizer's record against the
+optimizer of the run. Every failure is a :class:`~lowbit.errors.CheckpointError` naming the file
+and the field. Fields a caller adds for itself (the RL loop's episode counters) are its own to
+check.
 """
 
 from __future__ import annotations
