@@ -8,6 +8,9 @@ Every model the zoo builds carries its recipe for being built again,
 ``model.lowbit_architecture = {"zoo": name, "kwargs": {...}}`` (an instance attribute, so it
 survives ``copy.deepcopy`` and :func:`lowbit.quantize`); :func:`lowbit.export` writes it into
 the manifest, and :func:`lowbit.load_export` gives it back to :func:`create_model`.
+
+The Q-networks of :mod:`lowbit.rl` (:func:`create_qnet`, :mod:`lowbit.zoo.qnets`) and its shipped
+DQN teachers, one per MinAtar game (:func:`teacher_path`, :mod:`lowbit.zoo.teachers`), live here too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from lowbit.checkpoint import load_into, sidecar_path
 from lowbit.data.datasets import DATASETS, dataset_info
 from lowbit.errors import CheckpointError
 from lowbit.zoo.models import MLP, VGG, MobileNet, ResNet
+from lowbit.zoo.qnets import create_qnet  # noqa: F401 - the Q-networks of lowbit.rl
+from lowbit.zoo.teachers import shipped_teacher, teacher_path  # noqa: F401 - its DQN teachers
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
