@@ -43,7 +43,8 @@ def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None
 
 
 def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model saved by :func:`save` (``model``: the float architecture, if not a zoo model)."""
+    """Rebuild a model saved by :func:`save` (``model``: the float architecture, if not a zoo model,
+    image or language)."""
     from lowbit.prepare import quantize
 
     folder = Path(folder)
@@ -58,13 +59,7 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
         raise CheckpointError(f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
                               f"{FORMAT!r} version {VERSION}; upgrade lowbit or re-save the model")
     if model is None:
-        if not meta.get("model"):
-            raise CheckpointError(f"{meta_path}: names no zoo model; pass the float model: load(folder, model)")
-        from lowbit.data.datasets import dataset_info
-        from lowbit.zoo import create_model
-        info = dataset_info(meta.get("dataset") or "fashion-mnist")
-        model = create_model(meta["model"], in_channels=info.in_channels, num_classes=info.num_classes,
-                             in_size=info.image_size)
+        model = _architecture(meta, meta_path)
     recipe = load_recipe(folder / "recipe.yaml")
     _apply_fold_structure(model, meta.get("folded", []))
     sections = {**recipe.sections, "ptq": {**(recipe.sections.get("ptq") or {}), "fold_bn": False}}
@@ -74,6 +69,22 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     qmodel.lowbit_report.recipe = recipe
     qmodel.lowbit_report.folded = [tuple(p) for p in meta.get("folded", [])]
     return qmodel.eval()
+
+
+def _architecture(meta: dict, meta_path: Path) -> nn.Module:
+    """The float model a saved folder names: a zoo image model, or a zoo language model (with its weights,
+    which the saved state then replaces)."""
+    from lowbit.zoo.language import LANGUAGE_MODELS, load_language_model
+
+    if not meta.get("model"):
+        raise CheckpointError(f"{meta_path}: names no zoo model; pass the float model: load(folder, model)")
+    if meta["model"] in LANGUAGE_MODELS:
+        return load_language_model(meta["model"])[0]
+    from lowbit.data.datasets import dataset_info
+    from lowbit.zoo import create_model
+    info = dataset_info(meta.get("dataset") or "fashion-mnist")
+    return create_model(meta["model"], in_channels=info.in_channels, num_classes=info.num_classes,
+                        in_size=info.image_size)
 
 
 def _apply_fold_structure(model: nn.Module, folded: list) -> None:
