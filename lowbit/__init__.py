@@ -16,7 +16,7 @@ Float weights (the zoo's checkpoints, users' ``.pt``/``.safetensors`` state dict
 :func:`lowbit.zoo.build_model` or :func:`lowbit.checkpoint.load_into`.
 """
 
-from lowbit import deploy, zoo
+from lowbit import deploy, llm, zoo
 from lowbit.deploy import export
 from lowbit.exports import load_export
 from lowbit.mixed import select_precision
@@ -27,5 +27,5 @@ from lowbit.serialize import load, save
 from lowbit.summary import stored_size_bytes, summary
 from lowbit.version import __version__
 __all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "deploy", "export", "finetune", "list_recipes",
-           "load", "load_export", "load_recipe", "quantize", "save", "select_precision", "stored_size_bytes",
+           "llm", "load", "load_export", "load_recipe", "quantize", "save", "select_precision", "stored_size_bytes",
            "summary", "zoo"]

@@ -14,23 +14,54 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import CheckpointError
+from lowbit.files import temporary_path, write_text_atomic
+from lowbit.quant.base import Quantizer
+
+ALIASES_KEY = "lowbit_aliases"
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """``safetensors.torch.save_file`` with the usual file mode (``0o666`` less the umask).
+    """``safetensors.torch.save_file`` with the usual file mode (``0o666`` less the umask), and tied
+    tensors stored once.
 
     safetensors creates its files owner-only (0600), so a checkpoint shipped or shared from it
     would be unreadable to other users; callers write to a temporary name and ``os.replace`` it.
+    safetensors refuses tensors that share memory (a language model's tied embedding and output
+    weights): each is written once, and the header's ``lowbit_aliases`` maps every other name to the
+    one stored (:func:`read_safetensors` restores them).
     """
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(path), metadata=metadata)
+    unique, aliases, seen = {}, {}, {}
+    for name, t in tensors.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+               t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        unique[name] = t
+    if aliases:
+        metadata = {**(metadata or {}), ALIASES_KEY: json.dumps(aliases, sort_keys=True)}
+    save_file(unique, str(path), metadata=metadata)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, header metadata)`` of a safetensors file, tied names restored (see
+    :func:`write_safetensors`); the restored names share the stored tensor, as they did when saved."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    tensors = load_file(str(path))
+    for name, stored in json.loads(metadata.get(ALIASES_KEY, "{}")).items():
+        tensors[name] = tensors[stored]
+    return tensors, metadata
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -45,14 +76,11 @@ def save_checkpoint(model_or_state: nn.Module | dict, path: str | os.PathLike, m
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     write_safetensors(tensors, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated checkpoint
     if meta is not None:
-        side = sidecar_path(path)
-        side_tmp = side.with_name(side.name + ".tmp")
-        side_tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(side_tmp, side)  # the sidecar too is never half-written
+        write_text_atomic(sidecar_path(path), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -62,10 +90,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return read_safetensors(path)[0]
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path}: not a valid safetensors file ({exc}); re-save it with "
                                   "lowbit.checkpoint.save_checkpoint or safetensors.torch.save_file") from exc
@@ -109,5 +135,4 @@ def load_into(model: nn.Module, path_or_state: str | os.PathLike | dict, *, stri
 
 
 def _quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
-    from lowbit.quant.base import Quantizer
     return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))

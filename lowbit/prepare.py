@@ -19,22 +19,24 @@ can read. Nothing else changes: the state dict and the float outputs stay the sa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
+import functools
 import itertools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from lowbit.errors import CalibrationError, RecipeError
-from lowbit.nn.modules import QUANT_MODULES, QuantMixin
+from lowbit.nn.modules import QUANT_MODULES, QuantEmbedding, QuantMixin
 from lowbit.quant import make_quantizer
 from lowbit.nn.fold import fold_batchnorm
 from lowbit.quant.base import Quantizer
 from lowbit.quant.grid import Granularity
-from lowbit.recipe import FIRST, LAST, Recipe, load_recipe
+from lowbit.recipe import FIRST, LAST, POINTS, Recipe, load_recipe
 
 
 @dataclass
@@ -46,6 +48,7 @@ class QuantReport:
     left_float: dict[str, str] = field(default_factory=dict)
     calibration_batches: int = 0
     folded: list[tuple[str, str]] = field(default_factory=list)
+    points: dict[str, list[str]] = field(default_factory=dict)  # recipe section -> modules a pipeline quantized
 
 
 def quantizable_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
@@ -131,44 +134,52 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
     (default: min-max W8A8, per-channel weights). ``calib_data``: any iterable of input
     tensors, ``(input, target)`` pairs or keyword dicts; at most ``calib_batches`` are used.
     Without calibration data, activation quantizers initialise from the first batch they see.
+    The recipe's ``embeddings`` section quantizes every ``nn.Embedding`` table; ``kv_cache`` (and any
+    other section a pipeline registered with :func:`register_points`) is handed to that pipeline.
     """
     recipe = load_recipe(recipe if recipe is not None else Recipe())
     ptq = ptq_options(recipe)
     plan, left_float = resolve_plan(model, recipe)
+    for point in POINTS:
+        if getattr(recipe, point) is not None and point != "embeddings" and point not in _POINT_PROVIDERS:
+            raise RecipeError(f"the recipe's {point!r} section needs the pipeline that handles it; "
+                              "import lowbit (not only lowbit.prepare) first")
     target = model if inplace else copy.deepcopy(model)
-    originals: dict[str, nn.Module] = {}
-    changed_flags: list[tuple[nn.Module, str, object]] = []
+    undo: list[Callable[[], None]] = []  # run in reverse if anything fails: the caller's model is left as it was
     report = QuantReport(recipe, left_float=left_float)
-    folded = None
-    if ptq["fold_bn"]:
-        if calib_data is None:
-            raise RecipeError("the recipe folds batch norm (ptq: {fold_bn: true}), which needs calib_data: "
-                              "one example batch finds the conv -> batch-norm pairs")
-        first, calib_data = _peek(calib_data)
-        folded = fold_batchnorm(target, _inputs(first))
-        report.folded = list(folded)
-    modules = dict(target.named_modules())
     try:
+        if ptq["fold_bn"]:
+            if calib_data is None:
+                raise RecipeError("the recipe folds batch norm (ptq: {fold_bn: true}), which needs calib_data: "
+                                  "one example batch finds the conv -> batch-norm pairs")
+            first, calib_data = _peek(calib_data)
+            folded = fold_batchnorm(target, _inputs(first))
+            undo.append(folded.undo)
+            report.folded = list(folded)
+        modules = dict(target.named_modules())
         for name, (w_spec, a_spec) in plan.items():
             layer = modules[name]
             wq = build_quantizer(w_spec, "weight", name, layer)
             aq = build_quantizer(a_spec, "activation", name, layer)
             if wq is not None and not torch.isfinite(layer.weight).all():
                 raise RecipeError(f"layer {name!r}: its weight holds NaN or Inf; fix the model before quantizing")
-            qlayer = QUANT_MODULES[type(layer)].from_float(layer, wq, aq)
-            _set_submodule(target, name, qlayer)
-            originals[name] = layer
+            _swap(target, name, QUANT_MODULES[type(layer)].from_float(layer, wq, aq), undo)
             report.quantized[name] = {"weights": w_spec, "activations": a_spec}
-        changed_flags = _disable_fused_fast_paths(target)
+        if recipe.embeddings is not None:
+            _quantize_embeddings(target, recipe.embeddings, report, undo)
+        for point, replacements in _POINT_PROVIDERS.items():
+            if getattr(recipe, point) is not None:
+                swaps = replacements(target, getattr(recipe, point))
+                for name, module in swaps.items():
+                    _swap(target, name, module, undo)
+                report.points[point] = list(swaps)
+        for module, attr, value in _disable_fused_fast_paths(target):
+            undo.append(functools.partial(setattr, module, attr, value))
         if calib_data is not None:
             report.calibration_batches = calibrate(target, calib_data, max_batches=calib_batches)
     except Exception:
-        for name, layer in originals.items():  # undo the swap: the caller's model is left as it was
-            _set_submodule(target, name, layer)
-        for module, attr, value in changed_flags:
-            setattr(module, attr, value)
-        if folded is not None:
-            folded.undo()
+        for revert in reversed(undo):
+            revert()
         raise
     target.lowbit_report = report
     return target
@@ -197,8 +208,47 @@ def release_frozen_weights(qmodel: nn.Module) -> list[str]:
     if released and report is not None:
         old = report.recipe
         layers = {**old.layers, **{name: {"weights": {"bias_correction": False}} for name in released}}
-        report.recipe = Recipe(old.weights, old.activations, layers, old.skip, old.sections)
+        report.recipe = dataclasses.replace(old, layers=layers)
     return released
+
+
+def _swap(root: nn.Module, name: str, module: nn.Module, undo: list) -> None:
+    """Put ``module`` at ``name`` and record how to put the old one back."""
+    undo.append(functools.partial(_set_submodule, root, name, root.get_submodule(name)))
+    _set_submodule(root, name, module)
+
+
+def _quantize_embeddings(model: nn.Module, spec: dict, report: QuantReport, undo: list) -> None:
+    """Swap every ``nn.Embedding`` for a :class:`~lowbit.nn.QuantEmbedding` (weights only; per-row
+    steps with ``granularity: channel``)."""
+    tables = [(name, m) for name, m in model.named_modules() if type(m) is nn.Embedding]
+    if not tables:
+        raise RecipeError(f"the recipe quantizes embeddings but {type(model).__name__} has no nn.Embedding; "
+                          "drop the 'embeddings' section")
+    for name, table in tables:
+        wq = build_quantizer(spec, "weight", name, table)
+        _swap(model, name, QuantEmbedding.from_float(table, wq, None), undo)
+        report.quantized[name] = {"weights": spec, "activations": None}
+
+
+# ----- quantization points contributed by pipelines ----------------------------------------------
+Replacements = Callable[[nn.Module, dict], dict[str, nn.Module]]
+_POINT_PROVIDERS: dict[str, Replacements] = {}
+
+
+def register_points(section: str, replacements: Replacements) -> None:
+    """Let a pipeline quantize what a recipe section asks for (:mod:`lowbit.llm` registers ``kv_cache``).
+
+    ``replacements(model, spec)`` is called after the layers were swapped and before calibration;
+    it returns ``{module name: quantized module}`` without changing ``model``, and ``quantize``
+    swaps them in (and back, if a later step fails). It raises
+    :class:`~lowbit.errors.RecipeError` for a model it cannot quantize. Quantizers of data (not
+    weights) have ``role = "activation"``, so calibration sets them with the layers' inputs.
+    """
+    if section not in POINTS or section == "embeddings":
+        raise ValueError(f"register_points: {section!r} is not a pipeline's recipe section; those are "
+                         f"{[p for p in POINTS if p != 'embeddings']}")
+    _POINT_PROVIDERS[section] = replacements
 
 
 def _disable_fused_fast_paths(model: nn.Module) -> list[tuple[nn.Module, str, object]]:
@@ -266,8 +316,15 @@ def _forward(model: nn.Module, batch) -> None:
 
 
 def input_quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """The input quantizer of each quantized layer, by layer name."""
     return {name: m.input_quantizer for name, m in model.named_modules()
             if isinstance(m, QuantMixin) and m.input_quantizer is not None}
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Every quantizer of data rather than weights (layer inputs, and points such as the KV cache), by
+    module name: what calibration sets."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Quantizer) and m.role != "weight"}
 
 
 @torch.no_grad()
@@ -277,7 +334,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
     Returns the number of batches used. Raises :class:`CalibrationError` for an empty
     loader or non-finite activations (naming the layer).
     """
-    quantizers = input_quantizers(model)
+    quantizers = activation_quantizers(model)
     if not quantizers:
         return 0
     was_training = model.training
@@ -309,6 +366,6 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
                 continue
             raise
     if unused:
-        warnings.warn(f"calibration never reached layer(s) {unused}; their activation grids will be set "
+        warnings.warn(f"calibration never reached quantizer(s) {unused}; their grids will be set "
                       "from the first batch they see", stacklevel=2)
     return seen

@@ -1,9 +1,13 @@
 """Per-layer table of a quantized model and its stored size.
 
+One row per quantized layer (Conv/Linear, and Embedding tables, whose input is token ids), then
+one row per module holding other quantization points (a language model's attention block with
+its key and value cache quantizers), so every quantizer of the model appears.
+
 Stored size counts what an export holds: each quantized weight at its bit width (each
 channel's own width after bit allocation, plus 4 bits per channel to record it), one
 fp32 step (and zero point where it is not zero) per step group, biases as 32-bit, and every
-other parameter or buffer of the model (batch norm, embeddings, float layers) as fp32.
+other parameter or buffer of the model (batch norm, float embeddings, float layers) as fp32.
 """
 
 from __future__ import annotations
@@ -44,13 +48,32 @@ def weight_bits(q: Quantizer | None, numel: int) -> float:
     return q.mean_bits * numel + 32.0 * n_steps + zero_point_bits + width_bits
 
 
+def _step_bits(q: Quantizer) -> float:
+    return 64.0 * max(1, q.get_scale().numel())  # an activation step + zero point per group
+
+
 def _layer_bytes(m: QuantMixin) -> float:
     bits = weight_bits(m.weight_quantizer, m.weight.numel())
-    if m.bias is not None:
-        bits += 32.0 * m.bias.numel()
+    bias = getattr(m, "bias", None)
+    if bias is not None:
+        bits += 32.0 * bias.numel()
     if m.input_quantizer is not None:
-        bits += 64.0 * max(1, m.input_quantizer.get_scale().numel())  # activation step + zero point
+        bits += _step_bits(m.input_quantizer)
     return bits / 8.0
+
+
+def _point_rows(model: nn.Module) -> list[LayerRow]:
+    """Quantizers no quantized layer owns (e.g. the KV cache's), one row per module holding them."""
+    owned = {id(q) for m in model.modules() if isinstance(m, QuantMixin)
+             for q in (m.weight_quantizer, m.input_quantizer) if q is not None}
+    rows = []
+    for name, m in model.named_modules():
+        points = [(child, q) for child, q in m.named_children() if isinstance(q, Quantizer) and id(q) not in owned]
+        if points and not isinstance(m, QuantMixin):
+            label = ", ".join(f"{child.removesuffix('_quantizer')} {quantizer_label(q)}" for child, q in points)
+            rows.append(LayerRow(name, type(m).__name__, "-", label, 0,
+                                 sum(_step_bits(q) for _, q in points) / 8.0))
+    return rows
 
 
 class Summary:
@@ -61,11 +84,15 @@ class Summary:
         counted: set[int] = set()
         for name, m in model.named_modules():
             if isinstance(m, QuantMixin):
+                bias = getattr(m, "bias", None)
+                embedding = isinstance(m, nn.Embedding)
                 self.rows.append(LayerRow(name, type(m).__name__.replace("Quant", ""),
-                                          quantizer_label(m.weight_quantizer), quantizer_label(m.input_quantizer),
-                                          m.weight.numel() + (m.bias.numel() if m.bias is not None else 0),
+                                          quantizer_label(m.weight_quantizer),
+                                          "token ids" if embedding else quantizer_label(m.input_quantizer),
+                                          m.weight.numel() + (bias.numel() if bias is not None else 0),
                                           _layer_bytes(m)))
-                counted |= {id(p) for p in (m.weight, m.bias) if p is not None}
+                counted |= {id(p) for p in (m.weight, bias) if p is not None}
+        self.rows += _point_rows(model)
         report = getattr(model, "lowbit_report", None)
         self.left_float = dict(report.left_float) if report is not None else {}
         quantizer_ids = _quantizer_tensor_ids(model)

@@ -283,3 +283,24 @@ def test_shipped_checkpoints_reach_their_targets(name):
     assert meta["test_top1"] >= TARGETS[name] and meta["model"] == name and meta["command"].startswith("lowbit train")
     test = make_loader("fashion-mnist", "test", 500, limit=2000)
     assert evaluate(zoo.pretrained(name), test)["top1"] >= TARGETS[name] - 1.5
+
+
+def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
+    from lowbit.checkpoint import read_safetensors
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    save_checkpoint(model, tmp_path / "tied.safetensors")
+    tensors, meta = read_safetensors(tmp_path / "tied.safetensors")
+    assert meta["lowbit_aliases"] == '{"head.weight": "embed.weight"}'
+    state = load_state_dict(tmp_path / "tied.safetensors")
+    assert set(state) == {"embed.weight", "head.weight"} and torch.equal(state["head.weight"], model.head.weight)
+    fresh = Tied()
+    load_into(fresh, tmp_path / "tied.safetensors")
+    assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)

@@ -8,6 +8,7 @@
     lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24 [--out runs/resnet20.safetensors]
     lowbit demo    [--quick] [--out lowbit-demo]
     lowbit rl      teach|distill|eval|play --game breakout ...   (lowbit.cli.rl)
+    lowbit llm     quantize|finetune|eval|generate|export|train ...   (language models: lowbit.cli.llm)
 
 ``python -m lowbit`` is the same command. Each command's work is a function of the Python API
 (or of a small module here, for the commands that also load data and build zoo models).
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import lowbit
 from lowbit.checkpoint import save_checkpoint
-from lowbit.cli import rl as rl_commands
+from lowbit.cli import llm, rl
 from lowbit.cli.export import run_export
 from lowbit.data.datasets import dataset_info, make_loader
 from lowbit.demo import run_demo
@@ -259,7 +260,8 @@ def parser() -> argparse.ArgumentParser:
                     "(default 512)")
     sp.set_defaults(func=cmd_demo)
 
-    rl_commands.register(sub)
+    llm.register(sub)
+    rl.register(sub)
     return p
 
 

@@ -1,4 +1,4 @@
-"""Quantized Conv1d / Conv2d / Linear.
+"""Quantized Conv1d / Conv2d / Linear, and Embedding (a quantized table, integer ids in).
 
 Each is a subclass of the float layer it replaces, sharing that layer's weight and bias
 ``Parameter`` objects (so the float parameters stay, and state-dict keys stay ``conv1.weight``),
@@ -32,12 +32,7 @@ class QuantMixin:
     def from_float(cls, module: nn.Module, weight_quantizer: Quantizer | None,
                    input_quantizer: Quantizer | None):
         """A quantized layer sharing ``module``'s parameters and buffers (hooks are copied, not shared)."""
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.__dict__.update(_own_copy(module.__dict__))
-        q._parameters = dict(module._parameters)
-        q._buffers = dict(module._buffers)
-        q._modules = dict(module._modules)
+        q = rebind(module, cls)
         q._init_quant(weight_quantizer, input_quantizer)
         q.train(module.training)  # after the quantizers are attached, so that they follow the layer's mode
         if weight_quantizer is not None and not bool(weight_quantizer.initialized):
@@ -67,20 +62,22 @@ class QuantMixin:
     def to_float(self) -> nn.Module:
         """The plain float layer (same parameters) without the quantizers."""
         base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
-        m = base.__new__(base)
-        nn.Module.__init__(m)
-        m.__dict__.update(_own_copy(self.__dict__))
-        m._parameters, m._buffers = dict(self._parameters), dict(self._buffers)
-        m._modules = {k: v for k, v in self._modules.items() if k not in ("weight_quantizer", "input_quantizer")}
-        m.train(self.training)
-        return m
+        return rebind(self, base, drop=("weight_quantizer", "input_quantizer")).train(self.training)
 
 
-def _own_copy(attrs: dict) -> dict:
-    """A module's plain attributes for a new module: hook dicts, sets and lists are copied, not shared,
-    so a hook registered on one layer does not appear on the other."""
-    return {k: (copy.copy(v) if isinstance(v, (dict, set, list)) else v) for k, v in attrs.items()
-            if k not in ("_parameters", "_buffers", "_modules", "training", "weight_quantizer", "input_quantizer")}
+def rebind(module: nn.Module, cls: type, drop: tuple[str, ...] = ()) -> nn.Module:
+    """An instance of ``cls`` (without calling its ``__init__``) that shares ``module``'s parameters,
+    buffers and children, less the attributes and children named in ``drop``. Plain attributes
+    are carried over; hook dicts, sets and lists are copied, not shared, so a hook registered on one
+    module does not appear on the other. The training flag is left to the caller."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    skip = {"_parameters", "_buffers", "_modules", "training", *drop}
+    new.__dict__.update({k: (copy.copy(v) if isinstance(v, (dict, set, list)) else v)
+                         for k, v in module.__dict__.items() if k not in skip})
+    new._parameters, new._buffers = dict(module._parameters), dict(module._buffers)
+    new._modules = {k: v for k, v in module._modules.items() if k not in drop}
+    return new
 
 
 class QuantConv1d(QuantMixin, nn.Conv1d):
@@ -98,9 +95,18 @@ class QuantLinear(QuantMixin, nn.Linear):
         return nn.functional.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
 
 
+class QuantEmbedding(QuantMixin, nn.Embedding):
+    """An embedding table on a grid (``input_quantizer`` is always None: the inputs are token ids).
+    With per-channel granularity each row (token) has its own step."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.quantized_weight(), self.padding_idx, self.max_norm, self.norm_type,
+                                       self.scale_grad_by_freq, self.sparse)
+
+
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear,
-}
+}  # nn.Embedding -> QuantEmbedding is not here: an embedding has no input quantizer (prepare swaps it alone)
 
 
 def is_quantized(module: nn.Module) -> bool:

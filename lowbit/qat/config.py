@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, fields
 
 from lowbit.errors import RecipeError
+from lowbit.recipe import load_recipe
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "exponential", "step", "constant")
@@ -80,6 +81,10 @@ class FinetuneConfig:
     temperature: float = 1.0
     grad_clip: float | None = None
     max_steps: int | None = None
+    max_tokens: int | None = None
+    grad_accum_steps: int = 1
+    gradient_checkpointing: bool = False
+    autocast: bool = False
     seed: int = 0
     checkpoint_every: int = 0
     log_every: int = 0
@@ -108,8 +113,6 @@ class FinetuneConfig:
     @classmethod
     def from_recipe(cls, recipe, **overrides) -> FinetuneConfig:
         """The ``qat:`` section of a recipe (name, path, dict or :class:`~lowbit.recipe.Recipe`)."""
-        from lowbit.recipe import load_recipe
-
         section = load_recipe(recipe).sections.get("qat") or {}
         if not isinstance(section, dict):
             raise RecipeError(f"qat: the section must be a mapping of settings, got {section!r}")
@@ -126,12 +129,12 @@ class FinetuneConfig:
 
 
 _INT = {"epochs", "batch_size", "warmup_steps", "seed", "checkpoint_every", "log_every", "calib_batches",
-        "bn_reestimate_batches"}
-_OPT_INT = {"freeze_bn_steps", "max_steps"}
+        "bn_reestimate_batches", "grad_accum_steps"}
+_OPT_INT = {"freeze_bn_steps", "max_steps", "max_tokens"}
 _FLOAT = {"lr", "momentum", "weight_decay", "final_lr", "gamma", "warmup_epochs", "quantizer_lr_mult",
           "quantizer_weight_decay", "distill_weight", "temperature"}
 _OPT_FLOAT = {"pact_weight_decay", "freeze_bn_epochs", "grad_clip"}
-_BOOL = {"nesterov", "tensorboard"}
+_BOOL = {"nesterov", "tensorboard", "gradient_checkpointing", "autocast"}
 
 
 def _err(key: str, rule: str, value) -> RecipeError:
@@ -223,6 +226,8 @@ def _validate(c: FinetuneConfig) -> None:
     need(c.temperature > 0, "temperature", "must be > 0")
     need(c.grad_clip is None or c.grad_clip > 0, "grad_clip", "must be > 0 or null")
     need(c.max_steps is None or c.max_steps >= 1, "max_steps", "must be >= 1 or null")
+    need(c.max_tokens is None or c.max_tokens >= 1, "max_tokens", "must be >= 1 or null")
+    need(c.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
     need(c.seed >= 0, "seed", "must be >= 0")
     need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: at epoch ends)")
     need(c.log_every >= 0, "log_every", "must be >= 0 (0: per epoch only)")

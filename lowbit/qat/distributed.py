@@ -16,6 +16,7 @@ Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -127,3 +128,11 @@ def broadcast_buffers(model: nn.Module, info: DistInfo) -> None:
         n = b.numel()
         b.copy_(flat[offset:offset + n].view(b.shape).to(b.dtype))
         offset += n
+
+
+def gradient_sync(net: nn.Module, sync: bool):
+    """A context in which backward all-reduces gradients only if ``sync`` (the last micro-batch of a
+    step under gradient accumulation); a no-op for a model that is not wrapped."""
+    if sync or not hasattr(net, "no_sync"):
+        return contextlib.nullcontext()
+    return net.no_sync()

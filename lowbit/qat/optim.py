@@ -87,3 +87,5 @@ def clamp_quantizer_parameters(model: nn.Module) -> None:
             p.clamp_(min=MIN_ALPHA)
         elif q.method == "lsq" and pname == "scale":
             p.clamp_(min=MIN_STEP)
+        elif q.method == "lsq" and pname == "zero_point":
+            p.clamp_(min=q.qmin, max=q.qmax)

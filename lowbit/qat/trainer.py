@@ -24,16 +24,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from lowbit.errors import CheckpointError
-from lowbit.evaluate import evaluate
+from lowbit.errors import CheckpointError, RecipeError
 from lowbit.prepare import calibrate, release_frozen_weights
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
 from lowbit.qat.batchnorm import BATCH_NORMS, reestimate_batchnorm
 from lowbit.qat.config import BOOKKEEPING, FinetuneConfig
-from lowbit.qat.distill import TeacherMismatchError, check_teacher_output, distillation_loss
+from lowbit.qat.distill import TeacherMismatchError
+from lowbit.qat.objective import Objective, first_inputs, objective_for
 from lowbit.qat.optim import build_optimizer, clamp_quantizer_parameters, set_lr
 from lowbit.qat.schedule import LRSchedule
 from lowbit.qat.state import (NonFiniteError, check_compatible, checkpoint_paths, fingerprint, load_training_state,
@@ -61,13 +60,6 @@ def _set_epoch(data, epoch: int) -> None:
             obj.set_epoch(epoch)
 
 
-def _split_batch(batch):
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    raise TypeError("finetune trains classifiers on (input, target) batches; got "
-                    f"{type(batch).__name__}{' of length ' + str(len(batch)) if hasattr(batch, '__len__') else ''}")
-
-
 def ensure_quantizers_initialized(model: nn.Module, data: Iterable, max_batches: int, log=print) -> int:
     """Calibrate the quantizers that never saw data, on the first ``max_batches`` training batches.
 
@@ -88,11 +80,26 @@ def ensure_quantizers_initialized(model: nn.Module, data: Iterable, max_batches:
     return n
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward: Hugging Face's activation checkpointing
+    (``gradient_checkpointing_enable`` before transformers 5.x), non-reentrant."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise RecipeError("qat.gradient_checkpointing needs a model that can checkpoint its blocks (a Hugging Face "
+                          f"model); {type(model).__name__} cannot")
+
+
 class _Run:
     def __init__(self, qmodel, train_data, eval_data, teacher, cfg: FinetuneConfig, checkpoint_dir, resume, log,
-                 on_step, dist: D.DistInfo):
+                 on_step, dist: D.DistInfo, objective: Objective):
         self.model, self.train_data, self.eval_data, self.teacher = qmodel, train_data, eval_data, teacher
         self.cfg, self.resume, self.on_step, self.dist = cfg, resume, on_step, dist
+        self.objective = objective
+        self.units = 0  # the objective's units (samples, tokens) trained on, over all ranks
         self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.main = dist.is_main
         self.log = log if self.main else (lambda *a, **k: None)
@@ -112,6 +119,12 @@ class _Run:
         self.total = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total = min(self.total, cfg.max_steps)
+        if cfg.max_tokens is not None:
+            if self.objective.unit != "tokens":
+                raise RecipeError(f"qat.max_tokens: a budget in tokens needs a language model; this run counts "
+                                  f"{self.objective.unit} (use max_steps)")
+            per_step = self.objective.units(first_inputs(self.objective, self.train_data))
+            self.total = min(self.total, max(1, math.ceil(cfg.max_tokens / per_step)))
         self.schedule = LRSchedule.from_config(cfg, self.steps_per_epoch, self.total)
         if cfg.freeze_bn_steps is not None:
             self.freeze_at = cfg.freeze_bn_steps
@@ -134,6 +147,8 @@ class _Run:
                      f"(their frozen codes were released; bias correction is a post-training transform): "
                      f"{', '.join(released[:4])}{' ...' if len(released) > 4 else ''}")
         ensure_quantizers_initialized(self.model, self.train_data, cfg.calib_batches, self.log)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(self.model)
 
         self.step, self.history = 0, []
         self.stats = {"epoch": [0.0, 0.0, 0.0], "window": [0.0, 0.0, 0.0]}  # loss sum, correct, count
@@ -159,6 +174,7 @@ class _Run:
             from lowbit.qat.state import optimizer_from_flat
             optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
             self.step, self.history = int(meta["step"]), list(meta.get("history", []))
+            self.units = int(meta.get("units", 0))
             self.stats = meta.get("stats", self.stats)
             self.last_saved = self.step
             set_rng_state(meta["rng"])
@@ -213,7 +229,7 @@ class _Run:
                     "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict(),
                     "schedule": self.schedule.state_dict(self.step), "rng": rng_state(),
                     "fingerprint": fingerprint(self.model), "history": self.history, "stats": self.stats,
-                    "world_size": self.dist.world_size}
+                    "world_size": self.dist.world_size, "units": self.units}
             save_training_state(self.dir, self.model, self.optimizer, meta)
         self.last_saved = self.step
 
@@ -231,48 +247,47 @@ class _Run:
                     m.eval()
 
     # ----- one step ---------------------------------------------------------------------
-    def loss_of(self, x, y):
-        out = self.net(x)
-        if self.teacher is not None and self.cfg.distill_weight > 0:
-            with torch.no_grad():
-                t_out = self.teacher(x)
-            check_teacher_output(out, t_out)
-            loss = distillation_loss(out, t_out, y, weight=self.cfg.distill_weight, temperature=self.cfg.temperature)
-        else:
-            if self.teacher is not None and self.step == 0:
-                with torch.no_grad():
-                    check_teacher_output(out, self.teacher(x))
-            loss = F.cross_entropy(out, y)
-        return out, loss
+    def _autocast(self):
+        """bf16 autocast on the training device when ``cfg.autocast`` (a no-op context otherwise)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast)
 
     def train_step(self, batch, epoch: int, index: int) -> dict:
-        x, y = _split_batch(batch)
-        n_global = y.shape[0]
-        x, y = D.shard(x, self.dist).to(self.device), D.shard(y, self.dist).to(self.device)
+        x, y = self.objective.split(batch)
+        n_global, batch_units = x.shape[0], self.objective.units(x)
+        x = D.shard(x, self.dist).to(self.device)
+        y = D.shard(y, self.dist).to(self.device) if y is not None else None
         lr = self.schedule(self.step)
         set_lr(self.optimizer, lr)
-        if y.shape[0] == 0:  # fewer samples than ranks: no rank trains on this batch
+        n_local = x.shape[0]
+        if n_local == 0:  # fewer samples than ranks: no rank trains on this batch
             self.step += 1
             return {"loss": math.nan, "acc": math.nan, "lr": lr, "skipped": True}
-        out, loss = self.loss_of(x, y)
-        value = loss.detach()
+        self.optimizer.zero_grad(set_to_none=True)
+        value, correct, count = torch.zeros((), device=self.device), 0.0, 0
+        scale = n_local * self.dist.world_size / n_global  # the gradient of the global-batch mean (distributed)
+        chunks = min(self.cfg.grad_accum_steps, n_local)
+        xs_all = torch.tensor_split(x, chunks)
+        ys_all = torch.tensor_split(y, chunks) if y is not None else [None] * chunks
+        for i, (xs, ys) in enumerate(zip(xs_all, ys_all)):
+            with self._autocast(), D.gradient_sync(self.net, i == chunks - 1):
+                loss, c, n = self.objective.loss(self.net, self.teacher, xs, ys, self.cfg, self.step == 0)
+                weight = xs.shape[0] / n_local  # micro-batch means add up to the batch mean
+                (loss * (weight * scale)).backward()  # a NaN loss too: every rank reaches the same all-reduce
+            value, correct, count = value + loss.detach() * weight, correct + c, count + n
         if D.any_rank(not bool(torch.isfinite(value)), self.dist, self.device):
             self._fail(f"the loss became {value.item()} ", epoch, index, lr)
-        scale = y.shape[0] * self.dist.world_size / n_global
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss * scale if scale != 1.0 else loss).backward()
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         clamp_quantizer_parameters(self.model)
         self.step += 1
-        correct = float((out.detach().argmax(dim=-1) == y).sum())
+        self.units += batch_units
         for key in ("epoch", "window"):
             s = self.stats[key]
-            s[0] += value.item() * y.shape[0]
+            s[0] += value.item() * count
             s[1] += correct
-            s[2] += y.shape[0]
-        return {"loss": value.item(), "acc": 100.0 * correct / y.shape[0], "lr": lr}
+            s[2] += count
+        return {"loss": value.item(), "acc": 100.0 * correct / count, "lr": lr}
 
     def _fail(self, what: str, epoch: int, index: int, lr: float):
         saved = (f"the last good checkpoint ({checkpoint_paths(self.dir)[0]}, step {self.last_saved}) is kept"
@@ -283,6 +298,7 @@ class _Run:
     # ----- the loop ---------------------------------------------------------------------
     def run(self) -> dict:
         cfg, start = self.cfg, time.time()
+        self.units_at_start = self.units
         first_epoch, skip = divmod(self.step, self.steps_per_epoch)
         epoch = first_epoch
         for epoch in range(first_epoch, cfg.epochs):
@@ -301,12 +317,18 @@ class _Run:
                     D.broadcast_buffers(self.model, self.dist)  # every rank freezes rank 0's statistics
                     self._bn_mode()
                 info = self.train_step(batch, epoch, index)
+                rate = f"{self.units_per_second(start):.0f} {self.objective.unit}/s"
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{info['loss']:.4f}", acc=f"{info['acc']:.1f}", lr=f"{info['lr']:.3g}")
+                    bar.set_postfix(loss=f"{info['loss']:.4f}", acc=f"{info['acc']:.1f}", lr=f"{info['lr']:.3g}",
+                                    speed=rate)
                 if cfg.log_every and self.step % cfg.log_every == 0:
                     loss, acc = self._global("window")
+                    unit = self.objective.unit
                     self.record({"kind": "step", "step": self.step, "epoch": epoch + 1, "loss": loss, "acc": acc,
-                                 "lr": info["lr"]})
+                                 "lr": info["lr"], unit: self.units,
+                                 f"{unit}_per_second": round(self.units_per_second(start), 1)})
+                    self.log(f"step {self.step}/{self.total}: loss {loss:.4f}, {self.objective.acc_name} "
+                             f"{acc:.2f}%, lr {info['lr']:.3g}, {rate}")
                 at_end = self.step >= self.total or index == self.steps_per_epoch - 1
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not at_end:
                     self.save(epoch)
@@ -318,15 +340,20 @@ class _Run:
         self.finish()
         last = self.history[-1] if self.history else {}
         return {"history": self.history, "metrics": last, "steps": self.step, "total_steps": self.total,
+                self.objective.unit: self.units,
                 "seconds": round(time.time() - start, 3), "config": cfg.to_dict(),
                 "checkpoint": str(checkpoint_paths(self.dir)[0]) if self.dir is not None else None,
                 "rank": self.dist.rank, "world_size": self.dist.world_size}
+
+    def units_per_second(self, start: float) -> float:
+        """Throughput of this run (since it started or resumed) in the objective's units."""
+        return (self.units - self.units_at_start) / max(time.time() - start, 1e-9)
 
     def reestimate_bn(self, epoch: int) -> None:
         """Batch-norm statistics from the final weights (:mod:`lowbit.qat.batchnorm`). Every rank
         runs the same whole batches of the epoch's order, so all ranks get the same statistics."""
         _set_epoch(self.train_data, epoch)
-        used = reestimate_batchnorm(self.model, (_split_batch(b)[0] for b in self.train_data),
+        used = reestimate_batchnorm(self.model, (self.objective.split(b)[0] for b in self.train_data),
                                     self.cfg.bn_reestimate_batches)
         self._bn_mode()
         if used:
@@ -337,16 +364,14 @@ class _Run:
         rec = {"kind": "epoch", "step": self.step, "epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
                "lr": self.schedule(max(0, self.step - 1)), "seconds": round(time.time() - start, 3)}
         if self.eval_data is not None and self.main:
-            m = evaluate(self.model, self.eval_data)
-            rec.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"])
+            rec.update(self.objective.evaluate(self.model, self.eval_data, self.teacher))
             self._bn_mode()
         # after the evaluation, which refreshes dynamic weight grids on rank 0: all ranks take rank 0's
         D.broadcast_buffers(self.model, self.dist)
         self.history.append(rec)
         self.record(rec)
-        val = f", val top-1 {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
-        self.log(f"qat epoch {epoch + 1}/{self.cfg.epochs}: train loss {loss:.4f}, acc {acc:.2f}%{val} "
-                 f"(lr {rec['lr']:.3g}, {rec['seconds']:.0f}s)")
+        self.log(f"qat epoch {epoch + 1}/{self.cfg.epochs}: train loss {loss:.4f}, {self.objective.acc_name} "
+                 f"{acc:.2f}%{self.objective.describe(rec)} (lr {rec['lr']:.3g}, {rec['seconds']:.0f}s)")
         self.save(epoch)
 
     def finish(self) -> None:
@@ -361,7 +386,7 @@ class _Run:
 def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | None = None,
              teacher: nn.Module | None = None, config: FinetuneConfig | dict | None = None,
              checkpoint_dir=None, resume: bool = False, log: Callable[[str], None] = print,
-             on_step: Callable[[dict], None] | None = None) -> dict:
+             on_step: Callable[[dict], None] | None = None, objective: Objective | None = None) -> dict:
     """Quantization-aware fine-tuning of ``qmodel`` (from :func:`lowbit.quantize`) in place.
 
     ``train_data``: ``(input, target)`` batches with a length (a seeded
@@ -372,7 +397,9 @@ def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | N
     section of the recipe ``qmodel`` was prepared with. ``checkpoint_dir``: where
     ``last.safetensors``/``last.json`` and ``metrics.jsonl`` go. ``resume``: continue from the
     checkpoint there. ``on_step``: called after every step with a dict (step, epoch, batch,
-    loss, acc, lr, model).
+    loss, acc, lr, model). ``objective``: how batches are read and scored
+    (:mod:`lowbit.qat.objective`); default: the one registered for this kind of model (next-token
+    distillation for a causal language model, :mod:`lowbit.llm.objective`), else classification.
 
     Layers whose integer weight codes bias correction froze (``ptq-w4a4-aciq``) would not train:
     their codes are released first and their weights re-quantized at every step
@@ -392,7 +419,8 @@ def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | N
     dist = D.setup()
     was_training = qmodel.training
     try:
-        run = _Run(qmodel, train_data, eval_data, teacher, cfg, checkpoint_dir, resume, log, on_step, dist)
+        run = _Run(qmodel, train_data, eval_data, teacher, cfg, checkpoint_dir, resume, log, on_step, dist,
+                   objective_for(qmodel, objective))
         run.setup()
         result = run.run()
     finally:

@@ -146,10 +146,14 @@ class Quantizer(nn.Module):
         """The step in compact shape (learned quantizers override this)."""
         return self.scale
 
+    def get_zero_point(self) -> torch.Tensor:
+        """The zero point in compact shape, as the grid uses it (learned quantizers override this)."""
+        return self.zero_point
+
     def grid(self) -> Grid:
         self._require_initialized()
         qmin, qmax = self.qrange
-        return Grid(self.get_scale().detach().clone(), self.zero_point.detach().clone(), qmin, qmax,
+        return Grid(self.get_scale().detach().clone(), self.get_zero_point().detach().clone(), qmin, qmax,
                     self.bits, bool(self.signed), self.granularity)
 
     def _bounds(self, v: torch.Tensor) -> tuple:
@@ -189,7 +193,7 @@ class Quantizer(nn.Module):
 
     def _expanded(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.granularity
-        return g.expand(self.get_scale(), v), g.expand(self.zero_point, v)
+        return g.expand(self.get_scale(), v), g.expand(self.get_zero_point(), v)
 
     # ----- calibration ------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -296,6 +300,11 @@ class Quantizer(nn.Module):
     # ----- bookkeeping ------------------------------------------------------------------
     def _where(self) -> str:
         return f"{self.method} quantizer{' of ' + self.name if self.name else ''}: "
+
+    def _nothing_observed(self) -> CalibrationError:
+        """The error ``_compute`` raises when ``finalize()`` comes before any data was observed."""
+        return CalibrationError(f"{self._where()}finalize() before any data was observed; the calibration data "
+                                "yielded nothing for this quantizer")
 
     def _require_initialized(self) -> None:
         if not bool(self.initialized):

@@ -19,7 +19,9 @@ one of two gradients for ``s``:
   clipped terms, so ``d x_hat / d alpha = 1`` exactly where ``x >= alpha``.
 
 The ``x`` gradient is 1 strictly inside the range and 0 where clipped (or 1 everywhere
-with ``pass_through``).
+with ``pass_through``). A zero point that requires a gradient (LSQ's asymmetric grid) gets the
+straight-through one, ``d x_hat / d z = -s`` where clipped and 0 inside (LSQ+, Bhalgat et al. 2020,
+for its offset ``beta = -z s``).
 
 The ``s`` gradient is multiplied by ``grad_scale`` inside the backward (LSQ's ``g``), so the
 forward value of ``s`` is never perturbed by the usual ``(s - g s).detach() + g s`` trick.
@@ -184,7 +186,10 @@ class _FakeQuant(torch.autograd.Function):
             else:
                 grad_s = _dot_to(grad - grad_inside, code, scale.shape)
             grad_s = grad_s * grad_scale
-        return grad_x, grad_s, None, None, None, None, None, None, None
+        grad_z = None
+        if ctx.needs_input_grad[2]:
+            grad_z = -_sum_to((grad - grad_inside) * scale, zero_point.shape) * grad_scale
+        return grad_x, grad_s, grad_z, None, None, None, None, None, None
 
 
 def _dot_to(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -17,6 +17,14 @@ step searches a strided sample of at most 65,536 weights, so that choosing preci
 ResNet-50 stays fast; activations use the whole batch). The ``initialized``
 buffer travels in the state dict, so a reloaded checkpoint keeps its learned step. The step is
 kept >= 1e-5 in the forward.
+
+``asymmetric=True`` (not in the paper; LSQ+, Bhalgat et al., CVPR-W 2020, learns an offset the same
+way) uses unsigned codes ``[0, 2^b - 1]`` with a learned zero point ``z``:
+``v_hat = (clamp(round(v/s + z), 0, 2^b - 1) - z) * s``. ``z`` is a parameter rounded to an
+integer in the forward (straight through, so every tensor stays ``integer * s`` for integer
+inference; our choice where LSQ+ keeps a float offset), with the gradient ``-s`` where ``v`` is
+clipped, scaled by ``g`` like the step's. Initialised from the first batch's range (``init="paper"``:
+min-max) or by :func:`~lowbit.quant.mse_step.mse_optimal_affine` (``init="mse"``).
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ import math
 import torch
 from torch import nn
 
-from lowbit.quant.base import Quantizer
+from lowbit.quant.base import Quantizer, affine_grid
 from lowbit.quant.grid import fake_quant
-from lowbit.quant.mse_step import mse_optimal_step
+from lowbit.quant.mse_step import mse_optimal_affine, mse_optimal_step
 
 MIN_STEP = 1e-5
 MSE_SAMPLE = 1 << 16  # weights searched for the init="mse" step of one per-tensor step
@@ -40,23 +48,35 @@ class LSQQuantizer(Quantizer):
     learnable = True
 
     def __init__(self, bits: int = 4, signed: bool | None = None, granularity=None, *, role: str = "activation",
-                 n_features: str = "sample", init: str = "paper", **kw):
+                 n_features: str = "sample", init: str = "paper", asymmetric: bool = False, **kw):
         if n_features not in ("sample", "numel"):
             raise ValueError(f"n_features must be 'sample' or 'numel', got {n_features!r}")
         if init not in ("paper", "mse"):
             raise ValueError(f"LSQ init must be 'paper' (2 mean|v| / sqrt(Q_P)) or 'mse', got {init!r}")
-        super().__init__(bits, signed, granularity, **kw)
+        if asymmetric and signed:
+            raise ValueError("an asymmetric LSQ grid has unsigned codes and a zero point; leave signed unset (auto)")
+        super().__init__(bits, False if asymmetric else signed, granularity, **kw)
         if self.signed is not None and self.qmax < 1:
             raise ValueError(f"LSQ needs Q_P >= 1: a signed {bits}-bit grid has no positive level; use >= 2 bits")
-        self.role, self.n_features, self.init = role, n_features, init
+        self.role, self.n_features, self.init, self.asymmetric = role, n_features, init, bool(asymmetric)
         del self._buffers["scale"]
         self.scale = nn.Parameter(torch.ones(()))
+        if self.asymmetric:
+            del self._buffers["zero_point"]
+            self.zero_point = nn.Parameter(torch.zeros(()))
 
     def _reset_stats(self):
-        self._init_step = None
+        self._init_step = self._init_zero_point = None
 
     def _observe(self, v):
-        if self._init_step is None:  # LSQ initialises from the first batch only
+        if self._init_step is None and self.asymmetric:
+            if self.init == "mse":
+                self._init_step, self._init_zero_point = mse_optimal_affine(v, self.granularity, self.qmin, self.qmax)
+            else:
+                g = self.granularity
+                self._init_step, self._init_zero_point = affine_grid(g.reduce(v, "amin"), g.reduce(v, "amax"),
+                                                                     self.qmin, self.qmax)
+        elif self._init_step is None:  # LSQ initialises from the first batch only
             if self.init == "mse":
                 self._init_step = mse_optimal_step(v, self.granularity, self.qmin, self.qmax,
                                                    max_elements=MSE_SAMPLE if self.role == "weight" else None)
@@ -65,9 +85,9 @@ class LSQQuantizer(Quantizer):
 
     def _compute(self):
         if self._init_step is None:
-            from lowbit.errors import CalibrationError
-            raise CalibrationError(f"{self._where()}finalize() before any data was observed")
-        return self._init_step, torch.zeros_like(self._init_step)
+            raise self._nothing_observed()
+        zero_point = self._init_zero_point if self.asymmetric else torch.zeros_like(self._init_step)
+        return self._init_step, zero_point
 
     def observe(self, x):
         if not bool(self.initialized):  # never re-initialise a learned (or reloaded) step
@@ -78,15 +98,21 @@ class LSQQuantizer(Quantizer):
             super().finalize()
 
     def _set_grid(self, scale, zero_point):
-        with torch.no_grad():
-            if self.scale.shape == scale.shape:
-                self.scale.copy_(scale)  # keep the Parameter object: optimizers may hold it
-            else:
-                self.scale = nn.Parameter(scale.to(self.scale.device))
-        self.zero_point = torch.zeros_like(scale)
+        self.scale = _assign(self.scale, scale)
+        if self.asymmetric:
+            self.zero_point = _assign(self.zero_point, zero_point.expand_as(scale))
+        else:
+            self.zero_point = torch.zeros_like(scale)
 
     def get_scale(self):
         return self.scale.clamp_min(MIN_STEP)
+
+    def get_zero_point(self):
+        """An asymmetric grid's learned zero point, rounded to an integer (straight through)."""
+        if not self.asymmetric:
+            return self.zero_point
+        z = self.zero_point.clamp(self.qmin, self.qmax)
+        return z + (z.round() - z).detach()
 
     def grad_scale(self, x: torch.Tensor) -> float:
         """LSQ's ``g = 1 / sqrt(N Q_P)`` with ``N`` the elements that share one step."""
@@ -95,8 +121,21 @@ class LSQQuantizer(Quantizer):
             n /= x.shape[0]
         return 1.0 / math.sqrt(n * self.qmax)
 
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", asymmetric" if self.asymmetric else "")
+
     def fake_quant(self, x):
         v = self.granularity.view(x)
         s, z = self._expanded(v)
         return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode, scale_grad="lsq",
                           grad_scale=self.grad_scale(x)).reshape(x.shape)
+
+
+def _assign(param: nn.Parameter, value: torch.Tensor) -> nn.Parameter:
+    """``value`` into ``param`` in place when the shapes match (optimizers may hold the Parameter
+    object), else a new Parameter of ``value``'s shape."""
+    with torch.no_grad():
+        if param.shape == value.shape:
+            param.copy_(value)
+            return param
+        return nn.Parameter(value.to(param.device).clone())

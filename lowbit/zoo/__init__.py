@@ -19,6 +19,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lowbit.checkpoint import load_into, sidecar_path
@@ -64,6 +65,22 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_s
     return model
 
 
+def create_model_matching(name: str, weight_shapes: dict[str, tuple[int, ...]], **kwargs) -> nn.Module:
+    """:func:`create_model`, for a record read from a file: the model is first built on the meta device (no
+    memory), and every Conv/Linear weight must have the shape ``weight_shapes`` (layer name -> shape, from the
+    data the file holds) gives it, so a forged record cannot make lowbit allocate a model the file does not
+    describe. Raises ``ValueError`` naming the first layer that differs (or the bad name or size)."""
+    with torch.device("meta"):
+        shell = create_model(name, **kwargs)
+    for layer, m in shell.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            held = weight_shapes.get(layer)
+            if held is None or tuple(held) != tuple(m.weight.shape):
+                raise ValueError(f"{name} with {kwargs} has layer {layer!r} with weight shape {tuple(m.weight.shape)}, "
+                                 f"the file holds {None if held is None else tuple(held)}")
+    return create_model(name, **kwargs)
+
+
 def build_model(name: str, weights=None, dataset: str = "fashion-mnist") -> nn.Module:
     """The zoo model ``name`` for ``dataset``: its shipped checkpoint, or ``weights`` (a safetensors or
     ``.pt`` state dict, read without unpickling) loaded into the untrained architecture. In eval mode.
@@ -102,6 +119,6 @@ def checkpoint_meta(name: str, dataset: str = "fashion-mnist") -> dict:
 
 def trained_with_augment(name: str, dataset: str = "fashion-mnist") -> bool:
     """Whether the shipped checkpoint was trained with crop/flip augmentation (its sidecar's
-    ``config.augment``; True when unrecorded). Fine-tuning should match it: the MLP, trained
-    without augmentation, lost 0.6 points in one epoch of W8A8 fine-tuning on augmented images."""
+    ``config.augment``; True when unrecorded). Fine-tuning should match it (the MLP was trained
+    without augmentation; section "choices" of docs/RESULTS.md compares both on the validation split)."""
     return bool(checkpoint_meta(name, dataset).get("config", {}).get("augment", True))

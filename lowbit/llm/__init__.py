@@ -1,0 +1,21 @@
+"""Hugging Face causal language models: the KV-cache quantization point, SiLQ fine-tuning, evaluation.
+
+    import lowbit
+    qmodel = lowbit.quantize(hf_model, "silq-w4a8kv8", calib_data=windows)
+
+Importing this package registers the recipe's ``kv_cache`` section with :func:`lowbit.prepare.quantize`
+and next-token distillation as the fine-tuning objective of causal LMs with :func:`lowbit.finetune`;
+it does not import transformers (the functions that need it import it when called).
+"""
+
+from lowbit.llm.evaluate import measure, perplexity
+from lowbit.llm.families import FAMILIES, family_of
+from lowbit.llm.kv_cache import is_kv_quantized, kv_cache_replacements
+from lowbit.llm.objective import CausalLM, is_causal_lm
+from lowbit.prepare import register_points
+from lowbit.qat.objective import register_objective
+
+register_points("kv_cache", kv_cache_replacements)
+register_objective(is_causal_lm, CausalLM)
+
+__all__ = ["FAMILIES", "CausalLM", "family_of", "is_causal_lm", "is_kv_quantized", "measure", "perplexity"]
