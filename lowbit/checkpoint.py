@@ -14,11 +14,13 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import CheckpointError
 from lowbit.files import temporary_path, write_text_atomic
-
+from lowbit.quant.base import Quantizer
 
 ALIASES_KEY = "lowbit_aliases"
 
@@ -33,8 +35,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     weights): each is written once, and the header's ``lowbit_aliases`` maps every other name to the
     one stored (:func:`read_safetensors` restores them).
     """
-    from safetensors.torch import save_file
-
     unique, aliases, seen = {}, {}, {}
     for name, t in tensors.items():
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
@@ -56,9 +56,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, header metadata)`` of a safetensors file, tied names restored (see
     :func:`write_safetensors`); the restored names share the stored tensor, as they did when saved."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     tensors = load_file(str(path))
@@ -93,7 +90,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         try:
             return read_safetensors(path)[0]
         except (SafetensorError, OSError, ValueError) as exc:
@@ -139,5 +135,4 @@ def load_into(model: nn.Module, path_or_state: str | os.PathLike | dict, *, stri
 
 
 def _quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
-    from lowbit.quant.base import Quantizer
     return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))

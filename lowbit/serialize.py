@@ -37,6 +37,7 @@ from lowbit.prepare import quantize
 from lowbit.quant.grid import check_bits
 from lowbit.recipe import recipe_from_yaml
 from lowbit.zoo import create_model_matching
+from lowbit.zoo.language import LANGUAGE_MODELS, load_language_model
 
 FORMAT = "lowbit-quantized"
 VERSION = 2  # 2: lowbit.json names the digests of the other files and is sealed into the tensor file
@@ -156,8 +157,9 @@ def _read_state(path: Path, data: bytes, meta: dict) -> dict[str, torch.Tensor]:
 
 
 def _zoo_model(path: Path, meta: dict, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The untrained zoo architecture the metadata names (its record, or a model name and dataset), checked against
-    the saved weight shapes before it is built (:func:`lowbit.zoo.create_model_matching`)."""
+    """The zoo architecture the metadata names (its record, or a model name and dataset), checked against the
+    saved weight shapes before it is built (:func:`lowbit.zoo.create_model_matching`); a zoo language model
+    comes with its float weights."""
     arch = meta.get("architecture")
     shapes = {k.removesuffix(".weight"): tuple(v.shape) for k, v in state.items() if k.endswith(".weight")}
     try:
@@ -168,6 +170,8 @@ def _zoo_model(path: Path, meta: dict, state: dict[str, torch.Tensor]) -> nn.Mod
             return create_model_matching(arch["zoo"], shapes, **arch.get("kwargs", {}))
         if not meta.get("model"):
             raise CheckpointError(f"{path}: names no zoo model; pass the float model: lowbit.load(folder, model)")
+        if meta["model"] in LANGUAGE_MODELS:  # with its weights, which the saved state then replaces
+            return load_language_model(meta["model"])[0]
         info = dataset_info(meta.get("dataset") or "fashion-mnist")
         return create_model_matching(meta["model"], shapes, in_channels=info.in_channels,
                                      num_classes=info.num_classes, in_size=info.image_size)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import RecipeError
+from lowbit.quant.base import Quantizer
 
 METRICS = ("bitops", "size")
 Precision = tuple[int, int]  # (weight bits, activation bits)
@@ -113,8 +114,6 @@ def count_macs(model: nn.Module, example_input) -> dict[str, int]:
     ``example_input``: a tensor (batch first), a tuple of positional inputs, or a dict of
     keyword inputs. Quantizers are disabled and the model runs in eval mode; both are restored.
     """
-    from lowbit.quant.base import Quantizer
-
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _COUNTED)}
     macs = dict.fromkeys(layers, 0)
     batch = _batch_size(example_input)

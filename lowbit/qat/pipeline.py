@@ -19,8 +19,15 @@ from pathlib import Path
 
 from torch import nn
 
+from lowbit.data.datasets import make_loader
+from lowbit.evaluate import evaluate
+from lowbit.prepare import quantize
 from lowbit.qat.config import FinetuneConfig
 from lowbit.qat.trainer import finetune
+from lowbit.recipe import load_recipe
+from lowbit.serialize import save
+from lowbit.summary import summary
+from lowbit.zoo import trained_with_augment
 
 
 def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, checkpoint_dir=None, epochs=None, lr=None,
@@ -28,13 +35,6 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
             calib_images: int = 512, augment: bool | None = None, data_dir=None, progress=None, log=print) -> dict:
     """``augment=None`` fine-tunes with the augmentation the shipped checkpoint of ``model_name``
     was trained with (:func:`lowbit.zoo.trained_with_augment`; on for models the zoo does not know)."""
-    import lowbit
-    from lowbit.data.datasets import make_loader
-    from lowbit.evaluate import evaluate
-    from lowbit.recipe import load_recipe
-    from lowbit.serialize import save
-    from lowbit.zoo import trained_with_augment
-
     recipe_obj = load_recipe(recipe)
     if augment is None:
         augment = trained_with_augment(model_name, dataset)
@@ -43,7 +43,7 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
     cfg = FinetuneConfig.from_recipe(recipe_obj, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
                                      seed=seed, progress=progress)
     calib = make_loader(dataset, "calib", 128, limit=calib_images, data_dir=data_dir)
-    qmodel = lowbit.quantize(model, recipe_obj, calib_data=calib)
+    qmodel = quantize(model, recipe_obj, calib_data=calib)
     train = make_loader(dataset, "train", cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                         data_dir=data_dir)
     val = make_loader(dataset, "calib", 500, data_dir=data_dir)
@@ -54,7 +54,7 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
     test = make_loader(dataset, "test", 500, data_dir=data_dir)
     fp, q = evaluate(model, test)["top1"], evaluate(qmodel, test)["top1"]
     result.update(fp_top1=fp, test_top1=q)
-    log(lowbit.summary(qmodel))
+    log(summary(qmodel))
     log(f"test top-1: fp32 {fp:.2f}%  fine-tuned {q:.2f}%  ({q - fp:+.2f}) after {result['steps']} steps "
         f"({result['seconds']:.0f} s)")
     folder = save(qmodel, checkpoint_dir, model_name=model_name, dataset=dataset,

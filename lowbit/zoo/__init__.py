@@ -8,6 +8,9 @@ Every model the zoo builds carries its recipe for being built again,
 ``model.lowbit_architecture = {"zoo": name, "kwargs": {...}}`` (an instance attribute, so it
 survives ``copy.deepcopy`` and :func:`lowbit.quantize`); :func:`lowbit.export` writes it into
 the manifest, and :func:`lowbit.load_export` gives it back to :func:`create_model`.
+
+The Q-networks of :mod:`lowbit.rl` (:func:`create_qnet`, :mod:`lowbit.zoo.qnets`) and its shipped
+DQN teachers, one per MinAtar game (:func:`teacher_path`, :mod:`lowbit.zoo.teachers`), live here too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from lowbit.checkpoint import load_into, sidecar_path
 from lowbit.data.datasets import DATASETS, dataset_info
 from lowbit.errors import CheckpointError
 from lowbit.zoo.models import MLP, VGG, MobileNet, ResNet
+from lowbit.zoo.qnets import create_qnet  # noqa: F401 - the Q-networks of lowbit.rl
+from lowbit.zoo.teachers import shipped_teacher, teacher_path  # noqa: F401 - its DQN teachers
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -114,6 +119,6 @@ def checkpoint_meta(name: str, dataset: str = "fashion-mnist") -> dict:
 
 def trained_with_augment(name: str, dataset: str = "fashion-mnist") -> bool:
     """Whether the shipped checkpoint was trained with crop/flip augmentation (its sidecar's
-    ``config.augment``; True when unrecorded). Fine-tuning should match it: the MLP, trained
-    without augmentation, lost 0.6 points in one epoch of W8A8 fine-tuning on augmented images."""
+    ``config.augment``; True when unrecorded). Fine-tuning should match it (the MLP was trained
+    without augmentation; section "choices" of docs/RESULTS.md compares both on the validation split)."""
     return bool(checkpoint_meta(name, dataset).get("config", {}).get("augment", True))
