@@ -40,7 +40,7 @@ from torch import nn
 
 from lowbit.checkpoint import ALIASES_KEY, read_safetensors, write_safetensors
 from lowbit.errors import CheckpointError, LowbitError
-from lowbit.files import temporary_path, write_text_atomic
+from lowbit.files import loads_json, temporary_path, write_text_atomic
 
 NAME = "last"
 META_KEY = "lowbit_qat"
@@ -296,7 +296,7 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict[str, torch.T
     try:
         tensors, header = read_safetensors(path)
         text = header[META_KEY]
-        meta = json.loads(text, parse_constant=_reject_constant)
+        meta = loads_json(text)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not a lowbit training checkpoint ({exc}); delete it or "
                               "start without resume") from exc
@@ -308,10 +308,6 @@ def load_training_state(directory: str | os.PathLike) -> tuple[dict[str, torch.T
                               f"({DIGEST_KEY}): the file was damaged or edited; delete it or start without resume")
     check_training_meta(meta, tensors, str(path))
     return tensors, meta
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _is_int(v) -> bool:
@@ -359,8 +355,8 @@ def check_training_meta(meta: dict, tensors: dict[str, torch.Tensor], where: str
                               "from the architecture it records (field fingerprint.architecture_detail)")
     for k, t in model.items():
         if detail["tensors"][k] != f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}":
-            raise CheckpointError(f"{where}: tensor model.{k} is {list(t.shape)} {t.dtype}, the architecture it records "
-                                  f"says {detail['tensors'][k]}")
+            raise CheckpointError(f"{where}: tensor model.{k} is {list(t.shape)} {t.dtype}, the architecture it "
+                                  f"records says {detail['tensors'][k]}")
     bad = [k for k in tensors if k.startswith("optim.") and not (k.count(".") >= 2 and k.split(".")[1].isdigit())]
     if bad:
         raise CheckpointError(f"{where}: tensors {bad[:4]}: optimizer state is named optim.<parameter index>.<name>")
