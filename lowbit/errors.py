@@ -19,3 +19,7 @@ class DataError(LowbitError, FileNotFoundError):
 
 class CheckpointError(LowbitError, ValueError):
     """A checkpoint is not safetensors, is damaged, or does not match the model."""
+
+
+class DistributedError(LowbitError, RuntimeError):
+    """A torchrun launch is inconsistent: environment variables, or ranks that disagree on the run."""

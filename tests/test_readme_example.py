@@ -26,3 +26,21 @@ def test_readme_example_runs(capsys):
     assert "layer1.0.conv1" in out and "4b sawb/ch" in out and "8b pact" in out
     assert qmodel.conv1.weight_quantizer.bits == 8 and qmodel.layer2[0].conv1.weight_quantizer.bits == 4
     assert not hasattr(model.conv1, "weight_quantizer")  # the README promises the float model is untouched
+
+
+def test_readme_language_model_example_runs(capsys):
+    from lowbit.zoo.language import bytellama_path
+
+    pytest.importorskip("transformers")
+    if not bytellama_path().is_file():
+        pytest.skip("bytellama checkpoint not shipped")
+    blocks = [b for b in readme_python_blocks() if "silq-w4a8kv8" in b]
+    assert blocks, "README has no language-model example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    qmodel = namespace["qmodel"]
+    assert "'perplexity'" in out and "'kl'" in out and "'agreement'" in out
+    block = qmodel.model.layers[0].self_attn
+    assert block.key_quantizer.bits == 8 and block.q_proj.weight_quantizer.bits == 4
+    assert not hasattr(namespace["model"].model.layers[0].self_attn, "key_quantizer")  # the float model untouched

@@ -156,8 +156,9 @@ def _json_safe(v):
     return v
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def optimizer_to_flat(optimizer: torch.optim.Optimizer, state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``optimizer``'s state (or ``state``, an index-keyed state dict gathered from shards) as tensors + JSON."""
+    sd = state if state is not None else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -169,7 +170,9 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
                      "scalars": scalars}
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                        load=None) -> None:
+    """Load the state :func:`optimizer_to_flat` wrote, with ``load`` (default ``optimizer.load_state_dict``)."""
     if meta["type"] != type(optimizer).__name__:
         raise CheckpointError(f"checkpoint optimizer is {meta['type']}, this run builds {type(optimizer).__name__}")
     state: dict[int, dict] = {}
@@ -186,7 +189,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
         groups.append(g)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    (load or optimizer.load_state_dict)({"state": state, "param_groups": groups})
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -194,7 +197,7 @@ def _check_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        meta: dict) -> Path:
+                        meta: dict, optimizer_state: dict | None = None) -> Path:
     """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors."""
     from safetensors import safe_open
     from lowbit.checkpoint import ALIASES_KEY, write_safetensors
@@ -202,7 +205,7 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     path, side = checkpoint_paths(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer, optimizer_state)
     tensors.update(opt_tensors)
     bad = _check_finite(tensors)
     if bad:
