@@ -5,17 +5,18 @@ TORCH ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_PROBE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 
-.PHONY: venv data llm-data torchao-venv test demo bench clean-venv
+.PHONY: venv data llm-data torchao-venv test test-slow demo bench clean-venv
 
 venv: $(VENV)/.stamp
 
 # torch first, pinned: that exact CPU build lies on local disk, while a plain `torch`
 # (asked for by `pip install -e .`) would download a multi-GB CUDA build.
-# The stamp skips the reinstall until pyproject.toml changes.
+# The stamp skips the reinstall until pyproject.toml changes. The `rl` extra (GPL games: MinAtar,
+# the Atari emulator) is installed for the tests only, so the reinforcement-learning tests run.
 $(VENV)/.stamp: pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install $(TORCH)
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install -e '.[dev,rl]'
 	@touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package; never fail hard here:
@@ -56,8 +57,13 @@ torchao-venv:
 	@test -x $(TORCHAO_VENV)/bin/python || $(PY) -m venv $(TORCHAO_VENV)
 	$(TORCHAO_VENV)/bin/pip install $(TORCH) torchao==0.18.0 transformers gguf accelerate safetensors pyyaml numpy
 
+# The fast suite (about a minute): what a developer runs after every change.
 test: venv data
 	$(VENV)/bin/python -m pytest
+
+# The slower accuracy and agreement checks on full test sets (CI's second stage).
+test-slow: venv data
+	$(VENV)/bin/python -m pytest -m slow
 
 demo: venv data
 	$(VENV)/bin/lowbit demo

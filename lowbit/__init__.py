@@ -18,15 +18,14 @@ Float weights (the zoo's checkpoints, users' ``.pt``/``.safetensors`` state dict
 
 from lowbit import deploy, llm, zoo
 from lowbit.deploy import export
-from lowbit.deploy import load as load_export
+from lowbit.exports import load_export
 from lowbit.mixed import select_precision
 from lowbit.prepare import calibrate, quantize
 from lowbit.qat import FinetuneConfig, finetune
 from lowbit.recipe import Recipe, list_recipes, load_recipe
 from lowbit.serialize import load, save
 from lowbit.summary import stored_size_bytes, summary
-
-__version__ = "0.1.0"
+from lowbit.version import __version__
 __all__ = ["FinetuneConfig", "Recipe", "__version__", "calibrate", "deploy", "export", "finetune", "list_recipes",
            "llm", "load", "load_export", "load_recipe", "quantize", "save", "select_precision", "stored_size_bytes",
            "summary", "zoo"]

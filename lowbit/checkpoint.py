@@ -14,10 +14,13 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import CheckpointError
-
+from lowbit.files import temporary_path, write_text_atomic
+from lowbit.quant.base import Quantizer
 
 ALIASES_KEY = "lowbit_aliases"
 
@@ -32,8 +35,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     weights): each is written once, and the header's ``lowbit_aliases`` maps every other name to the
     one stored (:func:`read_safetensors` restores them).
     """
-    from safetensors.torch import save_file
-
     unique, aliases, seen = {}, {}, {}
     for name, t in tensors.items():
         key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
@@ -55,9 +56,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(tensors, header metadata)`` of a safetensors file, tied names restored (see
     :func:`write_safetensors`); the restored names share the stored tensor, as they did when saved."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     tensors = load_file(str(path))
@@ -78,11 +76,11 @@ def save_checkpoint(model_or_state: nn.Module | dict, path: str | os.PathLike, m
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     write_safetensors(tensors, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated checkpoint
     if meta is not None:
-        sidecar_path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(sidecar_path(path), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -92,7 +90,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         try:
             return read_safetensors(path)[0]
         except (SafetensorError, OSError, ValueError) as exc:
@@ -138,5 +135,4 @@ def load_into(model: nn.Module, path_or_state: str | os.PathLike | dict, *, stri
 
 
 def _quantizer_prefixes(model: nn.Module) -> tuple[str, ...]:
-    from lowbit.quant.base import Quantizer
     return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, Quantizer))

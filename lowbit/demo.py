@@ -29,10 +29,15 @@ from pathlib import Path
 
 import torch
 
-import lowbit
 from lowbit.data.datasets import make_loader
 from lowbit.evaluate import evaluate
+from lowbit.mixed import build_space, select
+from lowbit.plot import pyplot
+from lowbit.prepare import quantize
 from lowbit.progress import progress
+from lowbit.qat import finetune
+from lowbit.recipe import load_recipe
+from lowbit.summary import stored_size_bytes
 from lowbit.zoo import pretrained, trained_with_augment
 
 
@@ -68,14 +73,9 @@ def build(m: DemoMethod, model: torch.nn.Module, calib, train, *, quick: bool = 
           ) -> tuple[torch.nn.Module, float, float]:
     """The quantized model of one demo row, and its (average) weight and activation bits;
     ``quick`` fine-tunes for a tenth of the row's steps."""
-    from lowbit.qat import finetune
-    from lowbit.recipe import load_recipe
-
     base = load_recipe(m.recipe)
     recipe, w_bits, a_bits = base, m.w_bits, m.a_bits
     if m.mixed_budget is not None:
-        from lowbit.mixed import build_space, select
-
         space = build_space(model, base, example_input=next(iter(calib))[0][:1])
         lo, hi = space.bounds()
         budget = max(m.mixed_budget, lo / hi)  # a model whose fixed first/last layers dominate: all low
@@ -83,7 +83,7 @@ def build(m: DemoMethod, model: torch.nn.Module, calib, train, *, quick: bool = 
         recipe = selection.recipe()
         totals = selection.totals()
         w_bits, a_bits = round(totals["mean_w_bits"], 2), round(totals["mean_a_bits_by_macs"], 2)
-    qmodel = lowbit.quantize(model, recipe, calib_data=calib)
+    qmodel = quantize(model, recipe, calib_data=calib)
     if m.finetune_steps:
         steps = max(1, m.finetune_steps // 10) if quick else m.finetune_steps
         config = dict(base.sections.get("qat", {}), max_steps=steps, progress=False, log_every=0)
@@ -114,7 +114,7 @@ def run_demo(out: str | Path = "lowbit-demo", *, model_name: str = "resnet20", d
         seconds = time.perf_counter() - start
         acc = evaluate(qmodel, progress(test, f"{m.method} W{w_bits:g}A{a_bits:g}"))["top1"]
         rows.append({"method": m.method, "w_bits": w_bits, "a_bits": a_bits, "accuracy": round(acc, 2),
-                     "size_bytes": lowbit.stored_size_bytes(qmodel), "seconds": round(seconds, 2)})
+                     "size_bytes": stored_size_bytes(qmodel), "seconds": round(seconds, 2)})
     results = {"model": model_name, "dataset": dataset, "fp_accuracy": round(fp, 2), "rows": rows}
     if quick:
         results["test_images"] = test_limit
@@ -141,11 +141,8 @@ def results_table(results: dict) -> str:
 
 def write_plot(results: dict, path: Path) -> Path | None:
     """Accuracy against stored size (log scale), one labelled point per row; None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in results["rows"]:

@@ -23,3 +23,11 @@ class CheckpointError(LowbitError, ValueError):
 
 class DistributedError(LowbitError, RuntimeError):
     """A torchrun launch is inconsistent: environment variables, or ranks that disagree on the run."""
+
+
+class MissingExtraError(LowbitError, ImportError):
+    """An optional dependency (an extra such as ``lowbit[rl]``) is not installed."""
+
+
+class GameError(LowbitError, ValueError):
+    """An unknown game, or a model or checkpoint that belongs to another game."""

@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lowbit.nn.modules import QuantMixin
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, max_batches: int | None = None) -> dict[str, float]:
@@ -58,8 +60,6 @@ def sqnr_report(float_model: nn.Module, qmodel: nn.Module, loader: Iterable, *,
     output in ``float_model``, since the folded layer computes conv and norm together. Rows follow
     the model's layer order.
     """
-    from lowbit.nn.modules import QuantMixin
-
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantMixin)}
     float_layers = dict(float_model.named_modules())
     missing = [n for n in layers if n not in float_layers]

@@ -19,6 +19,7 @@ can read. Nothing else changes: the state dict and the float outputs stay the sa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import functools
 import itertools
@@ -182,6 +183,33 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
         raise
     target.lowbit_report = report
     return target
+
+
+def release_frozen_weights(qmodel: nn.Module) -> list[str]:
+    """Let fine-tuning train layers whose weight codes bias correction froze; returns their names.
+
+    Bias correction (:mod:`lowbit.quant.bias_correction`) is a post-training transform: it freezes
+    a layer's integer weight codes, so its forward has no gradient path to the weight. Here each
+    such weight quantizer forgets its codes, stops correcting, and re-derives its grid from the
+    current weight by its own method (min-max, ACIQ, ...), as it will at every training step. The
+    model's recipe gets a ``bias_correction: false`` override per released layer, so that
+    :func:`lowbit.save` / :func:`lowbit.load` rebuild the released model, not the frozen one.
+    """
+    released = []
+    for name, m in qmodel.named_modules():
+        wq = m.weight_quantizer if isinstance(m, QuantMixin) else None
+        if wq is None or not wq.frozen:
+            continue
+        wq.unfreeze()
+        wq.bias_correction = None
+        wq.init_from(m.weight.detach())
+        released.append(name)
+    report = getattr(qmodel, "lowbit_report", None)
+    if released and report is not None:
+        old = report.recipe
+        layers = {**old.layers, **{name: {"weights": {"bias_correction": False}} for name in released}}
+        report.recipe = dataclasses.replace(old, layers=layers)
+    return released
 
 
 def _swap(root: nn.Module, name: str, module: nn.Module, undo: list) -> None:

@@ -12,7 +12,7 @@ def progress(iterable: Iterable, desc: str, *, enabled: bool | None = None) -> I
         enabled = sys.stderr.isatty()
     if not enabled:
         return iterable
-    try:
+    try:  # tqdm is optional: plain iteration without it
         from tqdm import tqdm
     except ImportError:
         return iterable

@@ -1,15 +1,19 @@
 """The deployment folder: packed weights, exact sizes, manifest, checksums, versions, load, bad input."""
 
 import json
+import math
+
 import pytest
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 import lowbit
 from lowbit.data import make_loader
 from lowbit.errors import CheckpointError
-from lowbit.deploy import ExportError, ExportFileError, IntegerEngine, build_export, read_export
-from lowbit.deploy.format import expected_packed_bytes, fp32_checkpoint_bytes
+from lowbit.deploy import ExportError, ExportFileError, IntegerEngine, build_export, fp32_checkpoint_bytes, read_export
+from lowbit.deploy.format import ARENA_DTYPES, FORMAT, FORMAT_VERSION, MANIFEST_DIGEST_KEY
+from lowbit.nn.modules import QuantMixin
 from lowbit.zoo import create_model
 
 
@@ -55,8 +59,10 @@ def test_int32_only_biases_reload_close(resnet_aciq, batch, tmp_path):
     entry = manifest["layers"]["layer1.0.conv1"]
     assert entry["bias"]["int32"][0] == "bias.int32" and "float" not in entry["bias"]
     size = (tmp_path / "model.safetensors").stat().st_size
-    extra = (tmp_path / "both" / "model.safetensors").stat().st_size - size
-    assert 4 * 794 <= extra <= 4 * 794 + 80  # 794 output channels x float32, and one more header entry
+    assert size == expected_file_bytes(resnet_aciq, float_bias=False)[0]
+    both = (tmp_path / "both" / "model.safetensors").stat().st_size
+    assert both == expected_file_bytes(resnet_aciq)[0]
+    assert expected_file_bytes(resnet_aciq)[1] - expected_file_bytes(resnet_aciq, float_bias=False)[1] == 4 * 794
     with torch.no_grad():
         a, b = lowbit.load_export(tmp_path)(batch), resnet_aciq(batch)
     assert (a - b).abs().max() < 1e-2 * b.abs().max()
@@ -90,38 +96,75 @@ def _w_recipe(bits):
             "ptq": {"fold_bn": True}}
 
 
+def _stored_values(t: torch.Tensor) -> int:
+    """Values the format stores for a zero point: none when all are 0, one when all are equal, else each."""
+    if not bool((t != 0).any()):
+        return 0
+    return 1 if bool((t == t.reshape(-1)[0]).all()) else t.numel()
+
+
+def expected_file_bytes(qmodel, *, float_bias: bool = True) -> tuple[int, int]:
+    """``(file bytes, tensor data bytes)`` of the export of ``qmodel``, from the format's rules applied to the
+    model's own quantizers: weight codes take ``numel`` bytes at a uniform 8 bits (int8), else
+    ``ceil(sum of the element widths / 8)`` per layer; per-channel widths ``ceil(5 C / 8)`` bytes; each step,
+    stored zero point and bias value 4 bytes (the int32 bias always, the float32 one with ``float_bias``); the
+    file is safetensors' header for arenas of these sizes (its metadata holding a 64-hex-digit digest) followed
+    by the data, nothing else."""
+    counts = dict.fromkeys(ARENA_DTYPES, 0)
+    for m in qmodel.modules():
+        if not isinstance(m, QuantMixin):
+            continue
+        w, wg, ig = m.weight_quantizer, m.weight_quantizer.grid(), m.input_quantizer.grid()
+        n, channels = m.weight.numel(), m.weight.shape[0]
+        if w.channel_bits.numel():
+            counts["weight.packed"] += math.ceil(int(w.channel_bits.sum()) * (n // channels) / 8)
+            counts["weight.channel_bits"] += math.ceil(5 * channels / 8)
+        elif w.bits == 8:
+            counts["weight.int8"] += n
+        else:
+            counts["weight.packed"] += math.ceil(n * w.bits / 8)
+        counts["weight.scale"] += wg.scale.numel()
+        counts["weight.zero_point"] += _stored_values(wg.zero_point)
+        counts["input.scale"] += ig.scale.numel()
+        counts["input.zero_point"] += _stored_values(ig.zero_point)
+        if m.input_quantizer.channel_bits.numel():
+            counts["input.channel_bits"] += math.ceil(5 * m.input_quantizer.channel_bits.numel() / 8)
+        if m.bias is not None:
+            counts["bias.int32"] += channels
+            counts["bias.float"] += channels if float_bias else 0
+    arenas = {k: torch.zeros(c, dtype=ARENA_DTYPES[k]) for k, c in counts.items() if c}
+    data = sum(t.numel() * t.element_size() for t in arenas.values())
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), MANIFEST_DIGEST_KEY: "0" * 64}
+    return len(safetensors_bytes(arenas, metadata=metadata)), data
+
+
 @pytest.mark.parametrize("bits,max_fraction", [(4, 1 / 7.5), (2, 1 / 14)])
-def test_resnet20_file_size_against_fp32(bits, max_fraction, calib, tmp_path):
-    """Random-weight ResNet-20, first and last layers 8-bit: the file is at most 1/7.5 (W4) or 1/14 (W2) of the
-    fp32 checkpoint, and it holds exactly the packed bits plus the grids."""
+def test_resnet20_file_size_is_exactly_the_formats_bytes(bits, max_fraction, calib, tmp_path):
+    """Random-weight ResNet-20, first and last layers 8-bit: the file holds exactly the bytes the format's rules
+    give, with and without float biases, and that is at most 1/7.5 (W4) or 1/14 (W2) of the fp32 checkpoint."""
     torch.manual_seed(0)
     model = create_model("resnet20").eval()
     fp32 = fp32_checkpoint_bytes(model)
     qmodel = lowbit.quantize(model, _w_recipe(bits), calib_data=calib)
-    lowbit.export(qmodel, tmp_path)
-    path = tmp_path / "model.safetensors"
-    size = path.stat().st_size
+    for float_bias in (True, False):
+        folder = tmp_path / str(float_bias)
+        lowbit.export(qmodel, folder, float_bias=float_bias)
+        size = (folder / "model.safetensors").stat().st_size
+        file_bytes, data_bytes = expected_file_bytes(qmodel, float_bias=float_bias)
+        assert size == file_bytes
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["tensors"]["bytes"] == size
+        assert sum(e["stored_bytes"] for e in manifest["layers"].values()) == data_bytes
+        first, mid = manifest["graph"][1]["layer"], "layer2.0.conv1"
+        assert manifest["layers"][first]["weight"]["data"] == ["weight.int8", 0, 9 * 16]  # one byte per weight
+        assert manifest["layers"][mid]["weight"]["data"][2] == 32 * 16 * 9 * bits // 8
     assert size <= fp32 * max_fraction, (size, fp32)
-    exp = read_export(tmp_path)
-    expected = {n: expected_packed_bytes(layer) for n, layer in exp.layers.items()}
-    first = exp.graph.layers[0]
-    assert expected[first] == exp.layers[first].weight_codes.numel()  # int8: one byte per weight
-    mid = exp.graph.layers[5]
-    assert expected[mid] == (exp.layers[mid].weight_codes.numel() * bits + 7) // 8
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert {n: manifest["layers"][n]["weight"]["data"][2] for n in expected} == expected
-    # the file is the 8-byte header length, the JSON header and the tensors, nothing else
-    from safetensors.torch import load_file
-    header = int.from_bytes(path.read_bytes()[:8], "little")
-    data = sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
-    assert size == 8 + header + data
-    assert data == sum(manifest["layers"][n]["stored_bytes"] for n in expected)
 
 
 def test_manifest_describes_the_export(resnet_aciq, tmp_path):
     lowbit.export(resnet_aciq, tmp_path, input_shape=[1, 1, 8, 8])
     m = json.loads((tmp_path / "manifest.json").read_text())
-    assert m["format"] == "lowbit-export" and m["format_version"] == 1 and m["lowbit_version"] == lowbit.__version__
+    assert m["format"] == "lowbit-export" and m["format_version"] == 2 and m["lowbit_version"] == lowbit.__version__
     assert m["architecture"] == {"zoo": "resnet20", "kwargs": {"num_classes": 10, "in_channels": 1}}
     assert len(m["tensors"]["sha256"]) == 64
     assert m["tensors"]["bytes"] == (tmp_path / "model.safetensors").stat().st_size
@@ -161,7 +204,7 @@ def test_tampered_tensor_file_is_refused(resnet_aciq, tmp_path):
     with pytest.raises(ExportFileError, match="SHA-256"):
         IntegerEngine.from_path(tmp_path)
     path.write_bytes(bytes(data[:-100]))
-    with pytest.raises(ExportFileError, match="SHA-256"):
+    with pytest.raises(ExportFileError, match="tensors.bytes.*truncated"):
         read_export(tmp_path)
 
 
@@ -171,7 +214,7 @@ def test_unknown_format_version_is_refused(resnet_aciq, tmp_path):
     manifest = json.loads(mpath.read_text())
     manifest["format_version"] = 99
     mpath.write_text(json.dumps(manifest))
-    with pytest.raises(ExportFileError, match=r"format version 99 is unknown.*\[1\]"):
+    with pytest.raises(ExportFileError, match=r"format version 99 is unknown.*\[2\]"):
         lowbit.load_export(tmp_path)
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(ExportFileError, match="no manifest.json"):

@@ -10,7 +10,7 @@ import lowbit
 from lowbit.errors import RecipeError
 from lowbit.mixed import build_space, eagl_entropies, eagl_gains, entropy_bits
 from lowbit.mixed.eagl import probs_entropy
-from lowbit.zoo import create_model
+from lowbit.zoo import create_model, list_models
 
 torch.set_num_threads(1)
 
@@ -107,3 +107,22 @@ def test_eagl_selection_on_resnet20_meets_the_budget_exactly():
     sel = lowbit.select_precision(model, 0.5, "eagl", example_input=torch.zeros(1, 1, 28, 28), log=lambda s: None)
     assert sel.cost <= 0.5 * sel.space.bounds()[1] and sel.solution.exact
     assert len(sel.gains) == len(sel.space.candidates) == 20
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_select_precision_needs_no_example_input_for_zoo_models(name):
+    model = create_model(name)
+    budget = 0.97 if name == "mlp" else 0.5  # the MLP's 8-bit first and last layers hold most of its cost
+    sel = lowbit.select_precision(model, budget=budget, log=lambda s: None)
+    assert sel.space.costs.layers and all(c.macs > 0 for c in sel.space.costs.layers.values())
+    explicit = lowbit.select_precision(model, budget=budget, example_input=torch.zeros(1, 1, 28, 28),
+                                       log=lambda s: None)
+    assert sel.assignment == explicit.assignment
+
+
+def test_select_precision_on_an_unknown_conv_model_asks_for_one_batch():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(RecipeError, match="needs example_input"):
+        lowbit.select_precision(model, budget=1.0, log=lambda s: None)
+    assert lowbit.select_precision(model, budget=1.0, example_input=torch.zeros(1, 1, 8, 8), log=lambda s: None)

@@ -485,6 +485,29 @@ def test_tensorboard_event_file_holds_the_logged_scalars(pretrained, tmp_path):
     assert "epoch/val_top1" in acc.Tags()["scalars"]
 
 
+def test_finetuning_a_bias_corrected_model_trains_its_weights(pretrained, tmp_path):
+    calib = loader("calib", 128)
+    qmodel = lowbit.quantize(pretrained, "ptq-w4a4-aciq", calib_data=calib)
+    assert qmodel.conv2.weight_quantizer.frozen  # bias correction froze the 4-bit layer's codes
+    before = qmodel.conv2.weight.detach().clone()
+    grads, lines = [], []
+
+    def record(info):
+        grads.append(info["model"].conv2.weight.grad)
+
+    finetune(qmodel, loader(), config={"epochs": 1, "max_steps": 3, "lr": 0.05, "progress": False},
+             log=lines.append, on_step=record)
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    assert not torch.equal(qmodel.conv2.weight.detach(), before)
+    assert not qmodel.conv2.weight_quantizer.frozen
+    assert any("bias-corrected layer(s)" in ln and "conv2" in ln for ln in lines)
+    # the saved recipe records the release, so the reloaded model computes what the fine-tuned one does
+    lowbit.save(qmodel, tmp_path / "ft")
+    x = next(iter(loader("test", 32)))[0]
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(tmp_path / "ft", copy.deepcopy(pretrained))(x), qmodel.eval()(x))
+
+
 def test_uncalibrated_quantizers_are_initialised_before_the_optimizer(pretrained):
     q = lowbit.quantize(pretrained, "pact-sawb-w2a2")  # no calibration data: alphas not set yet
     alpha = q.fc.input_quantizer.alpha

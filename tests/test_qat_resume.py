@@ -230,7 +230,7 @@ def test_resume_without_a_checkpoint_starts_fresh(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint_dir"):
         finetune(q, train_loader(), config=FinetuneConfig(epochs=1), resume=True, log=quiet)
     (tmp_path / "last.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="not a lowbit fine-tuning checkpoint"):
+    with pytest.raises(CheckpointError, match="not a lowbit training checkpoint"):
         finetune(q, train_loader(), config=FinetuneConfig(epochs=1, lr=0.01, max_steps=2), checkpoint_dir=tmp_path,
                  resume=True, log=quiet)
 

@@ -7,6 +7,7 @@
     lowbit export  --model resnet20 --recipe ptq-w4a4-aciq --out runs/deploy [--format both] [--verify 1000]
     lowbit train   --model resnet20 --dataset fashion-mnist --epochs 24 [--out runs/resnet20.safetensors]
     lowbit demo    [--quick] [--out lowbit-demo]
+    lowbit rl      teach|distill|eval|play --game breakout ...   (lowbit.cli.rl)
     lowbit llm     quantize|finetune|eval|generate|export|train ...   (language models: lowbit.cli.llm)
 
 ``python -m lowbit`` is the same command. Each command's work is a function of the Python API
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import lowbit
 from lowbit.checkpoint import save_checkpoint
-from lowbit.cli import llm as llm_cli
+from lowbit.cli import llm, rl
 from lowbit.cli.export import run_export
 from lowbit.data.datasets import dataset_info, make_loader
 from lowbit.demo import run_demo
@@ -98,7 +99,7 @@ def cmd_ptq(args) -> None:
 def cmd_qat(args) -> None:
     model = build_model(args.model, args.weights, args.dataset)
     run_qat(model, model_name=args.model, dataset=args.dataset, recipe=args.recipe, epochs=args.epochs, lr=args.lr,
-            batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, teacher=args.distill,
+            batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, distill=args.distill,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
             calib_images=args.calib_images, data_dir=args.data_dir,
             augment=True if args.augment is None and args.weights else args.augment)
@@ -259,12 +260,15 @@ def parser() -> argparse.ArgumentParser:
                     "(default 512)")
     sp.set_defaults(func=cmd_demo)
 
-    llm_cli.register(sub)
+    llm.register(sub)
+    rl.register(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser().parse_args(argv)
+    args.argv = argv  # the command as given, for the files that record it
     try:
         args.func(args)
     except LowbitError as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lowbit
 from lowbit.data.datasets import dataset_info, make_loader
-from lowbit.deploy.format import build_export, fp32_checkpoint_bytes, write_export
+from lowbit.deploy import build_export, fp32_checkpoint_bytes, write_export
 from lowbit.deploy.verify import verify_export
 from lowbit.errors import LowbitError
 from lowbit.zoo import build_model, create_model

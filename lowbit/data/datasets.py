@@ -75,7 +75,7 @@ def _fixed_split(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    try:
+    try:  # scikit-learn is optional (the `data` extra)
         from sklearn.datasets import load_digits
     except ImportError as exc:
         raise ImportError("the digits dataset ships with scikit-learn: pip install 'lowbit[data]'") from exc

@@ -32,7 +32,7 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
 def _pil_image():
-    try:
+    try:  # Pillow is optional (the `data` extra)
         from PIL import Image
     except ImportError as exc:
         raise ImportError("reading image folders needs Pillow: pip install 'lowbit[data]'") from exc

@@ -6,24 +6,30 @@
     engine = lowbit.deploy.IntegerEngine.from_path("out/")   # runs it with integer tensors only
     lowbit.deploy.to_onnx("out/", "out/model.onnx")          # QDQ model for onnxruntime
 
-``lowbit.export`` and ``lowbit.load_export`` are :func:`lowbit.deploy.format.export` and
-:func:`lowbit.deploy.format.load`; this package holds the rest. See docs/DEPLOYMENT.md.
+This package knows only the model it is handed, and quant/nn below it: it never builds models.
+``lowbit.export`` is :func:`lowbit.deploy.export`; ``lowbit.load_export`` (:mod:`lowbit.exports`)
+builds a zoo architecture by the name the manifest records and calls :func:`lowbit.deploy.load`.
+
+Modules: :mod:`~lowbit.deploy.format` (what the files hold, the digest binding them),
+:mod:`~lowbit.deploy.build` (model -> :class:`Exported`), :mod:`~lowbit.deploy.write`,
+:mod:`~lowbit.deploy.read` (integrity and field checks), :mod:`~lowbit.deploy.rebuild` (``load``),
+:mod:`~lowbit.deploy.graph`, :mod:`~lowbit.deploy.layers`, :mod:`~lowbit.deploy.pack`,
+:mod:`~lowbit.deploy.engine`, :mod:`~lowbit.deploy.onnx`, :mod:`~lowbit.deploy.verify`,
+:mod:`~lowbit.deploy.sizes`. See docs/DEPLOYMENT.md.
 """
 
+from lowbit.deploy.build import build_export
 from lowbit.deploy.engine import IntegerEngine, IntegerOutput, quantize_multiplier, rounding_shift
 from lowbit.deploy.errors import ExportError, ExportFileError
-from lowbit.deploy.format import (FORMAT_VERSION, Exported, build_export, export, export_sizes, fp32_checkpoint_bytes,
-                                  load, read_export)
+from lowbit.deploy.format import FORMAT_VERSION, Exported
 from lowbit.deploy.graph import trace_graph
+from lowbit.deploy.onnx import to_onnx
 from lowbit.deploy.pack import pack_bits, unpack_bits
-
-
-def to_onnx(source, path=None, **kwargs):
-    """See :func:`lowbit.deploy.onnx.to_onnx` (imported on call: onnx is an optional dependency)."""
-    from lowbit.deploy.onnx import to_onnx as _to_onnx
-    return _to_onnx(source, path, **kwargs)
-
+from lowbit.deploy.read import read_export
+from lowbit.deploy.rebuild import load
+from lowbit.deploy.sizes import fp32_checkpoint_bytes
+from lowbit.deploy.write import export, write_export
 
 __all__ = ["FORMAT_VERSION", "ExportError", "ExportFileError", "Exported", "IntegerEngine", "IntegerOutput",
-           "build_export", "export", "export_sizes", "fp32_checkpoint_bytes", "load", "pack_bits",
-           "quantize_multiplier", "read_export", "rounding_shift", "to_onnx", "trace_graph", "unpack_bits"]
+           "build_export", "export", "fp32_checkpoint_bytes", "load", "pack_bits", "quantize_multiplier",
+           "read_export", "rounding_shift", "to_onnx", "trace_graph", "unpack_bits", "write_export"]

@@ -11,7 +11,11 @@ follow a Conv/Linear whose output it alone reads: it is folded into that layer (
 :attr:`Graph.bn_folds`). Anything else raises :class:`~lowbit.deploy.errors.ExportError`
 naming the module (or the function and the module whose ``forward`` calls it) and the op.
 The list is stored in the export's manifest, so the integer engine and the ONNX writer run
-from the exported files alone.
+from the exported files alone. :meth:`Graph.from_list` reads it back and checks every node
+before anything runs it: known op, the number of inputs the op takes, inputs that name earlier
+nodes, one ``input`` node first and one ``output`` node last, and each attribute with its type
+and range (windows, strides, dilations 1..:data:`MAX_WINDOW`, paddings 0..:data:`MAX_WINDOW`: far
+beyond any CNN here, and a bound on what a stored graph can make the engine allocate).
 """
 
 from __future__ import annotations
@@ -50,10 +54,24 @@ class Node:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> Node:
-        if d.get("op") not in OPS:
-            raise ExportError(f"graph node {d.get('name')!r} has unknown op {d.get('op')!r}")
-        return cls(d["name"], d["op"], list(d.get("inputs", [])), d.get("layer"), dict(d.get("attrs", {})))
+    def from_dict(cls, d: dict, where: str = "graph node") -> Node:
+        """A node from its stored form, checked (see :func:`check_attrs`); raises ExportError naming the field."""
+        if not isinstance(d, dict) or set(d) - {"name", "op", "inputs", "layer", "attrs"}:
+            raise ExportError(f"{where}: a node is an object with keys name, op, inputs (layer, attrs), got {d!r}")
+        name, op, inputs = d.get("name"), d.get("op"), d.get("inputs", [])
+        if not isinstance(name, str) or not name:
+            raise ExportError(f"{where}.name: a non-empty string, got {name!r}")
+        if op not in OPS:
+            raise ExportError(f"{where}.op: unknown op {op!r} (node {name!r}); this lowbit knows {list(OPS)}")
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs) or len(inputs) != _ARITY[op]:
+            raise ExportError(f"{where}.inputs: op {op!r} takes {_ARITY[op]} input name(s), got {inputs!r}")
+        layer = d.get("layer")
+        if (op in LAYER_OPS) != (layer is not None) or (layer is not None and (not isinstance(layer, str) or not layer)):
+            raise ExportError(f"{where}.layer: {'a module name' if op in LAYER_OPS else 'absent'} for op {op!r}, "
+                              f"got {layer!r}")
+        attrs = d.get("attrs", {})
+        check_attrs(op, attrs, f"{where}.attrs")
+        return cls(name, op, list(inputs), layer, dict(attrs))
 
 
 @dataclass
@@ -82,7 +100,72 @@ class Graph:
 
     @classmethod
     def from_list(cls, items: list[dict]) -> Graph:
-        return cls([Node.from_dict(d) for d in items])
+        """The graph of a stored node list, checked node by node and as a whole (one input first, one output
+        last, every input an earlier node); raises :class:`ExportError` naming the node and field."""
+        if not isinstance(items, list) or len(items) < 2:
+            raise ExportError(f"graph: a list of at least an input and an output node, got {type(items).__name__}")
+        nodes, seen = [], set()
+        for i, d in enumerate(items):
+            node = Node.from_dict(d, f"graph[{i}]")
+            if node.name in seen:
+                raise ExportError(f"graph[{i}].name: {node.name!r} names two nodes")
+            unknown = [x for x in node.inputs if x not in seen]
+            if unknown:
+                raise ExportError(f"graph[{i}].inputs: {unknown} name no earlier node (node {node.name!r})")
+            if (node.op == "input") != (i == 0) or (node.op == "output") != (i == len(items) - 1):
+                raise ExportError(f"graph[{i}].op: the graph has one input node first and one output node last, "
+                                  f"found {node.op!r} at position {i} of {len(items)}")
+            seen.add(node.name)
+            nodes.append(node)
+        return cls(nodes)
+
+
+MAX_WINDOW = 256  # largest kernel, stride, dilation or padding a stored graph may hold
+_ARITY = {"input": 0, "output": 1, "add": 2}
+_ARITY.update({op: 1 for op in OPS if op not in _ARITY})
+_WINDOW_ATTRS = {  # attribute -> smallest value; each a list of window.ndim integers up to MAX_WINDOW
+    "stride": 1, "dilation": 1, "kernel": 1, "padding": 0,
+}
+_ATTRS = {
+    "conv": {"dims": int, "stride": list, "padding": list, "dilation": list, "groups": int},
+    "maxpool2d": {"kernel": list, "stride": list, "padding": list, "dilation": list, "ceil_mode": bool},
+    "avgpool2d": {"kernel": list, "stride": list, "padding": list, "ceil_mode": bool, "count_include_pad": bool},
+    "global_avgpool": {"keepdim": bool},
+    "flatten": {"start_dim": int, "end_dim": int},
+    "reshape": {"shape": list},
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_attrs(op: str, attrs, where: str) -> None:
+    """Check a stored node's attributes: exactly the keys its op writes, each of its type and range."""
+    expected = _ATTRS.get(op, {})
+    if not isinstance(attrs, dict) or set(attrs) != set(expected):
+        raise ExportError(f"{where}: op {op!r} has attributes {sorted(expected)}, got {attrs!r}")
+    for key, kind in expected.items():
+        v = attrs[key]
+        if not (_is_int(v) if kind is int else isinstance(v, kind)):
+            raise ExportError(f"{where}.{key}: expected {kind.__name__}, got {v!r}")
+    ndim = attrs["dims"] if op == "conv" else 2
+    if op == "conv" and (ndim not in (1, 2) or not 1 <= attrs["groups"] <= 2**20):
+        raise ExportError(f"{where}: dims must be 1 or 2 and groups a positive integer, got {attrs!r}")
+    for key, low in _WINDOW_ATTRS.items():
+        if key in attrs:
+            v = attrs[key]
+            if len(v) != ndim or not all(_is_int(x) and low <= x <= MAX_WINDOW for x in v):
+                raise ExportError(f"{where}.{key}: {ndim} integers from {low} to {MAX_WINDOW}, got {v!r}")
+    if op == "flatten" and not all(-8 <= attrs[k] < 8 for k in ("start_dim", "end_dim")):
+        raise ExportError(f"{where}: flatten dimensions lie in [-8, 8), got {attrs!r}")
+    if op == "reshape":
+        shape = attrs["shape"]
+        ok = 1 <= len(shape) <= 8 and all(_is_int(x) and (x == -1 or 0 <= x < 2**31) for x in shape) and \
+            shape.count(-1) <= 1 and 0 not in shape[1:]
+        if not ok:
+            raise ExportError(f"{where}.shape: up to 8 sizes, 0 (the batch) only first, at most one -1, "
+                              f"got {shape!r}")
 
 
 class _Tracer(fx.Tracer):

@@ -56,17 +56,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lowbit.deploy.build import build_export
 from lowbit.deploy.errors import ExportError
-from lowbit.deploy.format import Exported, build_export, read_export
+from lowbit.deploy.format import Exported
 from lowbit.deploy.graph import LAYER_OPS
 from lowbit.deploy.layers import GridData, LayerData
+from lowbit.deploy.read import read_export
 
 OPSET = 17
 
 
 def _require_onnx():
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401 - deferred: onnx is an optional dependency (the `onnx` extra)
     except ImportError as exc:
         raise ExportError("ONNX export needs the onnx package: pip install 'lowbit[onnx]'") from exc
 
@@ -89,15 +91,14 @@ def _container(lo: int, hi: int) -> tuple[np.dtype, int, int] | None:
 
 class _Builder:
     def __init__(self, exp: Exported, *, residual_scales: dict[str, float] | None = None):
-        from onnx import helper
-        self.h = helper
+        from onnx import helper, numpy_helper  # deferred: onnx is an optional dependency
+        self.h, self.numpy_helper = helper, numpy_helper
         self.exp = exp
         self.nodes, self.inits = [], []
         self.names: set[str] = set()
         self.qdq_cache: dict[tuple, str] = {}
         self.residual_scales = residual_scales or {}
         self.float_weights: list[str] = []
-
 
     def name(self, base: str) -> str:
         base = base.replace(".", "_")
@@ -108,9 +109,8 @@ class _Builder:
         return n
 
     def const(self, base: str, arr: np.ndarray) -> str:
-        from onnx import numpy_helper
         n = self.name(base)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), n))
+        self.inits.append(self.numpy_helper.from_array(np.ascontiguousarray(arr), n))
         return n
 
     def node(self, op: str, inputs: list[str], base: str, **attrs) -> str:
@@ -293,7 +293,7 @@ def to_onnx(source, path: str | os.PathLike | None = None, *, input_shape=None, 
     """Write (if ``path``) and return an ONNX ``ModelProto`` of an export folder, an :class:`Exported`,
     or a model (quantized: QDQ; float: a plain fp32 graph with batch norm folded)."""
     _require_onnx()
-    import onnx
+    import onnx  # deferred: onnx is an optional dependency
 
     exp = _exported(source)
     residual_scales = {}
@@ -322,7 +322,7 @@ def _residual_inputs(exp: Exported) -> list[str]:
 
 
 def _calibrate_residual(exp: Exported, model, calib_data, batches: int) -> dict[str, float]:
-    import onnx
+    import onnx  # deferred: onnx and onnxruntime are optional dependencies
     import onnxruntime as ort
 
     targets = _residual_inputs(exp)
@@ -343,7 +343,7 @@ def _calibrate_residual(exp: Exported, model, calib_data, batches: int) -> dict[
 
 
 def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper  # deferred: onnx is an optional dependency
 
     b = _Builder(exp, residual_scales=residual_scales)
     by_name = {n.name: n for n in exp.graph.nodes}

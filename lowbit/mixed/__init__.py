@@ -2,8 +2,8 @@
 arXiv:2301.13330), under a bit-operations or size budget.
 
     import lowbit
-    sel = lowbit.select_precision(model, budget=0.5, method="eagl", recipe="lsq-w4a4",
-                                  example_input=torch.zeros(1, 1, 28, 28))
+    sel = lowbit.select_precision(model, budget=0.5, method="eagl", recipe="lsq-w4a4")
+    # a model outside the zoo: also example_input=torch.zeros(1, 1, 28, 28) (one batch)
     sel.save("eagl-half.yaml")                   # a recipe: lowbit.quantize / lowbit ptq / lowbit qat
     qmodel = lowbit.quantize(model, sel.recipe(), calib_data=calib)
 
@@ -61,8 +61,9 @@ def select_precision(model: nn.Module, budget: float = 0.5, method: str = "eagl"
 
     ``model``: the float model. ``budget``: a fraction of the cost with every candidate at the
     highest precision (the uniform ``recipe`` model; first/last layers at ``fixed_bits``), or
-    cost units with ``absolute=True``; ``metric``: ``"bitops"`` (MACs x w_bits x a_bits, needs
-    ``example_input`` unless the model starts with a Linear) or ``"size"`` (stored weight bits).
+    cost units with ``absolute=True``; ``metric``: ``"bitops"`` (MACs x w_bits x a_bits, counted on
+    ``example_input``, one batch of inputs; zoo models record their input shape and models starting
+    with a Linear need none) or ``"size"`` (stored weight bits).
     ``method``: ``"eagl"`` (no data; ``weighting`` as in :mod:`lowbit.mixed.eagl`; ``qmodel``: a
     quantized model whose learned high-precision steps to use), ``"alps"`` (needs ``train_data``
     and ``eval_data``, held-out images; ``steps`` per fine-tune; cached in ``cache_dir``;

@@ -46,6 +46,7 @@ from lowbit.errors import RecipeError
 from lowbit.evaluate import evaluate
 from lowbit.mixed.cost import Precision, precision_label
 from lowbit.mixed.tune import frozen_teacher, short_finetune, step_config
+from lowbit.prepare import build_quantizer, quantize
 
 BASE = "base"
 
@@ -203,10 +204,9 @@ class ALPS:
             if self.base_model is not None:
                 self._base_q = self.base_model
             else:
-                import lowbit
                 torch.manual_seed(self.seed)
                 recipe = self.space.recipe_for(self.space.uniform(self.space.highest))
-                self._base_q = lowbit.quantize(self.model, recipe, calib_data=self.calib_data,
+                self._base_q = quantize(self.model, recipe, calib_data=self.calib_data,
                                                calib_batches=self.calib_batches)
         return self._base_q
 
@@ -217,8 +217,6 @@ class ALPS:
 
     def lowered_model(self, lowered: dict[str, Precision]) -> nn.Module:
         """A copy of the base with each layer of ``lowered`` at its precision (fresh steps)."""
-        from lowbit.prepare import build_quantizer
-
         qm = copy.deepcopy(self.base_qmodel())
         for name, p in lowered.items():
             layer = qm.get_submodule(name)

@@ -15,7 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.data.datasets import dataset_info, make_loader
 from lowbit.errors import RecipeError
+from lowbit.mixed.alps import ALPS
+from lowbit.mixed.frontier import METHODS, run_frontier
+from lowbit.mixed.space import build_space
+from lowbit.qat import FinetuneConfig
 
 
 def parse_list(text: str | None, kind=float, what: str = "values") -> list:
@@ -37,12 +42,6 @@ def run_mixed(model: nn.Module, *, dataset: str = "fashion-mnist", model_name: s
               additivity: int = 0, data_dir=None, log=print) -> dict | None:
     """Select, fine-tune and plot (see :func:`lowbit.mixed.frontier.run_frontier`); with ``shard``
     (ALPS only) run that part of ALPS's fine-tunes into the cache and return None."""
-    from lowbit.data.datasets import dataset_info, make_loader
-    from lowbit.mixed.alps import ALPS
-    from lowbit.mixed.frontier import METHODS, run_frontier
-    from lowbit.mixed.space import build_space
-    from lowbit.qat import FinetuneConfig
-
     if method not in METHODS:
         raise RecipeError(f"--method must be one of {list(METHODS)}, got {method!r}")
     budget_list = parse_list(budgets, float, "budgets") if isinstance(budgets, str) else list(budgets)

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import RecipeError
+from lowbit.quant.base import Quantizer
 
 METRICS = ("bitops", "size")
 Precision = tuple[int, int]  # (weight bits, activation bits)
@@ -113,8 +114,6 @@ def count_macs(model: nn.Module, example_input) -> dict[str, int]:
     ``example_input``: a tensor (batch first), a tuple of positional inputs, or a dict of
     keyword inputs. Quantizers are disabled and the model runs in eval mode; both are restored.
     """
-    from lowbit.quant.base import Quantizer
-
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _COUNTED)}
     macs = dict.fromkeys(layers, 0)
     batch = _batch_size(example_input)
@@ -147,7 +146,12 @@ def count_macs(model: nn.Module, example_input) -> dict[str, int]:
 
 
 def default_example_input(model: nn.Module) -> torch.Tensor | None:
-    """``zeros(1, in_features)`` when the first Conv/Linear layer is a Linear (an MLP), else None."""
+    """Zeros of the input shape the model records (``model.lowbit_architecture["input_shape"]``: every zoo
+    model), else ``zeros(1, in_features)`` when the first Conv/Linear layer is a Linear (an MLP),
+    else None."""
+    shape = (getattr(model, "lowbit_architecture", None) or {}).get("input_shape")
+    if shape:
+        return torch.zeros(shape)
     first = next((m for m in model.modules() if isinstance(m, _COUNTED)), None)
     if isinstance(first, nn.Linear):
         return torch.zeros(1, first.in_features)
@@ -173,7 +177,8 @@ class CostModel:
             example_input = default_example_input(model)
             if example_input is None and metric == "bitops":
                 raise RecipeError("counting bit-operations needs example_input: one batch of model inputs, "
-                                  "e.g. torch.zeros(1, 1, 28, 28) for a 28x28 grey-scale image model")
+                                  "e.g. torch.zeros(1, 1, 28, 28) for a 28x28 grey-scale image model (zoo "
+                                  "models record their input shape and need none)")
         if example_input is not None:
             try:
                 macs = count_macs(model, example_input)

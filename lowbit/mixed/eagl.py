@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import RecipeError
+from lowbit.nn.modules import QuantMixin
+from lowbit.prepare import build_quantizer
 
 WEIGHTINGS = ("none", "params", "log_params", "macs")
 
@@ -63,8 +65,6 @@ def probs_entropy(counts: torch.Tensor) -> float:
 @torch.no_grad()
 def layer_codes(layer: nn.Module, w_spec: dict, bits: int, name: str = "", quantizer=None) -> torch.Tensor:
     """Integer codes of ``layer.weight`` at ``bits`` with the recipe's weight quantizer (or ``quantizer``)."""
-    from lowbit.prepare import build_quantizer
-
     weight = layer.weight.detach()
     if quantizer is None:
         quantizer = build_quantizer({**w_spec, "bits": bits}, "weight", name, layer)
@@ -79,8 +79,6 @@ def eagl_entropies(model: nn.Module, space, *, qmodel: nn.Module | None = None) 
     fine-tuned) version; a candidate whose weight quantizer there runs at the high weight bits
     uses that quantizer's learned step instead of a fresh one.
     """
-    from lowbit.nn.modules import QuantMixin
-
     modules = dict(model.named_modules())
     qmods = dict(qmodel.named_modules()) if qmodel is not None else {}
     hi = space.highest[0]

@@ -27,9 +27,12 @@ from pathlib import Path
 from torch import nn
 
 from lowbit.errors import RecipeError
+from lowbit.mixed.alps import alps_gains
 from lowbit.mixed.cost import Precision, parse_precision, precision_label
-from lowbit.mixed.knapsack import KnapsackSolution, random_assignment, select_assignment
+from lowbit.mixed.eagl import eagl_entropies, eagl_gains
+from lowbit.mixed.knapsack import KnapsackSolution, additivity_check, random_assignment, select_assignment
 from lowbit.mixed.tune import frozen_teacher, train_and_evaluate
+from lowbit.plot import pyplot
 
 METHODS = ("eagl", "alps", "random", "uniform")
 
@@ -83,9 +86,6 @@ class Selection:
 def compute_gains(method: str, model: nn.Module, space, *, weighting="none", qmodel=None, alps=None,
                   shard=None) -> tuple[dict[str, list[float]], dict]:
     """Gains of ``method`` (eagl or alps) and information about how they were obtained."""
-    from lowbit.mixed.alps import alps_gains
-    from lowbit.mixed.eagl import eagl_entropies, eagl_gains
-
     if method == "eagl":
         start = time.perf_counter()
         entropies = eagl_entropies(model, space, qmodel=qmodel)
@@ -224,7 +224,6 @@ def run_frontier(model: nn.Module, space, *, method: str, budgets: Sequence[floa
         results["points"].append(evaluate_point("uniform", f"uniform {precision_label(p)}", assignment, None,
                                                 out / "recipes" / f"uniform-{precision_label(p)}.yaml"))
     if additivity and method == "alps" and alps is not None and not select_only:
-        from lowbit.mixed.knapsack import additivity_check
         res = alps.run()
         results["additivity"] = additivity_check(space, res.drops(), alps.measure_assignment, res.base_accuracy,
                                                  combos=additivity, seed=seed)
@@ -257,11 +256,8 @@ def frontier_table(results: dict) -> str:
 
 def write_frontier_plot(results: dict, path: Path) -> Path | None:
     """Accuracy against cost fraction: the method's frontier, random means (with spread), uniform points."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     pts = [p for p in results["points"] if "accuracy" in p]
     if not pts:

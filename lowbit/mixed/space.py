@@ -32,6 +32,8 @@ from lowbit.mixed.cost import (
     parse_precision,
     precision_label,
 )
+from lowbit.nn.modules import QuantMixin
+from lowbit.prepare import build_quantizer, resolve_plan
 from lowbit.recipe import FIRST, LAST, Recipe, load_recipe
 
 DEFAULT_PRECISIONS = (4, 2)
@@ -166,8 +168,6 @@ class SearchSpace:
 
     def assignment_from_recipe(self, recipe) -> dict[str, Precision]:
         """The candidates' precisions a recipe resolves to (the inverse of :meth:`recipe_for`)."""
-        from lowbit.prepare import resolve_plan
-
         recipe = load_recipe(recipe)
         plan, _ = resolve_plan(_FloatShape(self), recipe)
         out = {}
@@ -212,9 +212,6 @@ def build_space(model: nn.Module, recipe="lsq-w4a4", *, example_input=None, prec
     Raises :class:`RecipeError` for a model with no quantizable layer, no candidate left, an
     unknown metric, or a candidate precision the recipe's quantizers cannot do.
     """
-    from lowbit.nn.modules import QuantMixin
-    from lowbit.prepare import resolve_plan
-
     check_metric(metric)
     if any(isinstance(m, QuantMixin) for m in model.modules()):
         raise RecipeError("build the mixed-precision search space from the float model, not a quantized one")
@@ -254,8 +251,6 @@ def build_space(model: nn.Module, recipe="lsq-w4a4", *, example_input=None, prec
 
 def _check_precisions(ps: list[Precision], candidates: list[str], specs: dict, modules: dict) -> None:
     """Build each distinct candidate quantizer at each precision; a failure is a RecipeError."""
-    from lowbit.prepare import build_quantizer
-
     seen = set()
     for n in candidates:
         w_spec, a_spec = specs[n]

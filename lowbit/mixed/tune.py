@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lowbit.evaluate import evaluate
+from lowbit.prepare import quantize
 from lowbit.qat import FinetuneConfig, finetune
 
 
@@ -69,11 +70,9 @@ def train_and_evaluate(model: nn.Module, recipe, train_data, eval_data: Iterable
 
     Returns ``{"accuracy", "steps", "seconds", "qmodel"}`` (seconds: quantize + fine-tune).
     """
-    import lowbit
-
     start = time.perf_counter()
     torch.manual_seed(seed)
-    qmodel = lowbit.quantize(model, recipe, calib_data=calib_data)
+    qmodel = quantize(model, recipe, calib_data=calib_data)
     result = short_finetune(qmodel, train_data, steps, recipe=recipe, teacher=teacher, config=config, seed=seed,
                             log=log)
     seconds = time.perf_counter() - start

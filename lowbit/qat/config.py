@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, fields
 
 from lowbit.errors import RecipeError
+from lowbit.recipe import load_recipe
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "exponential", "step", "constant")
@@ -114,8 +115,6 @@ class FinetuneConfig:
     @classmethod
     def from_recipe(cls, recipe, **overrides) -> FinetuneConfig:
         """The ``qat:`` section of a recipe (name, path, dict or :class:`~lowbit.recipe.Recipe`)."""
-        from lowbit.recipe import load_recipe
-
         section = load_recipe(recipe).sections.get("qat") or {}
         if not isinstance(section, dict):
             raise RecipeError(f"qat: the section must be a mapping of settings, got {section!r}")

@@ -4,7 +4,7 @@
 
 1. quantize the float model with the recipe, calibrating on the held-out ``calib`` split;
 2. fine-tune on the ``train`` split with the recipe's ``qat:`` settings (command-line overrides
-   win), distilling from the float model unless told not to, validating on ``calib``;
+   win), distilling from the float model only with ``distill=True``, validating on ``calib``;
 3. evaluate the float and fine-tuned models on ``test``;
 4. save the fine-tuned model (``model.safetensors``, ``recipe.yaml``, ``lowbit.json``: reload with
    :func:`lowbit.load`) into ``checkpoint_dir`` (default
@@ -19,22 +19,22 @@ from pathlib import Path
 
 from torch import nn
 
+from lowbit.data.datasets import make_loader
+from lowbit.evaluate import evaluate
+from lowbit.prepare import quantize
 from lowbit.qat.config import FinetuneConfig
 from lowbit.qat.trainer import finetune
+from lowbit.recipe import load_recipe
+from lowbit.serialize import save
+from lowbit.summary import summary
+from lowbit.zoo import trained_with_augment
 
 
 def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, checkpoint_dir=None, epochs=None, lr=None,
-            batch_size=None, max_steps=None, seed=None, teacher: bool = True, resume: bool = False,
+            batch_size=None, max_steps=None, seed=None, distill: bool = False, resume: bool = False,
             calib_images: int = 512, augment: bool | None = None, data_dir=None, progress=None, log=print) -> dict:
     """``augment=None`` fine-tunes with the augmentation the shipped checkpoint of ``model_name``
     was trained with (:func:`lowbit.zoo.trained_with_augment`; on for models the zoo does not know)."""
-    import lowbit
-    from lowbit.data.datasets import make_loader
-    from lowbit.evaluate import evaluate
-    from lowbit.recipe import load_recipe
-    from lowbit.serialize import save
-    from lowbit.zoo import trained_with_augment
-
     recipe_obj = load_recipe(recipe)
     if augment is None:
         augment = trained_with_augment(model_name, dataset)
@@ -43,18 +43,18 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
     cfg = FinetuneConfig.from_recipe(recipe_obj, epochs=epochs, lr=lr, batch_size=batch_size, max_steps=max_steps,
                                      seed=seed, progress=progress)
     calib = make_loader(dataset, "calib", 128, limit=calib_images, data_dir=data_dir)
-    qmodel = lowbit.quantize(model, recipe_obj, calib_data=calib)
+    qmodel = quantize(model, recipe_obj, calib_data=calib)
     train = make_loader(dataset, "train", cfg.batch_size, shuffle=True, augment=augment, seed=cfg.seed,
                         data_dir=data_dir)
     val = make_loader(dataset, "calib", 500, data_dir=data_dir)
-    result = finetune(qmodel, train, eval_data=val, teacher=model if teacher else None, config=cfg,
+    result = finetune(qmodel, train, eval_data=val, teacher=model if distill else None, config=cfg,
                       checkpoint_dir=checkpoint_dir, resume=resume, log=log)
     if result["rank"] != 0:
         return result
     test = make_loader(dataset, "test", 500, data_dir=data_dir)
     fp, q = evaluate(model, test)["top1"], evaluate(qmodel, test)["top1"]
     result.update(fp_top1=fp, test_top1=q)
-    log(lowbit.summary(qmodel))
+    log(summary(qmodel))
     log(f"test top-1: fp32 {fp:.2f}%  fine-tuned {q:.2f}%  ({q - fp:+.2f}) after {result['steps']} steps "
         f"({result['seconds']:.0f} s)")
     folder = save(qmodel, checkpoint_dir, model_name=model_name, dataset=dataset,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CheckpointError, RecipeError
+from lowbit.prepare import calibrate, release_frozen_weights
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
 from lowbit.qat import fsdp as F
@@ -66,8 +67,6 @@ def ensure_quantizers_initialized(model: nn.Module, data: Iterable, max_batches:
     LSQ steps and PACT clips must exist (with their final shapes) before the optimizer
     captures them. Quantizers already initialised keep their grids. Returns the batches used.
     """
-    from lowbit.prepare import calibrate
-
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and m.enabled]
     pending = [q for q in quantizers if not bool(q.initialized)]
     if not pending:
@@ -143,6 +142,11 @@ class _Run:
                 raise TeacherMismatchError("the teacher must be the full-precision model, not the model being "
                                            "fine-tuned")
             self.teacher.to(self.device).eval()  # its outputs run under no_grad; it never trains
+        released = release_frozen_weights(self.model)
+        if released:
+            self.log(f"fine-tuning re-quantizes the weights of {len(released)} bias-corrected layer(s) at every step "
+                     f"(their frozen codes were released; bias correction is a post-training transform): "
+                     f"{', '.join(released[:4])}{' ...' if len(released) > 4 else ''}")
         ensure_quantizers_initialized(self.model, self.train_data, cfg.calib_batches, self.log)
         if cfg.gradient_checkpointing:
             enable_checkpointing(self.model)
@@ -242,7 +246,7 @@ class _Run:
                     "schedule": self.schedule.state_dict(self.step), "rng": rng_state(),
                     "fingerprint": fingerprint(self.model), "history": self.history, "stats": self.stats,
                     "world_size": self.dist.world_size, "units": self.units}
-            save_training_state(self.dir, self.model, self.optimizer, meta, optimizer_state)
+            save_training_state(self.dir, self.model, self.optimizer, meta, optimizer_state=optimizer_state)
         self.last_saved = self.step
 
     def _global(self, key: str) -> tuple[float, float]:
@@ -419,6 +423,10 @@ def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | N
     loss, acc, lr, model). ``objective``: how batches are read and scored
     (:mod:`lowbit.qat.objective`); default: the one registered for this kind of model (next-token
     distillation for a causal language model, :mod:`lowbit.llm.objective`), else classification.
+
+    Layers whose integer weight codes bias correction froze (``ptq-w4a4-aciq``) would not train:
+    their codes are released first and their weights re-quantized at every step
+    (:func:`lowbit.prepare.release_frozen_weights`, logged).
 
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) every rank passes the same, global loader
     (not a ``DistributedSampler``): each batch is split across the ranks here.

@@ -164,8 +164,7 @@ class ACIQQuantizer(Quantizer):
 
     def _compute(self):
         if not self._stats.batches:
-            from lowbit.errors import CalibrationError
-            raise CalibrationError(f"{self._where()}finalize() before any data was observed")
+            raise self._nothing_observed()
         if self.prior != "auto":
             return self._grid_for(self.prior)
         errors = {}

@@ -301,6 +301,11 @@ class Quantizer(nn.Module):
     def _where(self) -> str:
         return f"{self.method} quantizer{' of ' + self.name if self.name else ''}: "
 
+    def _nothing_observed(self) -> CalibrationError:
+        """The error ``_compute`` raises when ``finalize()`` comes before any data was observed."""
+        return CalibrationError(f"{self._where()}finalize() before any data was observed; the calibration data "
+                                "yielded nothing for this quantizer")
+
     def _require_initialized(self) -> None:
         if not bool(self.initialized):
             raise CalibrationError(f"{self._where()}not calibrated yet; run calibration data through the "

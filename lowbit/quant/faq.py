@@ -58,8 +58,7 @@ class FAQQuantizer(Quantizer):
 
     def _compute(self):
         if self._stat is None:
-            from lowbit.errors import CalibrationError
-            raise CalibrationError(f"{self._where()}finalize() before any data was observed")
+            raise self._nothing_observed()
         half = 2 ** (self.bits - 1)
         if self.role == "weight":
             target = self.sigma_multiple * self._stat / half

@@ -85,8 +85,7 @@ class LSQQuantizer(Quantizer):
 
     def _compute(self):
         if self._init_step is None:
-            from lowbit.errors import CalibrationError
-            raise CalibrationError(f"{self._where()}finalize() before any data was observed")
+            raise self._nothing_observed()
         zero_point = self._init_zero_point if self.asymmetric else torch.zeros_like(self._init_step)
         return self._init_step, zero_point
 

@@ -38,13 +38,8 @@ class MinMaxQuantizer(Quantizer):
 
     def _range(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._lo is None:
-            self._require_observed()
+            raise self._nothing_observed()
         return self._lo, self._hi
-
-    def _require_observed(self):
-        from lowbit.errors import CalibrationError
-        raise CalibrationError(f"{self._where()}finalize() called before any data was observed; "
-                               "the calibration loader yielded nothing")
 
     def _compute(self):
         lo, hi = self._range()
@@ -83,5 +78,5 @@ class PercentileQuantizer(MinMaxQuantizer):
 
     def _range(self):
         if not self._batches:
-            self._require_observed()
+            raise self._nothing_observed()
         return self._sum_lo / self._batches, self._sum_hi / self._batches

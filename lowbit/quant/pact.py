@@ -72,8 +72,7 @@ class PACTQuantizer(Quantizer):
             return
         if self.init == "percentile":
             if self._alpha0 is None:
-                from lowbit.errors import CalibrationError
-                raise CalibrationError(f"{self._where()}finalize() before any data was observed")
+                raise self._nothing_observed()
             alpha = self._alpha0.clamp_min(MIN_ALPHA)
             with torch.no_grad():
                 if self.alpha.shape == alpha.shape:

@@ -124,8 +124,7 @@ class SAWBQuantizer(Quantizer):
 
     def _compute(self):
         if self._e1 is None:
-            from lowbit.errors import CalibrationError
-            raise CalibrationError(f"{self._where()}finalize() before the weight was observed")
+            raise self._nothing_observed()
         alpha = self.clip_value()
         if self.convention == "even":
             n = 2**self.bits - 1

@@ -1,0 +1,206 @@
+"""Low-precision policy distillation against direct low-precision DQN on the MinAtar games.
+
+    OMP_NUM_THREADS=1 python benchmarks/rl.py [--games breakout,...] [--frames 50000] [--precisions 8,4,2,ternary]
+    python benchmarks/rl.py --table-only        # rebuild the RESULTS.md section from the stored rows
+
+For each game with a shipped teacher (``lowbit/zoo/checkpoints/dqn-<game>.safetensors``, trained by
+``benchmarks/rl_teachers.py``) and each student precision, one student is trained by policy
+distillation from the teacher (:func:`lowbit.rl.students.distill_student`, the command
+``lowbit rl distill``) and one directly by double DQN (:func:`lowbit.rl.students.dqn_student`,
+``lowbit rl teach --bits --epsilon-frames``, exploring over a fifth of a short budget), both for
+the same number of environment steps (``--frames``), and each
+is scored on 100 seeded test episodes (mean +- std of the return, % of the teacher's test return,
+agreement of greedy actions with the teacher on the student's own states). The distilled W2A2 and
+ternary/binary students are exported (``lowbit.export``) and played by the integer engine:
+decisions per second of one core's CPU time at batch 1 (against the console's 60 frames/s), the
+export's size on disk, and the fraction of the student's states on which the engine picks the
+fake-quant student's action. Rows are appended to ``docs/results/rl.json`` as each finishes;
+a row already there (same game, method, recipe, architecture, steps and seed) is skipped, and
+each run resumes from its folder under ``runs/rl`` when killed, so the script can be restarted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from results_page import write_section  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.rl.distill import DistillConfig  # noqa: E402
+from lowbit.rl.dqn import DQNConfig  # noqa: E402
+from lowbit.rl.envs import MINATAR_GAMES  # noqa: E402
+from lowbit.rl.evaluate import TEST_SEED, frames_per_second  # noqa: E402
+from lowbit.rl.students import PRECISIONS, distill_student, dqn_student, play_frames, student_recipe  # noqa: E402
+from lowbit.rl.teach import read_teacher_meta  # noqa: E402
+from lowbit.zoo.teachers import teacher_path  # noqa: E402
+
+ROWS = ROOT / "docs" / "results" / "rl.json"
+TEACHER_ROWS = ROOT / "docs" / "results" / "rl_teachers.json"
+ENGINE_PRECISIONS = ("2", "ternary")
+CONSOLE_FPS = 60
+SEED = 0
+
+
+def load_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def append_row(row: dict) -> None:
+    rows = [r for r in load_rows(ROWS) if key(r) != key(row)] + [row]
+    tmp = ROWS.with_name(ROWS.name + ".tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    os.replace(tmp, ROWS)
+
+
+def key(row: dict) -> tuple:
+    return row["game"], row["method"], row["recipe"], row["arch"], row["config"]["frames"], row["config"]["seed"]
+
+
+def engine_figures(student, game: str) -> dict:
+    """Export the student, then time the integer engine and check its actions against the student's."""
+    frames = play_frames(game, 1000, policy=student, epsilon=0.05, seed=TEST_SEED).float()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = lowbit.export(student, Path(tmp) / "export")
+        size = sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file())
+        engine = lowbit.deploy.IntegerEngine.from_path(folder)
+        with torch.no_grad():
+            same = (engine.predict(frames) == student(frames).argmax(dim=1)).float().mean().item()
+        fps = frames_per_second(engine, frames[:500], repeats=2)
+    fake_fps = frames_per_second(student, frames[:500], repeats=2)
+    return {"engine_fps": fps, "fake_quant_fps": fake_fps, "export_bytes": size, "engine_same_action": same}
+
+
+def dqn_epsilon_frames(frames: int) -> int:
+    """Steps over which the direct-DQN student's epsilon decays: MinAtar's 100,000, or a fifth of a
+    shorter budget, so that exploration ends within the run (our choice; MinAtar's teachers explore
+    for 2 % of their 5M steps)."""
+    return min(100_000, max(1, frames // 5))
+
+
+def run_row(game: str, method: str, precision: str, args) -> dict:
+    recipe = student_recipe(precision)
+    arch = args.arch or read_teacher_meta(teacher_path(game))["arch"]
+    run_dir = Path(args.runs) / game / f"{method}-{precision}-{arch}-{args.frames}"
+    resume = (run_dir / "last.safetensors").is_file()
+    log = lambda msg: print(f"[{game} {method} {precision}] {msg}", flush=True)  # noqa: E731
+    if method == "distill":
+        cfg = DistillConfig(game=game, frames=args.frames, seed=args.seed)
+        student, row = distill_student(cfg, teacher_path(game), recipe, run_dir, arch=arch, resume=resume,
+                                       test_episodes=args.test_episodes, log=log)
+    else:
+        cfg = DQNConfig(game=game, frames=args.frames, seed=args.seed, arch=arch,
+                        epsilon_frames=dqn_epsilon_frames(args.frames))
+        student, row = dqn_student(cfg, recipe, run_dir, teacher_path=teacher_path(game), resume=resume,
+                                   test_episodes=args.test_episodes, log=log)
+    row["precision"] = precision
+    if method == "distill" and precision in ENGINE_PRECISIONS:
+        row.update(engine_figures(student, game))
+    row.pop("curve", None)
+    return row
+
+
+def fmt(v, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table() -> str:
+    rows, teachers = load_rows(ROWS), {t["game"]: t for t in load_rows(TEACHER_ROWS)}
+    if not rows and not teachers:
+        return "No rows yet: run `python benchmarks/rl.py`."
+    names = {"8": "W8A8", "4": "W4A4", "2": "W2A2", "ternary": "ternary/binary"}
+    out = ["Teachers: float double DQN (MinAtar reference network, 132k parameters on Breakout), trained by "
+           "`benchmarks/rl_teachers.py`; return over 100 seeded test episodes (greedy, MinAtar's sticky actions).", "",
+           "| game | teacher return | steps | minutes | validation curve (10 episodes each) |", "|---|---|---|---|---|"]
+    for game in MINATAR_GAMES:
+        if game in teachers:
+            t = teachers[game]
+            curve = " · ".join(f"{p['frame'] // 1000}k: {p['mean']:.1f}" for p in t.get("curve", []))
+            out.append(f"| {game} | {t['mean_return']:.2f} +- {t['std_return']:.2f} | {t['frames']:,} | "
+                       f"{t['minutes']:.0f} | {curve or '-'} |")
+    out += ["", "Students (every layer at the stated precision, LSQ steps; `rl-*` recipes), trained for the same "
+            "number of environment steps by policy distillation (KL on softmax(Q_T / 0.01), teacher play with "
+            "epsilon 0.05) or directly by double DQN (MinAtar reference settings, except that epsilon reaches 0.1 "
+            "after a fifth of a budget under 500,000 steps); test episodes per student: "
+            f"{', '.join(str(n) for n in sorted({r['test_episodes'] for r in rows})) or '-'}. Agreement: share of the "
+            "student's own states on which its greedy action is the teacher's. Minutes are wall-clock on a shared "
+            "2-core machine.", "",
+            "| game | precision | method | return | % of teacher | agreement | steps | minutes |",
+            "|---|---|---|---|---|---|---|---|"]
+    order = {p: i for i, p in enumerate(["8", "4", "2", "ternary"])}
+    for r in sorted(rows, key=lambda r: (MINATAR_GAMES.index(r["game"]) if r["game"] in MINATAR_GAMES else 99,
+                                         order.get(r["precision"], 9), r["method"] != "distill", r["arch"])):
+        arch = "" if r["arch"] == "minatar" else f" ({r['arch']})"
+        out.append(f"| {r['game']} | {names.get(r['precision'], r['precision'])}{arch} | {r['method']} | "
+                   f"{r['mean_return']:.2f} +- {r['std_return']:.2f} | {fmt(r['percent_of_teacher'], '.1f')} | "
+                   f"{fmt(r['agreement'], '.3f')} | {r['frames']:,} | {r['minutes']:.0f} |")
+    engine = [r for r in rows if "engine_fps" in r]
+    if engine:
+        out += ["", "Exported distilled students played by the integer engine (`lowbit.deploy.IntegerEngine`), one "
+                "frame at a time, decisions per second of one core's CPU time (1 torch thread), against the "
+                f"console's {CONSOLE_FPS} frames/s:", "",
+                "| game | precision | engine decisions/s | x 60 fps | fake-quant decisions/s | export bytes | "
+                "engine = fake-quant action |", "|---|---|---|---|---|---|---|"]
+        for r in engine:
+            out.append(f"| {r['game']} | {names.get(r['precision'], r['precision'])} | {r['engine_fps']:,.0f} | "
+                       f"{r['engine_fps'] / CONSOLE_FPS:.0f} | {r['fake_quant_fps']:,.0f} | {r['export_bytes']:,} | "
+                       f"{100 * r['engine_same_action']:.1f} % |")
+    out += ["", targets(rows)]
+    return "\n".join(out)
+
+
+def targets(rows: list[dict]) -> str:
+    def games_over(precision: str, percent: float) -> list[str]:
+        return sorted({r["game"] for r in rows if r["method"] == "distill" and r["precision"] == precision
+                       and r["percent_of_teacher"] is not None and r["percent_of_teacher"] >= percent})
+    measured = sorted({r["game"] for r in rows})
+    w2, tb = games_over("2", 90.0), games_over("ternary", 75.0)
+    fast = [r for r in rows if "engine_fps" in r and r["precision"] == "2"]
+    slowest = min((r["engine_fps"] for r in fast), default=None)
+    return (f"Targets, on the {len(measured)} game(s) measured so far ({', '.join(measured) or 'none'}): "
+            f"W2A2 by distillation >= 90 % of the teacher on {len(w2)} game(s) ({', '.join(w2) or 'none'}; target 4 "
+            f"of 5); ternary/binary >= 75 % on {len(tb)} ({', '.join(tb) or 'none'}; target 3 of 5); integer engine "
+            f"on the W2A2 students: slowest {fmt(slowest, ',.0f')} decisions/s (target >= 1,000).")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--games", default=",".join(MINATAR_GAMES), help="comma-separated MinAtar games")
+    ap.add_argument("--precisions", default="8,4,2,ternary", help=f"student precisions among {sorted(PRECISIONS)}")
+    ap.add_argument("--methods", default="distill,dqn", help="distill and/or dqn")
+    ap.add_argument("--frames", type=int, default=50_000, help="environment steps per student (both methods)")
+    ap.add_argument("--arch", help="student Q-network (default: the teacher's)")
+    ap.add_argument("--test-episodes", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--runs", default=str(ROOT / "runs" / "rl"), help="folder of the resumable runs")
+    ap.add_argument("--table-only", action="store_true", help="only rebuild the RESULTS.md section")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if not args.table_only:
+        done = {key(r) for r in load_rows(ROWS)}
+        for game in args.games.split(","):
+            if not teacher_path(game).is_file():
+                print(f"{game}: no shipped teacher yet (benchmarks/rl_teachers.py); skipped", flush=True)
+                continue
+            arch = args.arch or read_teacher_meta(teacher_path(game))["arch"]
+            for precision in args.precisions.split(","):
+                for method in args.methods.split(","):
+                    if (game, method, student_recipe(precision), arch, args.frames, args.seed) in done:
+                        continue
+                    append_row(run_row(game, method, precision, args))
+                    write_section("rl", "Reinforcement learning: low-precision policy distillation (MinAtar)",
+                                  table(), args.seed)
+    write_section("rl", "Reinforcement learning: low-precision policy distillation (MinAtar)", table(), args.seed)
+
+
+if __name__ == "__main__":
+    main()
