@@ -251,3 +251,12 @@ def test_onnx_runs_clip_and_pad_like_the_fake_quant_model(tiny):
         expected = qmodel(x)
     got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_every_offline_photo_loads_as_rgb():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
+    from lowbit.data.photos import PHOTOS, available_photos
+
+    assert available_photos() == list(PHOTOS)
+    assert all(load_photo(p).ndim == 3 and load_photo(p).shape[2] == 3 for p in PHOTOS)

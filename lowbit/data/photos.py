@@ -81,6 +81,8 @@ def load_photo(name: str) -> np.ndarray:
             return load_sample_image(f"{name}.jpg")
         import skimage.data  # deferred: scikit-image is optional (the `vision` extra)
 
+        if name.startswith("motorcycle_"):  # the stereo pair: (left, right, disparity)
+            return np.asarray(skimage.data.stereo_motorcycle()[0 if name.endswith("left") else 1])
         return np.asarray(getattr(skimage.data, name)())
     except ImportError as exc:
         raise MissingExtraError(f"photo {name!r} needs {'scikit-learn' if name in SKLEARN_PHOTOS else 'scikit-image'}:"
