@@ -147,3 +147,14 @@ def test_tokenizer_of_another_model_is_a_clear_error():
         with pytest.raises(CalibrationError, match=rf"vocabulary of {VOCAB}.*another model's tokenizer"):
             lowbit.quantize(model, recipe, calib_data=[batch])
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_of_a_transformer_says_what_to_use_instead(tmp_path):
+    qmodel = lowbit.quantize(tiny_bert(), "ptq-w8a8-transformer", calib_data=token_batches(1, 1))
+    with pytest.raises(lowbit.deploy.ExportError, match=r"BertModel.*Hugging Face transformer.*lowbit\.save"):
+        lowbit.export(qmodel, tmp_path / "out")
+    lowbit.save(qmodel, tmp_path / "ckpt")
+    again = lowbit.load(tmp_path / "ckpt", model=tiny_bert())
+    batch = token_batches(1, 3)[0]
+    with torch.no_grad():
+        assert torch.equal(again.eval()(**batch).last_hidden_state, qmodel.eval()(**batch).last_hidden_state)
