@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_page import COMMIT, ROOT, write_section  # noqa: E402
 
+from lowbit.plot import pyplot  # noqa: E402
 from lowbit.qat.pipeline import run_qat  # noqa: E402
 from lowbit.recipe import load_recipe  # noqa: E402
 from lowbit.zoo import pretrained  # noqa: E402
@@ -147,11 +148,8 @@ def write_plot(points, path: Path):
     """One panel per model: test top-1 against bits for each method (faq-*, lsq-* joined across
     bit widths), the FP accuracy dashed; points below the panel's range (a collapsed min-max run)
     sit on its lower edge with their value written next to them."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     models = sorted({p[0] for p in points}, key=lambda m: (MODELS + [m]).index(m))
     methods = list(dict.fromkeys(r.rsplit("-", 1)[0] for r in RECIPES))

@@ -7,7 +7,8 @@ For each game with a shipped teacher (``lowbit/zoo/checkpoints/dqn-<game>.safete
 ``benchmarks/rl_teachers.py``) and each student precision, one student is trained by policy
 distillation from the teacher (:func:`lowbit.rl.students.distill_student`, the command
 ``lowbit rl distill``) and one directly by double DQN (:func:`lowbit.rl.students.dqn_student`,
-``lowbit rl teach --bits``), both for the same number of environment steps (``--frames``), and each
+``lowbit rl teach --bits --epsilon-frames``, exploring over a fifth of a short budget), both for
+the same number of environment steps (``--frames``), and each
 is scored on 100 seeded test episodes (mean +- std of the return, % of the teacher's test return,
 agreement of greedy actions with the teacher on the student's own states). The distilled W2A2 and
 ternary/binary students are exported (``lowbit.export``) and played by the integer engine:
@@ -79,6 +80,13 @@ def engine_figures(student, game: str) -> dict:
     return {"engine_fps": fps, "fake_quant_fps": fake_fps, "export_bytes": size, "engine_same_action": same}
 
 
+def dqn_epsilon_frames(frames: int) -> int:
+    """Steps over which the direct-DQN student's epsilon decays: MinAtar's 100,000, or a fifth of a
+    shorter budget, so that exploration ends within the run (our choice; MinAtar's teachers explore
+    for 2 % of their 5M steps)."""
+    return min(100_000, max(1, frames // 5))
+
+
 def run_row(game: str, method: str, precision: str, args) -> dict:
     recipe = student_recipe(precision)
     arch = args.arch or read_teacher_meta(teacher_path(game))["arch"]
@@ -90,7 +98,8 @@ def run_row(game: str, method: str, precision: str, args) -> dict:
         student, row = distill_student(cfg, teacher_path(game), recipe, run_dir, arch=arch, resume=resume,
                                        test_episodes=args.test_episodes, log=log)
     else:
-        cfg = DQNConfig(game=game, frames=args.frames, seed=args.seed, arch=arch)
+        cfg = DQNConfig(game=game, frames=args.frames, seed=args.seed, arch=arch,
+                        epsilon_frames=dqn_epsilon_frames(args.frames))
         student, row = dqn_student(cfg, recipe, run_dir, teacher_path=teacher_path(game), resume=resume,
                                    test_episodes=args.test_episodes, log=log)
     row["precision"] = precision
@@ -111,16 +120,20 @@ def table() -> str:
     names = {"8": "W8A8", "4": "W4A4", "2": "W2A2", "ternary": "ternary/binary"}
     out = ["Teachers: float double DQN (MinAtar reference network, 132k parameters on Breakout), trained by "
            "`benchmarks/rl_teachers.py`; return over 100 seeded test episodes (greedy, MinAtar's sticky actions).", "",
-           "| game | teacher return | steps | minutes |", "|---|---|---|---|"]
+           "| game | teacher return | steps | minutes | validation curve (10 episodes each) |", "|---|---|---|---|---|"]
     for game in MINATAR_GAMES:
         if game in teachers:
             t = teachers[game]
+            curve = " · ".join(f"{p['frame'] // 1000}k: {p['mean']:.1f}" for p in t.get("curve", []))
             out.append(f"| {game} | {t['mean_return']:.2f} +- {t['std_return']:.2f} | {t['frames']:,} | "
-                       f"{t['minutes']:.0f} |")
+                       f"{t['minutes']:.0f} | {curve or '-'} |")
     out += ["", "Students (every layer at the stated precision, LSQ steps; `rl-*` recipes), trained for the same "
             "number of environment steps by policy distillation (KL on softmax(Q_T / 0.01), teacher play with "
-            "epsilon 0.05) or directly by double DQN (MinAtar reference settings); 100 test episodes each. "
-            "Agreement: share of the student's own states on which its greedy action is the teacher's.", "",
+            "epsilon 0.05) or directly by double DQN (MinAtar reference settings, except that epsilon reaches 0.1 "
+            "after a fifth of a budget under 500,000 steps); test episodes per student: "
+            f"{', '.join(str(n) for n in sorted({r['test_episodes'] for r in rows})) or '-'}. Agreement: share of the "
+            "student's own states on which its greedy action is the teacher's. Minutes are wall-clock on a shared "
+            "2-core machine.", "",
             "| game | precision | method | return | % of teacher | agreement | steps | minutes |",
             "|---|---|---|---|---|---|---|---|"]
     order = {p: i for i, p in enumerate(["8", "4", "2", "ternary"])}

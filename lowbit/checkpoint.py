@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lowbit.errors import CheckpointError
+from lowbit.files import temporary_path, write_text_atomic
 from lowbit.quant.base import Quantizer
 
 ALIASES_KEY = "lowbit_aliases"
@@ -75,11 +76,11 @@ def save_checkpoint(model_or_state: nn.Module | dict, path: str | os.PathLike, m
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     write_safetensors(tensors, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated checkpoint
     if meta is not None:
-        sidecar_path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(sidecar_path(path), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return path
 
 

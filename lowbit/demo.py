@@ -32,6 +32,7 @@ import torch
 from lowbit.data.datasets import make_loader
 from lowbit.evaluate import evaluate
 from lowbit.mixed import build_space, select
+from lowbit.plot import pyplot
 from lowbit.prepare import quantize
 from lowbit.progress import progress
 from lowbit.qat import finetune
@@ -140,11 +141,8 @@ def results_table(results: dict) -> str:
 
 def write_plot(results: dict, path: Path) -> Path | None:
     """Accuracy against stored size (log scale), one labelled point per row; None without matplotlib."""
-    try:  # matplotlib is optional (the `plot` extra): no plot without it
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for r in results["rows"]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import nn
 
 from lowbit import zoo
@@ -34,24 +33,15 @@ def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.M
 
 
 def zoo_model(exp: Exported, where) -> nn.Module:
-    """The untrained zoo model ``exp.architecture`` names, after checking on the meta device (no memory) that its
-    Conv/Linear weight shapes are the exported ones: the record decides what gets allocated."""
+    """The untrained zoo model ``exp.architecture`` names, checked against the exported layer shapes before it is
+    built (:func:`lowbit.zoo.create_model_matching`): the record cannot make lowbit allocate another model."""
     arch = exp.architecture
     if not arch.get("zoo"):
         raise ExportFileError(f"{where}: the export is of {arch.get('name')!r}, not a zoo model; pass its float "
                               "architecture: lowbit.load_export(path, model)")
+    shapes = {n: layer.weight_shape for n, layer in exp.layers.items()}
     try:
-        with torch.device("meta"):
-            shell = zoo.create_model(arch["zoo"], **arch["kwargs"])
+        return zoo.create_model_matching(arch["zoo"], shapes, **arch["kwargs"])
     except (ValueError, TypeError) as exc:
-        raise ExportFileError(f"{where}: manifest field architecture {arch!r} names no zoo model this lowbit can "
-                              f"build ({exc})") from None
-    shapes = {n: tuple(m.weight.shape) for n, m in shell.named_modules()
-              if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))}
-    exported = {n: layer.weight_shape for n, layer in exp.layers.items()}
-    if shapes != exported:
-        diff = next((n for n in sorted(set(shapes) | set(exported)) if shapes.get(n) != exported.get(n)), None)
-        raise ExportFileError(f"{where}: manifest field architecture {arch!r} builds layer {diff!r} with weight shape "
-                              f"{shapes.get(diff)}, the export holds {exported.get(diff)}; the record does not "
-                              "describe this export")
-    return zoo.create_model(arch["zoo"], **arch["kwargs"])
+        raise ExportFileError(f"{where}: manifest field architecture {arch!r} does not describe this export: {exc}") \
+            from None

@@ -1,14 +1,27 @@
-"""Writing the files users keep (checkpoints, sidecars, manifests) atomically.
+"""The files users keep (checkpoints, sidecars, manifests): written atomically, and digested.
 
 A file is written under a temporary name in its own folder and moved over the target with
 ``os.replace``, which is atomic on POSIX and Windows: an interrupted write leaves the previous
 file (or none), never a truncated one.
+
+:func:`canonical_sha256` digests JSON-like data independently of key order and layout, so a
+digest of a manifest or a metadata file can be stored in another file (a safetensors header)
+and checked against the file as read back.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
+
+
+def canonical_sha256(data) -> str:
+    """SHA-256 (hex) of ``data`` as sorted, compact, ASCII JSON. Raises ``ValueError`` for NaN or infinity
+    and ``TypeError`` for anything JSON cannot hold."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def temporary_path(path: str | os.PathLike) -> Path:

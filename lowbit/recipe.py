@@ -22,11 +22,18 @@ family :mod:`lowbit.llm` knows. Both are absent (float) unless given. Overrides 
 default's method-specific options. Later patterns win over earlier ones. Other top-level
 sections (``calibration``, ``ptq``, ``qat``, ``mixed``, ``name``, ``description``) are kept for
 the pipelines that read them.
+
+A recipe is plain data: mappings with string keys, lists, strings, integers, finite numbers,
+booleans and null. Anything else YAML can express (dates, sets, binary, NaN) raises a
+:class:`~lowbit.errors.RecipeError` naming the field, as does every other invalid value, so a
+recipe file from anywhere fails with lowbit's own error, and every recipe can be written into
+a checkpoint or an export manifest as JSON.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +41,7 @@ from pathlib import Path
 import yaml
 
 from lowbit.errors import RecipeError
+from lowbit.files import write_text_atomic
 from lowbit.quant import QUANTIZERS, make_granularity, quantizer_options
 from lowbit.quant.grid import check_bits
 
@@ -41,6 +49,7 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 SIDES = ("weights", "activations")
 COMMON_KEYS = {"method", "bits", "granularity", "signed"}
 PIPELINE_SECTIONS = {"name", "description", "calibration", "ptq", "qat", "mixed", "export"}
+TEXT_SECTIONS = {"name", "description"}  # the others are mappings of settings
 POINTS = ("embeddings", "kv_cache")  # quantization points beyond the Conv/Linear layers
 POINT_GRANULARITIES = {"embeddings": ("tensor", "channel"), "kv_cache": ("head", "tensor")}
 TOP_KEYS = set(SIDES) | {"layers", "skip"} | set(POINTS) | PIPELINE_SECTIONS
@@ -67,6 +76,8 @@ class Recipe:
         if not isinstance(self.layers, dict):
             raise RecipeError(f"'layers' must map name patterns to overrides, got {type(self.layers).__name__}")
         for pattern, override in self.layers.items():
+            if not isinstance(pattern, str):
+                raise RecipeError(f"layers: the pattern {pattern!r} is not a string (quote it)")
             if not isinstance(override, dict) or set(override) - set(SIDES):
                 raise RecipeError(f"layers[{pattern!r}] must be a mapping with keys among {SIDES}, got {override!r}")
             for side, spec in override.items():
@@ -80,9 +91,14 @@ class Recipe:
     def from_dict(cls, data: dict) -> Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"a recipe is a mapping, got {type(data).__name__}")
+        check_plain_data(data, "recipe")
         unknown = set(data) - TOP_KEYS
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+        for key in PIPELINE_SECTIONS & set(data):
+            kind = str if key in TEXT_SECTIONS else dict
+            if data[key] is not None and not isinstance(data[key], kind):
+                raise RecipeError(f"{key}: a {'text' if kind is str else 'mapping of settings'}, got {data[key]!r}")
         defaults = cls()
         data = copy.deepcopy(data)
         return cls(weights=data.get("weights", defaults.weights),
@@ -103,8 +119,12 @@ class Recipe:
         out.update(copy.deepcopy(self.sections))
         return out
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the recipe as YAML (atomically: a temporary file moved into place)."""
+        write_text_atomic(path, self.to_yaml())
 
     def spec_for(self, name: str, side: str, matched_patterns: list[str]) -> dict | None:
         """The merged spec of one layer's ``side`` given the override patterns that match it."""
@@ -134,7 +154,7 @@ def validate_spec(spec, where: str, *, full: bool) -> dict:
     if full and ("method" not in spec or "bits" not in spec):
         raise RecipeError(f"{where}: needs both 'method' and 'bits', got {spec}")
     method = spec.get("method")
-    if method is not None and method not in QUANTIZERS:
+    if method is not None and (not isinstance(method, str) or method not in QUANTIZERS):
         raise RecipeError(f"{where}: unknown method {method!r}; choose one of {sorted(QUANTIZERS)}")
     if "bits" in spec:
         try:
@@ -186,14 +206,41 @@ def load_recipe(recipe) -> Recipe:
             raise RecipeError(f"recipe {str(recipe)!r} is neither a file nor a shipped recipe; shipped: "
                               f"{list_recipes()}")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML ({exc})") from None
-        try:
-            return Recipe.from_dict(data)
-        except RecipeError as exc:
-            raise RecipeError(f"{path}: {exc}") from None
+            text = path.read_bytes()
+        except OSError as exc:
+            raise RecipeError(f"{path}: cannot be read ({exc})") from None
+        return recipe_from_yaml(text, path)
     raise RecipeError(f"a recipe is a Recipe, a dict or a YAML path, got {type(recipe).__name__}")
+
+
+def recipe_from_yaml(text: bytes | str, where: str | os.PathLike) -> Recipe:
+    """A :class:`Recipe` from YAML text (bytes: UTF-8); every error is a RecipeError naming ``where``."""
+    try:
+        data = yaml.safe_load(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        raise RecipeError(f"{where}: not valid YAML ({exc})") from None
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+
+
+def check_plain_data(value, where: str) -> None:
+    """Raise a RecipeError naming the field when ``value`` holds anything but JSON-like plain data."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RecipeError(f"{where}: the key {k!r} is not a string (quote it)")
+            check_plain_data(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_plain_data(v, f"{where}[{i}]")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise RecipeError(f"{where}: {value} is not a finite number")
+    elif value is not None and not isinstance(value, (str, int, bool)):
+        raise RecipeError(f"{where}: a {type(value).__name__} ({value!r}) is not plain data; write a string, "
+                          "a number, true/false, null, a list or a mapping")
 
 
 def list_recipes() -> list[str]:

@@ -13,7 +13,7 @@ DEFERRABLE = {"onnx", "onnxruntime", "matplotlib", "tqdm", "sklearn", "PIL", "tr
 # lowbit's layers, lowest first: a module may import its own layer and the layers below it.
 LAYERS = [
     ("lowbit.errors", "lowbit.version", "lowbit.files", "lowbit.quant"),
-    ("lowbit.nn", "lowbit.recipe", "lowbit.checkpoint", "lowbit.progress", "lowbit.data"),
+    ("lowbit.nn", "lowbit.recipe", "lowbit.checkpoint", "lowbit.progress", "lowbit.plot", "lowbit.data"),
     ("lowbit.prepare", "lowbit.summary", "lowbit.evaluate", "lowbit.zoo"),
     ("lowbit.qat", "lowbit.mixed", "lowbit.llm", "lowbit.rl", "lowbit.serialize", "lowbit.train"),
     ("lowbit.deploy",),

@@ -286,7 +286,12 @@ def test_shipped_recipes_load():
     plan, _ = plan_of("ptq-w4a4-minmax")
     assert plan["conv1"][0]["bits"] == 8 and plan["head.2"][1]["bits"] == 8 and plan["fc"][0]["bits"] == 4
     for name in names:
-        q = lowbit.quantize(net(), name, calib_data=calib())
+        if load_recipe(name).kv_cache is not None:  # a language-model recipe
+            from tiny_lm import tiny_lm, token_batch
+            q = lowbit.quantize(tiny_lm(), name, calib_data=[token_batch()])
+            assert q.lowbit_report.points["kv_cache"]
+        else:
+            q = lowbit.quantize(net(), name, calib_data=calib())
         assert q.lowbit_report.quantized
 
 

@@ -96,3 +96,28 @@ def test_students_save_and_load_and_direct_dqn_runs(teacher, tmp_path):
         assert torch.equal(loaded(frames), student(frames))
     assert loaded.fc.weight_quantizer.qmin == -1 and loaded.fc.weight_quantizer.qmax == 1  # ternary
     assert loaded.fc.input_quantizer.qmin == 0 and loaded.fc.input_quantizer.qmax == 1  # binary
+
+
+def test_nan_teacher_q_values_stop_distillation(teacher, tmp_path):
+    import copy
+
+    from lowbit.qat.state import NonFiniteError
+    net, _ = teacher
+    broken = copy.deepcopy(net)
+    with torch.no_grad():
+        broken.head.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="non-finite Q-values"):
+        DistillRun(tiny(), tmp_path, teacher=broken, student=student_for(net), **QUIET).train()
+
+
+def test_resume_with_another_teacher_is_refused(teacher, tmp_path):
+    import copy
+
+    from lowbit.errors import CheckpointError
+    net, _ = teacher
+    DistillRun(tiny(frames=60), tmp_path, teacher=net, student=student_for(net), **QUIET).train()
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+    with pytest.raises(CheckpointError, match="teacher_sha256"):
+        DistillRun(tiny(), tmp_path, teacher=other, student=student_for(net), resume=True, **QUIET)

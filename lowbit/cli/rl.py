@@ -71,7 +71,7 @@ def cmd_teach(args) -> None:
     kind = f"dqn-{args.game.replace('/', '-')}" + (f"-{args.bits or Path(str(recipe)).stem}" if recipe else "")
     out = Path(args.out or Path("lowbit-rl") / kind)
     cfg = DQNConfig(game=args.game, frames=args.frames, seed=args.seed, arch=args.arch,
-                    clip_rewards=args.game.startswith("ale/"))
+                    epsilon_frames=args.epsilon_frames, clip_rewards=args.game.startswith("ale/"))
     if recipe is None:
         if args.teacher:
             raise LowbitError("--teacher scores a low-precision DQN student against a teacher; a float teacher "
@@ -128,7 +128,8 @@ def _policy(args):
 def cmd_eval(args) -> None:
     check_game(args.game)
     policy, name = _policy(args)
-    against = None if args.teacher else _optional_teacher(args.game, args.against)
+    student = args.student or args.export  # a teacher is not scored against a teacher
+    against = _optional_teacher(args.game, args.against) if student else None
     teacher = load_teacher(against, args.game)[0] if against is not None else None
     start = time.perf_counter()
     result = evaluate_policy(policy, args.game, episodes=args.episodes, seed=args.seed, teacher=teacher)
@@ -178,11 +179,13 @@ def register(subparsers) -> None:
     sp.add_argument("--arch", default="minatar", help="Q-network: minatar (default), minatar-small, nature (Atari)")
     sp.add_argument("--teacher", help="with --bits: a teacher to measure action agreement against "
                     "(default: the shipped one, if any)")
+    sp.add_argument("--epsilon-frames", type=int, default=100_000,
+                    help="steps over which epsilon decays from 1 to 0.1 (default 100,000, MinAtar's)")
     sp.add_argument("--into-zoo", action="store_true", help="install the trained teacher as the shipped one")
     sp.set_defaults(func=cmd_teach)
 
     sp = sub.add_parser("distill", help="distil a teacher into a low-precision student")
-    common(sp, 100_000, "teacher play distilled")
+    common(sp, DistillConfig.frames, "teacher play distilled")
     sp.add_argument("--teacher", help="teacher checkpoint (default: the shipped teacher of --game)")
     sp.add_argument("--arch", help="student Q-network: minatar or minatar-small (default: the teacher's)")
     sp.add_argument("--tau", type=float, default=0.01, help="teacher softmax temperature (default 0.01)")

@@ -32,8 +32,8 @@ def build_export(qmodel: nn.Module, *, arch: str | None = None, input_shape=None
     """Trace ``qmodel`` and read every layer's integers and grids (the model is put back in the mode it had).
 
     ``arch``: a name for the architecture (see :func:`architecture_of`); ``input_shape``: recorded in
-    the manifest (default: the one a zoo model records). Raises :class:`~lowbit.deploy.errors.ExportError` for an operation or layer the
-    format cannot hold, naming it.
+    the manifest (default: the one a zoo model records). Raises :class:`~lowbit.deploy.errors.ExportError`
+    for an operation or layer the format cannot hold, naming it.
     """
     was_training = qmodel.training
     qmodel.eval()  # eval re-derives dynamic weight grids from the current weights, as evaluation uses

@@ -136,6 +136,9 @@ def quantize_multiplier(m: float, bits: int = MULTIPLIER_BITS) -> tuple[int, int
         if not math.isfinite(m):
             raise ExportError(f"requantization multiplier {m} is not finite")
         return 0, 0
+    if abs(m) >= 2.0**MAX_SHIFT:
+        raise ExportError(f"requantization multiplier {m:g} does not fit int64: the steps of consecutive grids are "
+                          "inconsistent")
     f, e = math.frexp(abs(m))          # |m| = f 2^e, f in [0.5, 1)
     q = round(f * (1 << bits))
     if q == 1 << bits:
@@ -229,6 +232,8 @@ def _multipliers(m: torch.Tensor, bound: torch.Tensor | None = None) -> tuple[to
     m0, ns = [], []
     for v, b in zip(flat, lim):
         q, n = quantize_multiplier(v)
+        if not math.isfinite(b):
+            raise ExportError(f"a layer's output bound {b} is not finite: its grids or bias are out of range")
         if b > 0:
             n_max = MAX_SHIFT - 1 - max(0, math.ceil(math.log2(b + 1)))
             if n > n_max:
@@ -591,37 +596,45 @@ class IntegerEngine:
                     cache[key] = self._convert(t, src, rep)
             return cache[key]
 
-        with torch.no_grad():
-            for node in self.graph.nodes:
-                op, rep = node.op, self.reps.get(node.name)
-                if op == "input":
-                    env[node.name] = (x.to(torch.int32), self.input_rep) if is_codes else (x, None)
-                    continue
-                if op == "output":
-                    out = get(node.inputs[0], self.logits_rep)
-                    sat = (out < INT32_MIN) | (out > INT32_MAX)
-                    self.stats["saturated"] += int(sat.sum())
-                    return IntegerOutput(out.clamp(INT32_MIN, INT32_MAX).to(torch.int32), self.logits_rep.exponent)
-                if op in LAYER_OPS:
-                    k = self.kernels[node.name]
-                    q = get(node.inputs[0], k.in_rep)
-                    if capture:
-                        self.captured[node.layer] = q
-                    env[node.name] = (self._finish(k(q), rep), rep)
-                elif op in ("relu", "clamp", "pad", "maxpool2d", "flatten", "reshape"):
-                    src_t, src_rep = env[node.inputs[0]]
-                    work_rep = rep if src_rep is None else src_rep
-                    t = get(node.inputs[0], work_rep)
-                    env[node.name] = (self._convert(self._transparent(node, t, work_rep), work_rep, rep), rep)
-                elif op == "add":
-                    a = get(node.inputs[0], self.wide).to(torch.int64)
-                    b = get(node.inputs[1], self.wide).to(torch.int64)
-                    s = self._finish(a + b, self.wide)
-                    env[node.name] = (self._convert(s, self.wide, rep), rep)
-                elif op in ("global_avgpool", "avgpool2d"):
-                    env[node.name] = (self._avgpool(node, get, env[node.inputs[0]][1], rep), rep)
-                else:  # pragma: no cover - the graph reader rejects unknown ops
-                    raise ExportError(f"fx node {node.name!r}: op {op!r} is not supported by the integer engine")
+        node = None
+        try:  # a batch of another shape than the exported model's fails inside torch: say where and why
+            with torch.no_grad():
+                for node in self.graph.nodes:
+                    op, rep = node.op, self.reps.get(node.name)
+                    if op == "input":
+                        env[node.name] = (x.to(torch.int32), self.input_rep) if is_codes else (x, None)
+                        continue
+                    if op == "output":
+                        out = get(node.inputs[0], self.logits_rep)
+                        sat = (out < INT32_MIN) | (out > INT32_MAX)
+                        self.stats["saturated"] += int(sat.sum())
+                        values = out.clamp(INT32_MIN, INT32_MAX).to(torch.int32)
+                        return IntegerOutput(values, self.logits_rep.exponent)
+                    if op in LAYER_OPS:
+                        k = self.kernels[node.name]
+                        q = get(node.inputs[0], k.in_rep)
+                        if capture:
+                            self.captured[node.layer] = q
+                        env[node.name] = (self._finish(k(q), rep), rep)
+                    elif op in ("relu", "clamp", "pad", "maxpool2d", "flatten", "reshape"):
+                        src_t, src_rep = env[node.inputs[0]]
+                        work_rep = rep if src_rep is None else src_rep
+                        t = get(node.inputs[0], work_rep)
+                        env[node.name] = (self._convert(self._transparent(node, t, work_rep), work_rep, rep), rep)
+                    elif op == "add":
+                        a = get(node.inputs[0], self.wide).to(torch.int64)
+                        b = get(node.inputs[1], self.wide).to(torch.int64)
+                        s = self._finish(a + b, self.wide)
+                        env[node.name] = (self._convert(s, self.wide, rep), rep)
+                    elif op in ("global_avgpool", "avgpool2d"):
+                        env[node.name] = (self._avgpool(node, get, env[node.inputs[0]][1], rep), rep)
+                    else:  # pragma: no cover - the graph reader rejects unknown ops
+                        raise ExportError(f"fx node {node.name!r}: op {op!r} is not supported by the integer engine")
+        except (RuntimeError, IndexError) as exc:
+            expected = self.exported.input_shape
+            raise ExportError(f"fx node {node.name!r} ({node.op}) cannot run on an input batch of shape "
+                              f"{tuple(x.shape)} ({exc}); pass inputs shaped like the exported model's"
+                              + (f" ({expected}, any batch size)" if expected else "")) from exc
         raise ExportError("the exported graph has no output")
 
     def _transparent(self, node: Node, t: torch.Tensor, rep: Rep) -> torch.Tensor:
@@ -654,9 +667,10 @@ class IntegerEngine:
             count = t.shape[2] * t.shape[3]
         else:
             a = node.attrs
-            ch = c.shape[1]
-            ones = torch.ones([ch, 1, *a["kernel"]], dtype=torch.int64)
-            total = F.conv2d(c, ones, stride=a["stride"], padding=a["padding"], groups=ch)
+            batch, ch = c.shape[:2]
+            ones = torch.ones([1, 1, *a["kernel"]], dtype=torch.int64)  # each channel summed on its own
+            total = F.conv2d(c.reshape(batch * ch, 1, *c.shape[2:]), ones, stride=a["stride"], padding=a["padding"])
+            total = total.reshape(batch, ch, *total.shape[2:])
             count = a["kernel"][0] * a["kernel"][1]
         m = work.scale / (count * rep.scale)
         m0, n = _multipliers(m)

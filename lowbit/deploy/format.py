@@ -40,14 +40,13 @@ and edits, not forgery: anyone can recompute them, so the reader also validates 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 
 import torch
 
 from lowbit.deploy.graph import Graph
 from lowbit.deploy.layers import LayerData
+from lowbit.files import canonical_sha256
 
 FORMAT = "lowbit-export"
 FORMAT_VERSION = 2  # 2: the manifest is bound to the tensor file (manifest_sha256 in its header)
@@ -86,8 +85,7 @@ def manifest_digest(manifest: dict) -> str:
     tensors = body.get("tensors")
     if isinstance(tensors, dict):
         body["tensors"] = {k: v for k, v in tensors.items() if k not in ("sha256", "bytes")}
-    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
+    return canonical_sha256(body)
 
 
 def arena_element_bytes(arena: str) -> int:

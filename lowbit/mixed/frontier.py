@@ -32,6 +32,7 @@ from lowbit.mixed.cost import Precision, parse_precision, precision_label
 from lowbit.mixed.eagl import eagl_entropies, eagl_gains
 from lowbit.mixed.knapsack import KnapsackSolution, additivity_check, random_assignment, select_assignment
 from lowbit.mixed.tune import frozen_teacher, train_and_evaluate
+from lowbit.plot import pyplot
 
 METHODS = ("eagl", "alps", "random", "uniform")
 
@@ -255,11 +256,8 @@ def frontier_table(results: dict) -> str:
 
 def write_frontier_plot(results: dict, path: Path) -> Path | None:
     """Accuracy against cost fraction: the method's frontier, random means (with spread), uniform points."""
-    try:  # matplotlib is optional (the `plot` extra): no plot without it
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     pts = [p for p in results["points"] if "accuracy" in p]
     if not pts:

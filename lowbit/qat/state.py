@@ -11,11 +11,22 @@ safetensors file is the one resume trusts.
 A checkpoint is written to a temporary file, checked (every float tensor finite, the file
 reads back), and only then moved over the previous one: a crash or a diverged run never
 replaces a good checkpoint with a bad one.
+
+The header also holds :func:`state_digest`, a SHA-256 of the metadata text and of every tensor
+(name, dtype, shape, bytes): :func:`load_training_state` recomputes it, so a damaged or edited
+checkpoint is refused, and then checks the fields before anything is restored
+(:func:`check_training_meta`: model tensors exactly as the recorded architecture lists them, and
+in a fine-tuning checkpoint every field the loop reads, RNG states included, which fresh
+generators must accept); :func:`optimizer_from_flat` checks the optimizer's record against the
+optimizer of the run. Every failure is a :class:`~lowbit.errors.CheckpointError` naming the file
+and the field. Fields a caller adds for itself (the RL loop's episode counters) are its own to
+check.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import os
@@ -24,13 +35,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from lowbit.checkpoint import ALIASES_KEY, read_safetensors, write_safetensors
 from lowbit.errors import CheckpointError, LowbitError
+from lowbit.files import temporary_path, write_text_atomic
 
 NAME = "last"
 META_KEY = "lowbit_qat"
-FORMAT = 1
+DIGEST_KEY = "lowbit_qat_sha256"
+FORMAT = 2  # 2: the header holds state_digest of the metadata and every tensor
 
 
 class NonFiniteError(LowbitError, FloatingPointError):
@@ -170,27 +185,70 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Restore ``optimizer`` from a checkpoint's ``optim.*`` tensors and ``meta`` (its ``optimizer`` field), after
+    checking them against the optimizer this run built: same type, the same groups with the same settings
+    (values of the same kinds) and parameters, per-parameter state of each parameter's shape. Raises
+    :class:`CheckpointError` naming the field."""
     if meta["type"] != type(optimizer).__name__:
         raise CheckpointError(f"checkpoint optimizer is {meta['type']}, this run builds {type(optimizer).__name__}")
+    own = optimizer.state_dict()
+    shapes = {}
+    for own_group, group in zip(own["param_groups"], optimizer.param_groups):
+        shapes.update({i: p.shape for i, p in zip(own_group["params"], group["params"])})
+    groups = meta["param_groups"]
+    if len(groups) != len(own["param_groups"]):
+        raise CheckpointError(f"field optimizer.param_groups: {len(groups)} groups, this run's optimizer has "
+                              f"{len(own['param_groups'])}")
+    restored = []
+    for i, (g, mine) in enumerate(zip(groups, own["param_groups"])):
+        if set(g) != set(mine) or g["params"] != mine["params"] or \
+                not all(_same_kind(mine[k], g[k]) for k in mine if k != "params"):
+            raise CheckpointError(f"field optimizer.param_groups[{i}]: {dict(g)!r:.300} does not fit this run's "
+                                  f"optimizer group ({sorted(mine)})")
+        restored.append({k: tuple(v) if isinstance(mine[k], tuple) else v for k, v in g.items()})
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
+            fits = int(idx) in shapes and (v.numel() == 1 if name == "step" else v.shape == shapes[int(idx)])
+            if not fits:
+                raise CheckpointError(f"tensor {key}: shape {list(v.shape)} does not fit parameter {idx} of this run's "
+                                      "optimizer")
             state.setdefault(int(idx), {})[name] = v
     for key, v in meta["scalars"].items():
-        idx, name = key.split(".", 1)
+        idx, _, name = key.partition(".")
+        if not idx.isdigit() or int(idx) not in shapes or not name or not _is_number(v):
+            raise CheckpointError(f"field optimizer.scalars.{key}: a number for a parameter of this run's optimizer, "
+                                  f"got {v!r}")
         state.setdefault(int(idx), {})[name] = v
-    groups = []
-    for g in meta["param_groups"]:
-        g = dict(g)
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-        groups.append(g)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    optimizer.load_state_dict({"state": state, "param_groups": restored})
+
+
+def _same_kind(mine, theirs) -> bool:
+    """Whether a checkpoint's optimizer setting ``theirs`` can stand where this run has ``mine``."""
+    if mine is None:
+        return theirs is None or isinstance(theirs, bool)
+    if isinstance(mine, bool):
+        return isinstance(theirs, bool)
+    if _is_number(mine):
+        return _is_number(theirs) and np.isfinite(theirs)
+    if isinstance(mine, (tuple, list)):
+        return isinstance(theirs, list) and len(theirs) == len(mine) and all(map(_same_kind, mine, theirs))
+    return type(theirs) is type(mine)
 
 
 def _check_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def state_digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the metadata ``text`` and of each tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256(text.encode("utf-8"))
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"\0{key}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -199,9 +257,6 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
 
     ``extra`` adds tensors of the caller's own (a target network, a replay memory), under names
     that start with neither ``model.`` nor ``optim.``."""
-    from safetensors import safe_open
-    from lowbit.checkpoint import ALIASES_KEY, write_safetensors
-
     path, side = checkpoint_paths(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -218,36 +273,116 @@ def save_training_state(directory: str | os.PathLike, model: nn.Module, optimize
     meta = dict(meta, format=FORMAT, optimizer=opt_meta)
     text = json.dumps(_json_safe(meta), sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    write_safetensors(tensors, tmp, metadata={META_KEY: text})
+    tmp = temporary_path(path)
+    write_safetensors(tensors, tmp, metadata={META_KEY: text, DIGEST_KEY: state_digest(text, tensors)})
     with safe_open(str(tmp), "pt") as f:  # read back before publishing
         stored = set(f.keys()) | set(json.loads(f.metadata().get(ALIASES_KEY, "{}")))
         if stored != set(tensors) or json.loads(f.metadata()[META_KEY])["step"] != meta["step"]:
             raise CheckpointError(f"{tmp}: the checkpoint did not read back; the previous one is kept")
     os.replace(tmp, path)
-    side_tmp = side.with_name(side.name + ".tmp")
-    side_tmp.write_text(json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n")
-    os.replace(side_tmp, side)
+    write_text_atomic(side, json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n")
     return path
 
 
 def load_training_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """``(tensors, meta)`` of ``directory``'s last checkpoint, or None if there is none."""
-    from safetensors import SafetensorError
-    from lowbit.checkpoint import read_safetensors
+    """``(tensors, meta)`` of ``directory``'s last checkpoint, or None if there is none.
 
+    Raises :class:`CheckpointError` naming the file and field for a damaged, edited or malformed
+    checkpoint (see the module docstring); nothing is restored from it here.
+    """
     path, _ = checkpoint_paths(directory)
     if not path.is_file():
         return None
     try:
         tensors, header = read_safetensors(path)
-        meta = json.loads(header[META_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        text = header[META_KEY]
+        meta = json.loads(text, parse_constant=_reject_constant)
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not a lowbit training checkpoint ({exc}); delete it or "
                               "start without resume") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: checkpoint format {found!r} is not {FORMAT}; delete it or start without resume")
+    if header.get(DIGEST_KEY) != state_digest(text, tensors):
+        raise CheckpointError(f"{path}: its tensors or metadata do not match the digest in its header "
+                              f"({DIGEST_KEY}): the file was damaged or edited; delete it or start without resume")
+    check_training_meta(meta, tensors, str(path))
     return tensors, meta
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_training_meta(meta: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Check the fields every training checkpoint has (step, config, the architecture fingerprint and the model
+    tensors it lists, the optimizer's record) and, in a fine-tuning checkpoint (one with ``steps_per_epoch``:
+    the fine-tuning loop refuses any other), every field the loop reads back. Raise a
+    :class:`CheckpointError` naming the first bad field."""
+    def need(ok: bool, field: str, rule: str):
+        if not ok:
+            raise CheckpointError(f"{where}: field {field}: {rule}, got {meta.get(field.split('.')[0])!r:.200}")
+
+    integers = [("step", 0)]
+    if "steps_per_epoch" in meta:
+        integers += [("epoch", 0), ("total_steps", 0), ("steps_per_epoch", 1), ("world_size", 1)]
+        need(isinstance(meta.get("history"), list) and all(isinstance(h, dict) for h in meta["history"]), "history",
+             "a list of evaluation records")
+        stats = meta.get("stats")
+        need(isinstance(stats, dict) and set(stats) == {"epoch", "window"} and
+             all(isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v) for v in stats.values()),
+             "stats", "{epoch: [3 numbers], window: [3 numbers]}")
+        _check_rng(meta.get("rng"), where)
+    for key, low in integers:
+        need(_is_int(meta.get(key)) and meta[key] >= low, key, f"an integer >= {low}")
+    need(isinstance(meta.get("config"), dict), "config", "the training settings as a mapping")
+    opt = meta.get("optimizer")
+    need(isinstance(opt, dict) and isinstance(opt.get("type"), str) and isinstance(opt.get("param_groups"), list)
+         and all(isinstance(g, dict) for g in opt["param_groups"]) and isinstance(opt.get("scalars"), dict),
+         "optimizer", "{type, param_groups, scalars}")
+    fp = meta.get("fingerprint")
+    detail = fp.get("architecture_detail") if isinstance(fp, dict) else None
+    need(isinstance(detail, dict) and isinstance(detail.get("tensors"), dict) and
+         fp.get("architecture") == digest(detail) and isinstance(fp.get("recipe"), str), "fingerprint",
+         "the architecture and recipe digests with the detail they digest")
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if set(model) != set(detail["tensors"]):
+        raise CheckpointError(f"{where}: its model tensors {sorted(set(model) ^ set(detail['tensors']))[:4]} differ "
+                              "from the architecture it records (field fingerprint.architecture_detail)")
+    for k, t in model.items():
+        if detail["tensors"][k] != f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}":
+            raise CheckpointError(f"{where}: tensor model.{k} is {list(t.shape)} {t.dtype}, the architecture it records "
+                                  f"says {detail['tensors'][k]}")
+    bad = [k for k in tensors if k.startswith("optim.") and not (k.count(".") >= 2 and k.split(".")[1].isdigit())]
+    if bad:
+        raise CheckpointError(f"{where}: tensors {bad[:4]}: optimizer state is named optim.<parameter index>.<name>")
+
+
+def _check_rng(state, where: str) -> None:
+    """Check the RNG states by handing them to fresh generators (the global ones are untouched)."""
+    try:
+        raw = np.frombuffer(base64.b64decode(state["torch"], validate=True), dtype=np.uint8).copy()
+        torch.Generator().set_state(torch.from_numpy(raw))
+        version, internal, gauss = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.RandomState().set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        if "cuda" in state:
+            if not isinstance(state["cuda"], list):
+                raise TypeError("cuda: a list of states")
+            for s in state["cuda"]:
+                base64.b64decode(s, validate=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, binascii.Error) as exc:
+        raise CheckpointError(f"{where}: field rng: not the RNG states of torch, python and numpy "
+                              f"({type(exc).__name__}: {exc})") from None
 
 
 def model_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ from torch import nn
 from lowbit.checkpoint import load_into
 from lowbit.errors import CheckpointError, RecipeError
 from lowbit.prepare import quantize
+from lowbit.recipe import load_recipe
 from lowbit.rl.distill import DistillConfig, DistillRun
 from lowbit.rl.dqn import DQNConfig, DQNRun
 from lowbit.rl.envs import make_env
@@ -98,7 +99,7 @@ def _score(qnet: nn.Module, run, game: str, *, teacher: nn.Module | None, teache
            test_episodes: int, env_options: dict, method: str, recipe) -> dict:
     result = evaluate_policy(qnet, game, episodes=test_episodes, seed=TEST_SEED, teacher=teacher,
                              env_options=env_options)
-    recipe_name = recipe if isinstance(recipe, str) else getattr(recipe, "get", lambda *_: None)("name")
+    recipe_name = str(recipe) if isinstance(recipe, (str, os.PathLike)) else load_recipe(recipe).sections.get("name")
     return {"game": game, "method": method, "recipe": recipe_name, "mean_return": result.mean,
             "std_return": result.std, "test_episodes": test_episodes, "agreement": result.agreement,
             "teacher_return": teacher_return,

@@ -11,6 +11,9 @@ Every model the zoo builds carries its recipe for being built again,
 ``model.lowbit_architecture = {"zoo": name, "kwargs": {...}}`` (an instance attribute, so it
 survives ``copy.deepcopy`` and :func:`lowbit.quantize`); :func:`lowbit.export` writes it into
 the manifest, and :func:`lowbit.load_export` gives it back to :func:`create_model`.
+
+The Q-networks of :mod:`lowbit.rl` (:func:`create_qnet`, :mod:`lowbit.zoo.qnets`) and its shipped
+DQN teachers, one per MinAtar game (:func:`teacher_path`, :mod:`lowbit.zoo.teachers`), live here too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from lowbit.checkpoint import load_into, sidecar_path
@@ -26,6 +30,8 @@ from lowbit.data.datasets import DATASETS, dataset_info
 from lowbit.errors import CheckpointError
 from lowbit.zoo.imagenet import EfficientNetLite0, MobileNetV2, imagenet_weights
 from lowbit.zoo.models import MLP, VGG, MobileNet, ResNet
+from lowbit.zoo.qnets import create_qnet  # noqa: F401 - the Q-networks of lowbit.rl
+from lowbit.zoo.teachers import shipped_teacher, teacher_path  # noqa: F401 - its DQN teachers
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -67,6 +73,22 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_s
     model = _REGISTRY[name](**kw)
     model.lowbit_architecture = {"zoo": name, "kwargs": dict(kw), "input_shape": [1, in_channels, in_size, in_size]}
     return model
+
+
+def create_model_matching(name: str, weight_shapes: dict[str, tuple[int, ...]], **kwargs) -> nn.Module:
+    """:func:`create_model`, for a record read from a file: the model is first built on the meta device (no
+    memory), and every Conv/Linear weight must have the shape ``weight_shapes`` (layer name -> shape, from the
+    data the file holds) gives it, so a forged record cannot make lowbit allocate a model the file does not
+    describe. Raises ``ValueError`` naming the first layer that differs (or the bad name or size)."""
+    with torch.device("meta"):
+        shell = create_model(name, **kwargs)
+    for layer, m in shell.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            held = weight_shapes.get(layer)
+            if held is None or tuple(held) != tuple(m.weight.shape):
+                raise ValueError(f"{name} with {kwargs} has layer {layer!r} with weight shape {tuple(m.weight.shape)}, "
+                                 f"the file holds {None if held is None else tuple(held)}")
+    return create_model(name, **kwargs)
 
 
 def build_model(name: str, weights=None, dataset: str = "fashion-mnist") -> nn.Module:

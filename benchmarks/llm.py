@@ -1,0 +1,281 @@
+"""Language models: float, round-to-nearest PTQ, lowbit's best PTQ and SiLQ fine-tuning at W8A8KV8,
+W4A8KV8 and W4A4KV4, one table per model.
+
+    python benchmarks/llm.py --model bytellama --steps 300                     # every method and width
+    python benchmarks/llm.py --model smollm2-135m --steps 100 --batch-size 1 --methods silq --widths w4a8kv8
+    python benchmarks/llm.py --model smollm2-135m --sweep --steps 30 --batch-size 1   # choices, on the calib split
+    python benchmarks/llm.py --model smollm2-135m --speed                      # fine-tune step against the float step
+    python benchmarks/llm.py --methods ''                                      # rebuild the section from the rows
+
+Protocol. Perplexity, KL(float || quantized) and next-token top-1 agreement with the float model on
+fixed windows of the *test* split (:func:`lowbit.data.text.eval_windows`; King Lear and Richard III
+for Shakespeare), never seen in training or in any choice. Calibration: ``--calib-windows`` windows
+of the calib split in one batch. Fine-tuning: shuffled windows of the train split, the recipe's
+``qat:`` settings with ``--steps`` x ``--batch-size`` x ``--length`` tokens. Choices (learning rates)
+come from ``--sweep`` rows, scored on fixed windows of the calib split; the SiLQ rows use the sweep's
+best setting for the model when one is stored. "best PTQ" is, per model and width, the PTQ method
+with the lower calib-split perplexity. SmolLM2's published weights are already 4-bit (Q4_1): its
+"float" row is the dequantized model, and group-wise 4-bit grids are never reported on it.
+
+Rows are kept in ``docs/results/llm.json`` (with the commit that produced each; the torchao peer's
+rows come from ``benchmarks/torchao_peer.py``, run in its own environment), and the 'llm' section
+of docs/RESULTS.md is rebuilt from every stored row. Each row is written as soon as it is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_page import COMMIT, ROOT, write_section  # noqa: E402
+
+import lowbit  # noqa: E402
+from lowbit.data.text import TokenWindows, load_text, tokenize  # noqa: E402
+from lowbit.llm.evaluate import logits_of  # noqa: E402
+from lowbit.llm.pipeline import (TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm,  # noqa: E402
+                                 windows)
+from lowbit.qat.config import FinetuneConfig  # noqa: E402
+
+SEED = 0
+STORE = ROOT / "docs" / "results" / "llm.json"
+WIDTHS = ["w8a8kv8", "w4a8kv8", "w4a4kv4"]
+METHODS = ["float", "rtn", "ptq", "silq"]
+PTQ_METHODS = ("rtn", "ptq")
+TEXT = {  # what each model is measured on
+    "bytellama": TextSetup(corpora=("shakespeare", "python-docs"), length=256, calib_windows=8, eval_windows=32),
+    "smollm2-135m": TextSetup(corpora=("shakespeare",), length=256, calib_windows=4, eval_windows=8),
+}
+SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
+    (1e-5, 1.0), (1e-5, 10.0), (3e-5, 10.0), (1e-4, 10.0), (1e-5, 100.0),
+]
+MODEL_ORDER = ["bytellama", "smollm2-135m"]
+NOTES = {"smollm2-135m": "SmolLM2's published weights are already 4-bit (Q4_1, blocks of 32): **float is the "
+                         "dequantized model**, and per-channel 4-bit is the real test on it."}
+
+
+def load_rows() -> dict[str, dict]:
+    return json.loads(STORE.read_text()) if STORE.is_file() else {}
+
+
+def save_row(key: str, row: dict) -> None:
+    rows = load_rows()  # re-read: another suite (the torchao peer) may have written meanwhile
+    rows[key] = {**row, "commit": COMMIT, "threads": torch.get_num_threads()}
+    STORE.parent.mkdir(parents=True, exist_ok=True)
+    STORE.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(rows[key], sort_keys=True), flush=True)
+
+
+def measured(model, tokenizer, text: TextSetup, teacher) -> dict:
+    test = evaluate_lm(model, tokenizer, text, teacher=teacher)
+    calib = evaluate_lm(model, tokenizer, text, teacher=teacher, split="calib")
+    return {"perplexity": test["perplexity"], "kl": test.get("kl"), "agreement": test.get("agreement"),
+            "calib_perplexity": calib["perplexity"], "windows": text.eval_windows, "length": text.length,
+            "corpora": list(text.corpora)}
+
+
+def chosen_setting(model_name: str) -> tuple[float, float] | None:
+    """The (lr, quantizer_lr_mult) of the stored sweep row with the lowest calib perplexity."""
+    sweeps = [r for r in load_rows().values() if r["model"] == model_name and r["method"] == "sweep"]
+    if not sweeps:
+        return None
+    best = min(sweeps, key=lambda r: r["calib_perplexity"])
+    return best["lr"], best["quantizer_lr_mult"]
+
+
+def silq_config(width: str, args, lr: float | None, mult: float | None) -> FinetuneConfig:
+    cfg = FinetuneConfig.from_recipe(f"silq-{width}", batch_size=args.batch_size, seed=SEED, progress=False,
+                                     lr=lr, quantizer_lr_mult=mult)
+    tokens = args.steps * args.batch_size * args.length
+    return cfg.replace(max_tokens=tokens, max_steps=args.steps, log_every=max(1, args.steps // 10),
+                       warmup_steps=min(cfg.warmup_steps, max(1, args.steps // 10)), checkpoint_every=0)
+
+
+def run_silq(model, tokenizer, text, width, args, lr=None, mult=None, split_eval=True) -> dict:
+    cfg = silq_config(width, args, lr, mult)
+    start = time.perf_counter()
+    qmodel = quantize_lm(model, tokenizer, f"silq-{width}", text)
+    result = finetune_lm(qmodel, model, tokenizer, text, config=cfg, log=lambda s: print(s, flush=True))
+    minutes = (time.perf_counter() - start) / 60
+    row = {"steps": result["steps"], "tokens": result["tokens"], "batch": cfg.batch_size, "lr": cfg.lr,
+           "quantizer_lr_mult": cfg.quantizer_lr_mult, "minutes": round(minutes, 1)}
+    row.update(measured(qmodel, tokenizer, text, model) if split_eval else
+               {"calib_perplexity": evaluate_lm(qmodel, tokenizer, text, teacher=model, split="calib")["perplexity"]})
+    return row
+
+
+def run_methods(name: str, args) -> None:
+    text = TextSetup(**{**TEXT[name].__dict__, "length": args.length})
+    model, tokenizer = load_model(name)
+    methods = [m for m in args.methods.split(",") if m]
+    if "float" in methods:
+        save_row(f"{name}/float", {"model": name, "method": "float", "width": "fp32", "steps": 0, "tokens": 0,
+                                   "minutes": 0.0, **measured(model, tokenizer, text, None)})
+    for width in [w for w in args.widths.split(",") if w]:
+        for method in [m for m in methods if m in PTQ_METHODS]:
+            start = time.perf_counter()
+            qmodel = quantize_lm(model, tokenizer, f"{method}-{width}", text)
+            minutes = (time.perf_counter() - start) / 60
+            save_row(f"{name}/{method}/{width}", {"model": name, "method": method, "width": width, "steps": 0,
+                                                  "tokens": 0, "minutes": round(minutes, 1),
+                                                  **measured(qmodel, tokenizer, text, model)})
+            del qmodel
+        if "silq" in methods:
+            setting = chosen_setting(name) or (None, None)
+            row = run_silq(model, tokenizer, text, width, args, *setting)
+            save_row(f"{name}/silq/{width}/{args.steps}", {"model": name, "method": "silq", "width": width,
+                                                           "chosen_by_sweep": setting != (None, None), **row})
+
+
+def run_sweep(name: str, args) -> None:
+    """Each SWEEP setting at ``args.width``, scored on the calib split (no test-split number is read)."""
+    text = TextSetup(**{**TEXT[name].__dict__, "length": args.length})
+    model, tokenizer = load_model(name)
+    for lr, mult in SWEEP:
+        row = run_silq(model, tokenizer, text, args.sweep_width, args, lr, mult, split_eval=False)
+        save_row(f"{name}/sweep/{args.sweep_width}/{args.steps}/{lr:g}/{mult:g}",
+                 {"model": name, "method": "sweep", "width": args.sweep_width, **row})
+
+
+def run_speed(name: str, args) -> None:
+    """Median time of one fine-tuning step (forward, KL to the teacher, backward, AdamW) of the float
+    model and of the SiLQ W4A8KV8 model, same batch, measurements interleaved."""
+    text = TextSetup(**{**TEXT[name].__dict__, "length": args.length})
+    model, tokenizer = load_model(name)
+    student = quantize_lm(model, tokenizer, "silq-w4a8kv8", text)
+    float_student = copy.deepcopy(model)
+    ids = next(iter(TokenWindows(tokenize(tokenizer, load_text(list(text.corpora), "train")), args.length,
+                                 args.batch_size, seed=SEED)))
+    teacher = model.eval()
+
+    def step_fn(net):
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-6)
+        net.train()
+
+        def step() -> float:
+            start = time.perf_counter()
+            with torch.no_grad():
+                t = logits_of(teacher, ids)
+            s = logits_of(net, ids)
+            loss = torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1), log_target=True,
+                                              reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - start
+        return step
+
+    steps = {"float": step_fn(float_student), "silq-w4a8kv8": step_fn(student)}
+    times = {k: [] for k in steps}
+    for i in range(args.speed_steps + 2):
+        for k, fn in steps.items():
+            t = fn()
+            if i >= 2:
+                times[k].append(t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    save_row(f"{name}/speed/{args.batch_size}x{args.length}",
+             {"model": name, "method": "speed", "width": "w4a8kv8", "batch": args.batch_size, "length": args.length,
+              "float_step_seconds": round(med["float"], 3), "silq_step_seconds": round(med["silq-w4a8kv8"], 3),
+              "ratio": round(med["silq-w4a8kv8"] / med["float"], 3), "measured_steps": args.speed_steps})
+
+
+# ----- the section ------------------------------------------------------------------------------
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def model_table(rows: list[dict]) -> str:
+    floats = [r for r in rows if r["method"] == "float"]
+    fp = floats[0]["perplexity"] if floats else None
+    lines = ["| width | method | perplexity (test) | KL | agreement (%) | calib perplexity | steps | tokens | "
+             "minutes | gap closed vs RTN | commit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    order = {m: i for i, m in enumerate(["float", "rtn", "ptq", "best-ptq", "silq", "torchao-ptq", "torchao-qat"])}
+    shown = [r for r in rows if r["method"] in order]
+    best = {}
+    for r in rows:
+        if r["method"] in PTQ_METHODS and (r["width"] not in best or
+                                           r["calib_perplexity"] < best[r["width"]]["calib_perplexity"]):
+            best[r["width"]] = r
+    widths = ["fp32"] + WIDTHS + sorted({r["width"] for r in shown} - set(WIDTHS) - {"fp32"})
+    for r in sorted(shown, key=lambda r: (widths.index(r["width"]), order[r["method"]], r.get("steps", 0))):
+        rtn = next((x for x in rows if x["method"] == "rtn" and x["width"] == r["width"]), None)
+        closed = ""
+        if fp is not None and rtn is not None and r["method"] not in ("float", "rtn") and rtn["perplexity"] != fp:
+            closed = f"{100 * (rtn['perplexity'] - r['perplexity']) / (rtn['perplexity'] - fp):.0f}%"
+        method = r["method"] + (" (best PTQ)" if best.get(r["width"]) is r else "")
+        lines.append(f"| {r['width']} | {method} | {r['perplexity']:.3f} | {_fmt(r.get('kl'), '.4f')} | "
+                     f"{_fmt(r.get('agreement'), '.2f')} | {_fmt(r.get('calib_perplexity'), '.3f')} | "
+                     f"{r.get('steps', 0)} | {r.get('tokens', 0):,} | {r.get('minutes', 0):.1f} | {closed} | "
+                     f"{r['commit']} |")
+    return "\n".join(lines)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    lines = ["| width | steps | weights' lr | steps' lr multiplier | calib perplexity |", "|---|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["width"], r["steps"], r["calib_perplexity"])):
+        lines.append(f"| {r['width']} | {r['steps']} | {r['lr']:g} | {r['quantizer_lr_mult']:g} | "
+                     f"{r['calib_perplexity']:.3f} |")
+    return "\n".join(lines)
+
+
+def speed_lines(rows: list[dict]) -> str:
+    return "\n".join(f"- fine-tuning step, batch {r['batch']}x{r['length']}: float {r['float_step_seconds']:.2f} s, "
+                     f"SiLQ W4A8KV8 {r['silq_step_seconds']:.2f} s: **{r['ratio']:.2f}x** (median of "
+                     f"{r['measured_steps']} steps, interleaved; commit {r['commit']})" for r in rows)
+
+
+def section(rows: dict[str, dict]) -> str:
+    models = sorted({r["model"] for r in rows.values()}, key=lambda m: (MODEL_ORDER + [m]).index(m))
+    parts = ["Perplexity, KL(float || quantized) per token and next-token top-1 agreement with the float model on "
+             "fixed windows of the test split (documents never trained on, nor used for any choice); calib "
+             "perplexity is the validation number every choice was made on. \"gap closed vs RTN\" is "
+             "(RTN - row) / (RTN - float) in perplexity at the same width. Minutes: calibration plus fine-tuning on "
+             "this CPU (one thread, shared with other jobs: upper bounds). Recipes: `lowbit/recipes/rtn-*`, "
+             "`ptq-*`, `silq-*`."]
+    for m in models:
+        mine = [r for r in rows.values() if r["model"] == m]
+        text = mine[0]
+        parts.append(f"### {m}\n\n" + (NOTES.get(m, "") + "\n\n" if m in NOTES else "")
+                     + f"Test windows: {text.get('windows')} x {text.get('length')} tokens of "
+                     f"{', '.join(text.get('corpora', []))}.\n\n" + model_table(mine))
+        sweeps = [r for r in mine if r["method"] == "sweep"]
+        if sweeps:
+            parts.append("Learning-rate choices (calib split only):\n\n" + sweep_table(sweeps))
+        speed = [r for r in mine if r["method"] == "speed"]
+        if speed:
+            parts.append("Speed:\n\n" + speed_lines(speed))
+    return "\n\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="bytellama", help="bytellama or smollm2-135m")
+    ap.add_argument("--methods", default=",".join(METHODS), help="float,rtn,ptq,silq ('' rebuilds the section)")
+    ap.add_argument("--widths", default=",".join(WIDTHS))
+    ap.add_argument("--steps", type=int, default=200, help="SiLQ fine-tuning steps")
+    ap.add_argument("--batch-size", type=int, default=4, help="windows per step")
+    ap.add_argument("--length", type=int, default=256, help="tokens per window")
+    ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep (calib split) instead")
+    ap.add_argument("--sweep-width", default="w4a8kv8")
+    ap.add_argument("--speed", action="store_true", help="measure the step-cost ratio instead")
+    ap.add_argument("--speed-steps", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(SEED)
+    if args.sweep:
+        run_sweep(args.model, args)
+    elif args.speed:
+        run_speed(args.model, args)
+    elif args.methods:
+        run_methods(args.model, args)
+    write_section("llm", "Language models: SiLQ quantization-aware training", section(load_rows()), SEED)
+
+
+if __name__ == "__main__":
+    main()
