@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -32,7 +30,8 @@ from torch import nn
 from lowbit.checkpoint import ALIASES_KEY, load_into, write_safetensors
 from lowbit.data.datasets import dataset_info
 from lowbit.errors import CheckpointError
-from lowbit.files import canonical_sha256, temporary_path, write_text_atomic
+from lowbit.files import (canonical_sha256, file_record, is_file_record, loads_json, read_listed,
+                          safetensors_metadata, temporary_path, write_text_atomic)
 from lowbit.nn.modules import QuantMixin
 from lowbit.prepare import quantize
 from lowbit.quant.grid import check_bits
@@ -44,7 +43,6 @@ FORMAT = "lowbit-quantized"
 VERSION = 2  # 2: lowbit.json names the digests of the other files and is sealed into the tensor file
 META_FILE, RECIPE_FILE, TENSOR_FILE = "lowbit.json", "recipe.yaml", "model.safetensors"
 META_DIGEST_KEY = "lowbit_json_sha256"  # in the tensor file's safetensors metadata
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None = None,
@@ -75,13 +73,9 @@ def save(qmodel: nn.Module, folder: str | os.PathLike, *, model_name: str | None
     os.replace(tmp, folder / TENSOR_FILE)
     recipe_text = report.recipe.to_yaml()
     write_text_atomic(folder / RECIPE_FILE, recipe_text)
-    meta["files"] = {TENSOR_FILE: _describe(tensor_bytes), RECIPE_FILE: _describe(recipe_text.encode("utf-8"))}
+    meta["files"] = {TENSOR_FILE: file_record(tensor_bytes), RECIPE_FILE: file_record(recipe_text.encode("utf-8"))}
     write_text_atomic(folder / META_FILE, json.dumps(meta, indent=2) + "\n")
     return folder
-
-
-def _describe(data: bytes) -> dict:
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -94,8 +88,9 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> nn.Module
     """
     folder = Path(folder)
     meta = _read_meta(folder)
-    tensor_bytes = _read_listed(folder, TENSOR_FILE, meta)
-    recipe_bytes = _read_listed(folder, RECIPE_FILE, meta)
+    tensor_bytes, recipe_bytes = (read_listed(folder / name, meta["files"][name], listed_in=META_FILE,
+                                              field=f"files.{name}", error=CheckpointError, fix="re-save the model")
+                                  for name in (TENSOR_FILE, RECIPE_FILE))
     state = _read_state(folder / TENSOR_FILE, tensor_bytes, meta)
     recipe = recipe_from_yaml(recipe_bytes, folder / RECIPE_FILE)
     model = copy.deepcopy(model) if model is not None else _zoo_model(folder / META_FILE, meta, state)
@@ -118,7 +113,7 @@ def _read_meta(folder: Path) -> dict:
                                   "lowbit.load_export(folder)")
         raise CheckpointError(f"{folder}: no {META_FILE}; not a folder written by lowbit.save")
     try:
-        meta = json.loads(path.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+        meta = loads_json(path.read_bytes())
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); re-save the model") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION or \
@@ -136,48 +131,22 @@ def _read_meta(folder: Path) -> dict:
     files = meta.get("files")
     for name in (TENSOR_FILE, RECIPE_FILE):
         entry = files.get(name) if isinstance(files, dict) else None
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or \
-                not _SHA256.fullmatch(entry["sha256"]) or isinstance(entry.get("bytes"), bool) or \
-                not isinstance(entry.get("bytes"), int) or entry["bytes"] < 0:
+        if not is_file_record(entry):
             raise CheckpointError(f"{path}: field files.{name}: {{sha256: 64 hex digits, bytes: size}}, got {entry!r}")
     return meta
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _read_listed(folder: Path, name: str, meta: dict) -> bytes:
-    """The bytes of ``name``, after checking its size (before reading) and SHA-256 against ``lowbit.json``."""
-    path, entry = folder / name, meta["files"][name]
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (listed in {META_FILE}); the folder is incomplete")
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        raise CheckpointError(f"{path}: {size} bytes, {META_FILE} (field files.{name}.bytes) says {entry['bytes']}: "
-                              "the file was truncated, extended or replaced; re-save the model")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match {META_FILE} (field "
-                              f"files.{name}.sha256) {entry['sha256'][:16]}...: the file was modified or replaced; "
-                              "re-save the model")
-    return data
 
 
 def _read_state(path: Path, data: bytes, meta: dict) -> dict[str, torch.Tensor]:
     """The state dict in ``data`` (tied tensors restored from the header's aliases), after checking the digest of
     ``lowbit.json`` sealed into its header."""
     try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n].decode("utf-8")) if 0 < n <= len(data) - 8 else {}
-        metadata = (header.get("__metadata__") or {}) if isinstance(header, dict) else {}
+        metadata = safetensors_metadata(data)
         sealed = metadata.get(META_DIGEST_KEY)
         state = load_safetensors(data)
         aliases = json.loads(metadata.get(ALIASES_KEY, "{}"))
         state.update({name: state[stored] for name, stored in aliases.items()})
-    except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError, AttributeError, KeyError,
-            TypeError) as exc:
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError, RuntimeError, AttributeError,
+            KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: not a valid safetensors file ({type(exc).__name__}: {exc}); re-save the "
                               "model") from None
     if sealed != canonical_sha256({k: v for k, v in meta.items() if k != "files"}):

@@ -22,11 +22,8 @@ Steps 1-3 detect damage and edits; step 4 also stops a forger who recomputed the
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -39,16 +36,12 @@ from lowbit.deploy.format import (ARENA_DTYPES, CHANNEL_BITS_WIDTH, FORMAT, MANI
 from lowbit.deploy.graph import LAYER_OPS, Graph, check_attrs
 from lowbit.deploy.layers import GridData, LayerData
 from lowbit.deploy.pack import MAX_BITS, packed_nbytes, unpack_bits
+from lowbit.files import is_file_record, loads_json, read_listed, safetensors_metadata
 from lowbit.quant.grid import ROUND_MODES, channel_int_range
 from lowbit.version import __version__
 
 MAX_ZERO_POINT = 2.0 ** (MAX_BITS + 1)  # twice the widest grid: no grid's zero point lies beyond
 MAX_DIM = 2**31 - 1
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -62,7 +55,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
                                   "load it with lowbit.load(folder)")
         raise ExportFileError(f"{folder}: no {MANIFEST_FILE}; not a folder written by lowbit.export")
     try:
-        manifest = json.loads(mpath.read_bytes().decode("utf-8"), parse_constant=_reject_constant)
+        manifest = loads_json(mpath.read_bytes())
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ExportFileError(f"{mpath}: not valid JSON ({exc}); re-export the model") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -84,47 +77,25 @@ def _tensor_file_name(mpath: Path, info) -> str:
             any(c in name for c in "/\\\0:") or os.path.isabs(name):
         raise ExportFileError(f"{mpath}: field tensors.file: {name!r} is not a plain file name inside the export "
                               "folder (no folders, '..' or absolute paths); re-export the model")
-    if not isinstance(info.get("sha256"), str) or not _SHA256.fullmatch(info["sha256"]):
-        raise ExportFileError(f"{mpath}: field tensors.sha256: 64 lowercase hex digits, got {info.get('sha256')!r}")
-    size = info.get("bytes")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ExportFileError(f"{mpath}: field tensors.bytes: the tensor file's size in bytes, got {size!r}")
+    if not is_file_record(info):
+        raise ExportFileError(f"{mpath}: field tensors: sha256 (64 lowercase hex digits) and bytes (a size), got "
+                              f"{info!r}")
     return name
-
-
-def _header_metadata(tpath: Path, data: bytes) -> dict:
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ExportFileError(f"{tpath}: the safetensors header claims {n} bytes, the file has {len(data) - 8} after "
-                              "its length field")
-    try:
-        header = json.loads(data[8:8 + n].decode("utf-8"), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise ExportFileError(f"{tpath}: the safetensors header is not valid JSON ({exc})") from exc
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
 
 
 def read_tensors(path: str | os.PathLike, manifest: dict) -> dict[str, torch.Tensor]:
     """The arenas of the export's tensor file, after the integrity checks of the module docstring (2, 3)."""
     folder = Path(path)
     mpath = folder / MANIFEST_FILE
-    info = manifest.get("tensors")
-    name = _tensor_file_name(mpath, info)
+    name = _tensor_file_name(mpath, manifest.get("tensors"))
     tpath = folder / name
-    if not tpath.is_file():
-        raise ExportFileError(f"{folder}: the tensor file {name} (manifest field tensors.file) is missing")
-    size = tpath.stat().st_size
-    if size != info["bytes"]:
-        raise ExportFileError(f"{tpath}: {size} bytes, the manifest (field tensors.bytes) says {info['bytes']}: the "
-                              "file was truncated, extended or belongs to another export; re-export the model")
-    data = tpath.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != info["sha256"]:
-        raise ExportFileError(f"{tpath}: SHA-256 {digest[:16]}... does not match the manifest's (field tensors.sha256) "
-                              f"{info['sha256'][:16]}...: the file was modified, truncated or belongs to another "
-                              "export; re-export the model")
-    sealed = _header_metadata(tpath, data).get(MANIFEST_DIGEST_KEY)
+    data = read_listed(tpath, manifest["tensors"], listed_in=MANIFEST_FILE, field="tensors", error=ExportFileError,
+                       fix="re-export the model")
+    try:
+        sealed = safetensors_metadata(data).get(MANIFEST_DIGEST_KEY)
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError, RecursionError, RuntimeError) as exc:
+        raise ExportFileError(f"{tpath}: not a valid safetensors file ({exc})") from exc
     try:
         expected = manifest_digest(manifest)
     except ValueError as exc:
@@ -133,10 +104,6 @@ def read_tensors(path: str | os.PathLike, manifest: dict) -> dict[str, torch.Ten
         raise ExportFileError(f"{mpath}: its content does not match the digest sealed into {name} at export "
                               f"({MANIFEST_DIGEST_KEY}): the manifest was edited (a bit width, range, grid, tensor "
                               "reference or graph node) or belongs to another export; re-export the model")
-    try:
-        tensors = load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ExportFileError(f"{tpath}: not a valid safetensors file ({exc})") from exc
     for key, t in tensors.items():
         if key not in ARENA_DTYPES or t.dtype != ARENA_DTYPES[key] or t.dim() != 1:
             raise ExportFileError(f"{tpath}: unexpected tensor {key!r} ({t.dtype}, shape {list(t.shape)}); this "
