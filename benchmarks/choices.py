@@ -116,7 +116,11 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     for (choice, _), rs in sorted(groups.items()):
         best = max(rs, key=lambda r: r["val_top1"])
         others = ", ".join(f"{r['option']} {r['val_top1']:.2f}" for r in rs if r is not best)
-        out.append(f"- {choice}: validation prefers **{best['option']}** ({best['val_top1']:.2f} vs {others}).")
+        if any(r is not best and r["val_top1"] == best["val_top1"] for r in rs):
+            out.append(f"- {choice}: validation does not separate the options ({best['option']} {best['val_top1']:.2f}, "
+                       f"{others}): the shipped default stays.")
+        else:
+            out.append(f"- {choice}: validation prefers **{best['option']}** ({best['val_top1']:.2f} vs {others}).")
     return out
 
 

@@ -196,7 +196,7 @@ def model_table(rows: list[dict]) -> str:
     fp = floats[0]["perplexity"] if floats else None
     lines = ["| width | method | perplexity (test) | KL | agreement (%) | calib perplexity | steps | tokens | "
              "minutes | gap closed vs RTN | commit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    order = {m: i for i, m in enumerate(["float", "rtn", "ptq", "best-ptq", "silq", "torchao-ptq", "torchao-qat"])}
+    order = {m: i for i, m in enumerate(["float", "rtn", "ptq", "silq", "torchao-ptq", "torchao-qat", "torchao-converted"])}
     shown = [r for r in rows if r["method"] in order]
     best = {}
     for r in rows:

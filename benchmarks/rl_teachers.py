@@ -48,7 +48,8 @@ def main() -> None:
     torch.set_num_threads(1)
     for game in args.games.split(","):
         run_dir = Path(args.runs) / game
-        command = f"lowbit rl teach --game {game} --frames {args.frames} --seed {args.seed} --out {shlex.quote(str(run_dir))}"
+        shown = os.path.relpath(run_dir, ROOT) if run_dir.resolve().is_relative_to(ROOT) else str(run_dir)
+        command = f"lowbit rl teach --game {game} --frames {args.frames} --seed {args.seed} --out {shlex.quote(shown)}"
         config = DQNConfig(game=game, frames=args.frames, seed=args.seed)
         _, meta = teach(config, run_dir, resume=(run_dir / "last.safetensors").is_file(), command=command,
                         log=lambda msg: print(msg, flush=True))

@@ -21,6 +21,10 @@ class CheckpointError(LowbitError, ValueError):
     """A checkpoint is not safetensors, is damaged, or does not match the model."""
 
 
+class DistributedError(LowbitError, RuntimeError):
+    """A torchrun launch is inconsistent: environment variables, or ranks that disagree on the run."""
+
+
 class MissingExtraError(LowbitError, ImportError):
     """An optional dependency (an extra such as ``lowbit[rl]``) is not installed."""
 

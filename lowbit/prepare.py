@@ -153,6 +153,8 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
                 raise RecipeError("the recipe folds batch norm (ptq: {fold_bn: true}), which needs calib_data: "
                                   "one example batch finds the conv -> batch-norm pairs")
             first, calib_data = _peek(calib_data)
+            if isinstance(_inputs(first), dict):
+                check_token_ids(target, _inputs(first))
             folded = fold_batchnorm(target, _inputs(first))
             undo.append(folded.undo)
             report.folded = list(folded)
@@ -220,11 +222,9 @@ def _swap(root: nn.Module, name: str, module: nn.Module, undo: list) -> None:
 
 def _quantize_embeddings(model: nn.Module, spec: dict, report: QuantReport, undo: list) -> None:
     """Swap every ``nn.Embedding`` for a :class:`~lowbit.nn.QuantEmbedding` (weights only; per-row
-    steps with ``granularity: channel``)."""
+    steps with ``granularity: channel``). A model without one has nothing to quantize there (the shipped
+    recipes carry an ``embeddings`` section for the language models they meet)."""
     tables = [(name, m) for name, m in model.named_modules() if type(m) is nn.Embedding]
-    if not tables:
-        raise RecipeError(f"the recipe quantizes embeddings but {type(model).__name__} has no nn.Embedding; "
-                          "drop the 'embeddings' section")
     for name, table in tables:
         wq = build_quantizer(spec, "weight", name, table)
         _swap(model, name, QuantEmbedding.from_float(table, wq, None), undo)
@@ -310,9 +310,24 @@ def _inputs(batch):
 def _forward(model: nn.Module, batch) -> None:
     inputs = _inputs(batch)
     if isinstance(inputs, dict):
+        check_token_ids(model, inputs)
         model(**inputs)
     else:
         model(inputs)
+
+
+def check_token_ids(model: nn.Module, batch: dict) -> None:
+    """Raise :class:`CalibrationError` when a tokenizer batch's ``input_ids`` fall outside the model's vocabulary
+    (a tokenizer of another model), instead of an index error deep inside the embedding."""
+    ids = batch.get("input_ids")
+    table = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(ids, torch.Tensor) or not isinstance(table, nn.Embedding) or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= table.num_embeddings:
+        raise CalibrationError(f"token ids span [{low}, {high}] but {type(model).__name__} has a vocabulary of "
+                               f"{table.num_embeddings}: the batches come from another model's tokenizer; tokenize "
+                               "with the tokenizer saved with this model")
 
 
 def input_quantizers(model: nn.Module) -> dict[str, Quantizer]:

@@ -87,6 +87,12 @@ def test_every_option_of_every_command_has_help():
     assert not missing, f"options without --help text: {missing}"
 
 
+def test_every_data_reading_command_takes_data_dir():
+    for command in ("summary", "ptq", "qat", "mixed", "export", "train"):
+        extra = ["--out", "x"] if command == "export" else ["--model", "mlp"] if command == "train" else []
+        assert parser().parse_args([command, "--data-dir", "/data", *extra]).data_dir == "/data"
+
+
 def test_python_dash_m_lowbit_is_the_command_line():
     out = subprocess.run([sys.executable, "-m", "lowbit", "--help"], capture_output=True, text=True, check=True).stdout
     assert out.startswith("usage: lowbit") and "qat" in out and "export" in out

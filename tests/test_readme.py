@@ -102,3 +102,20 @@ def test_readme_reinforcement_learning_example_runs_as_written(tmp_path, monkeyp
     lines = capsys.readouterr().out.strip().splitlines()
     assert "% of the teacher" in lines[-2] and float(lines[-1]) >= 0.0
     assert (tmp_path / "runs" / "breakout-w2a2" / "export" / "manifest.json").is_file()
+
+
+def test_readme_language_model_example_runs_as_written(capsys):
+    pytest.importorskip("transformers")
+    from lowbit.zoo.language import bytellama_path
+
+    if not bytellama_path().is_file():
+        pytest.skip("the bytellama checkpoint is not shipped")
+    torch.manual_seed(0)
+    (code,) = blocks("python", "Language models")
+    namespace: dict = {}
+    exec(compile(code, "README.md (language models)", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "'perplexity'" in out and "'kl'" in out and "'agreement'" in out
+    block = namespace["qmodel"].model.layers[0].self_attn
+    assert block.key_quantizer.bits == 8 and block.q_proj.weight_quantizer.bits == 4
+    assert not hasattr(namespace["model"].model.layers[0].self_attn, "key_quantizer")  # the float model untouched

@@ -68,7 +68,12 @@ channel, each scaled by its own multiplier); the bias enters as ``round(b_o / s_
 
 Residual additions add two wide values (int64); average pooling sums its window exactly in
 int64 and requantises with ``M = s_in / (count * s_out)``; max pooling and ReLU (``max(q, z)``)
-act on codes or wide values directly; flatten/reshape only reshape.
+act on codes or wide values directly; flatten/reshape only reshape. A clamp to constant bounds
+``[lo, hi]`` (ReLU6) clamps codes to the codes of its bounds, ``clamp(q, Q(lo), Q(hi))`` with
+``Q(v) = clamp(round(v / s + z), qmin, qmax)`` computed as the quantizer computes it: rounding is
+monotone, so ``Q(clamp(x, lo, hi)) = clamp(Q(x), Q(lo), Q(hi))`` exactly (on wide values the bounds
+are ``round(lo 2^E)``, ``round(hi 2^E)``). Zero padding pads codes with their zero point (the code
+of 0.0) and wide values with 0.
 
 Exactness
 ---------
@@ -511,7 +516,7 @@ class IntegerEngine:
         for u in self.users.get(name, []):
             if u.op in LAYER_OPS:
                 reps.append(self._layer_rep(u))
-            elif u.op in ("relu", "maxpool2d"):
+            elif u.op in ("relu", "clamp", "pad", "maxpool2d"):
                 reps += self._consumer_reps(u.name)
             elif u.op in ("flatten", "reshape"):
                 reps += [r if (r != "wide" and not r.per_channel) else "wide" for r in self._consumer_reps(u.name)]
@@ -611,7 +616,7 @@ class IntegerEngine:
                         if capture:
                             self.captured[node.layer] = q
                         env[node.name] = (self._finish(k(q), rep), rep)
-                    elif op in ("relu", "maxpool2d", "flatten", "reshape"):
+                    elif op in ("relu", "clamp", "pad", "maxpool2d", "flatten", "reshape"):
                         src_t, src_rep = env[node.inputs[0]]
                         work_rep = rep if src_rep is None else src_rep
                         t = get(node.inputs[0], work_rep)
@@ -636,11 +641,22 @@ class IntegerEngine:
         a = node.attrs
         if node.op == "relu":
             return torch.maximum(t, _bc(rep.zero, t.dim()).to(t.dtype))
+        if node.op == "clamp":
+            lo, hi = (self._bound(a[k], rep, t.dim()).to(t.dtype) for k in ("min", "max"))
+            return torch.minimum(torch.maximum(t, lo), hi)
+        if node.op == "pad":
+            z = _bc(rep.zero, t.dim()).to(t.dtype)
+            return F.pad(t - z, a["pads"]) + z
         if node.op == "maxpool2d":
             return F.max_pool2d(t, a["kernel"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"])
         if node.op == "flatten":
             return torch.flatten(t, a.get("start_dim", 0), a.get("end_dim", -1))
         return t.reshape([t.shape[i] if d == 0 else d for i, d in enumerate(a["shape"])])
+
+    def _bound(self, value: float, rep: Rep, ndim: int) -> torch.Tensor:
+        """A clamp bound on ``rep``: the code the quantizer gives ``value`` (float32, as the fake-quant model),
+        or ``round(value 2^E)`` wide."""
+        return self._quantize_float(torch.full([1] * ndim, value), rep)
 
     def _avgpool(self, node: Node, get, src_rep: Rep | None, rep: Rep) -> torch.Tensor:
         work = self.wide if src_rep is None else src_rep

@@ -3,8 +3,13 @@
 :func:`trace_graph` symbolically traces a (quantized) model with lowbit's quantized layers
 and quantizers as leaves and maps each fx node to one of a few operations:
 
-    input, conv, linear, relu, add, maxpool2d, avgpool2d, global_avgpool, flatten, reshape,
-    output
+    input, conv, linear, relu, clamp, pad, add, maxpool2d, avgpool2d, global_avgpool, flatten,
+    reshape, output
+
+``clamp`` (``{"min", "max"}``, finite floats) is ReLU6 / Hardtanh / ``torch.clamp`` with constant
+bounds; ``pad`` (``{"pads": [left, right, top, bottom]}``) is a zero padding of the last two
+dimensions (``nn.ZeroPad2d``, ``F.pad`` with value 0), e.g. TensorFlow's asymmetric ``SAME``
+padding before a stride-2 convolution.
 
 ``Identity``/``Dropout`` disappear (their users read their input) and every batch norm must
 follow a Conv/Linear whose output it alone reads: it is folded into that layer (recorded in
@@ -20,6 +25,7 @@ beyond any CNN here, and a bound on what a stored graph can make the engine allo
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -32,8 +38,8 @@ from lowbit.deploy.errors import ExportError
 from lowbit.nn.modules import QuantMixin
 from lowbit.quant.base import Quantizer
 
-OPS = ("input", "conv", "linear", "relu", "add", "maxpool2d", "avgpool2d", "global_avgpool", "flatten", "reshape",
-       "output")
+OPS = ("input", "conv", "linear", "relu", "clamp", "pad", "add", "maxpool2d", "avgpool2d", "global_avgpool", "flatten",
+       "reshape", "output")
 LAYER_OPS = ("conv", "linear")
 
 
@@ -131,6 +137,8 @@ _ATTRS = {
     "maxpool2d": {"kernel": list, "stride": list, "padding": list, "dilation": list, "ceil_mode": bool},
     "avgpool2d": {"kernel": list, "stride": list, "padding": list, "ceil_mode": bool, "count_include_pad": bool},
     "global_avgpool": {"keepdim": bool},
+    "clamp": {"min": float, "max": float},
+    "pad": {"pads": list},
     "flatten": {"start_dim": int, "end_dim": int},
     "reshape": {"shape": list},
 }
@@ -147,8 +155,17 @@ def check_attrs(op: str, attrs, where: str) -> None:
         raise ExportError(f"{where}: op {op!r} has attributes {sorted(expected)}, got {attrs!r}")
     for key, kind in expected.items():
         v = attrs[key]
-        if not (_is_int(v) if kind is int else isinstance(v, kind)):
-            raise ExportError(f"{where}.{key}: expected {kind.__name__}, got {v!r}")
+        ok = _is_int(v) if kind is int else (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v)) if kind is float else isinstance(v, kind)
+        if not ok:
+            raise ExportError(f"{where}.{key}: expected {'a finite ' if kind is float else ''}{kind.__name__}, "
+                              f"got {v!r}")
+    if op == "clamp" and not attrs["min"] <= attrs["max"]:
+        raise ExportError(f"{where}: clamp needs min <= max, got {attrs!r}")
+    if op == "pad" and (len(attrs["pads"]) != 4 or not all(_is_int(x) and 0 <= x <= MAX_WINDOW
+                                                            for x in attrs["pads"])):
+        raise ExportError(f"{where}.pads: 4 integers (left, right, top, bottom) from 0 to {MAX_WINDOW}, "
+                          f"got {attrs['pads']!r}")
     ndim = attrs["dims"] if op == "conv" else 2
     if op == "conv" and (ndim not in (1, 2) or not 1 <= attrs["groups"] <= 2**20):
         raise ExportError(f"{where}: dims must be 1 or 2 and groups a positive integer, got {attrs!r}")
@@ -192,8 +209,8 @@ def _pair(v, n: int = 2) -> list[int]:
 def _unsupported(node: fx.Node, modules, what: str, hint: str = "") -> ExportError:
     return ExportError(f"{_where(node, modules)}: {what} is not supported by lowbit export / the integer engine"
                        + (f"; {hint}" if hint else "") + ". Supported: Conv1d/Conv2d, Linear, BatchNorm after "
-                       "Conv/Linear, ReLU, residual add, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), flatten, "
-                       "Identity, Dropout")
+                       "Conv/Linear, ReLU, ReLU6/Hardtanh/clamp with constant bounds, zero padding (ZeroPad2d), "
+                       "residual add, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d(1), flatten, Identity, Dropout")
 
 
 def _conv_attrs(m: nn.Module, node, modules) -> dict:
@@ -221,6 +238,12 @@ def _module_node(node: fx.Node, m: nn.Module, modules) -> tuple[str, dict]:
         return "batchnorm", {}
     if isinstance(m, nn.ReLU):
         return "relu", {}
+    if isinstance(m, nn.Hardtanh):  # ReLU6 too
+        return "clamp", _clamp_attrs(m.min_val, m.max_val, node, modules)
+    if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)):
+        if float(m.value) != 0.0:
+            raise _unsupported(node, modules, f"ConstantPad2d(value={m.value})", "only zero padding is")
+        return "pad", _pad_attrs(m.padding, node, modules)
     if isinstance(m, nn.MaxPool2d):
         if m.return_indices:
             raise _unsupported(node, modules, "MaxPool2d(return_indices=True)")
@@ -242,6 +265,19 @@ def _module_node(node: fx.Node, m: nn.Module, modules) -> tuple[str, dict]:
     if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)):
         return "identity", {}
     raise _unsupported(node, modules, f"the module type {type(m).__name__}")
+
+
+def _clamp_attrs(low, high, node, modules) -> dict:
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+        raise _unsupported(node, modules, f"clamp({low}, {high})", "both bounds must be finite constants")
+    return {"min": float(low), "max": float(high)}
+
+
+def _pad_attrs(padding, node, modules) -> dict:
+    pads = [int(p) for p in padding] if isinstance(padding, (tuple, list)) else [int(padding)] * 4
+    if len(pads) != 4 or min(pads) < 0:
+        raise _unsupported(node, modules, f"padding {padding}", "pad the last two dimensions by >= 0")
+    return {"pads": pads}
 
 
 _ADD = {operator.add, operator.iadd, torch.add}
@@ -267,6 +303,17 @@ def _function_node(node: fx.Node, modules, batch_values: set[str]) -> tuple[str,
         return "add", {}, tensors
     if (not is_method and fn in _RELU) or (is_method and fn in ("relu", "relu_")):
         return "relu", {}, tensors[:1]
+    if not is_method and fn is F.relu6:
+        return "clamp", _clamp_attrs(0.0, 6.0, node, modules), tensors[:1]
+    if not is_method and fn is F.hardtanh:
+        return "clamp", _clamp_attrs(_arg(node, 1, "min_val", -1.0), _arg(node, 2, "max_val", 1.0), node,
+                                     modules), tensors[:1]
+    if (not is_method and fn in (torch.clamp, torch.clip)) or (is_method and fn in ("clamp", "clip", "clamp_")):
+        return "clamp", _clamp_attrs(_arg(node, 1, "min"), _arg(node, 2, "max"), node, modules), tensors[:1]
+    if not is_method and fn is F.pad:
+        if _arg(node, 2, "mode", "constant") != "constant" or (_arg(node, 3, "value", 0.0) or 0.0) != 0.0:
+            raise _unsupported(node, modules, "F.pad other than constant zero padding")
+        return "pad", _pad_attrs(_arg(node, 1, "pad"), node, modules), tensors[:1]
     if (not is_method and fn in _FLATTEN) or (is_method and fn == "flatten"):
         return "flatten", {"start_dim": int(_arg(node, 1, "start_dim", 0)),
                            "end_dim": int(_arg(node, 2, "end_dim", -1))}, tensors[:1]
@@ -327,8 +374,11 @@ def trace_graph(model: nn.Module) -> Graph:
     try:
         fx_graph = _Tracer().trace(model)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError...
+        hint = ("; a Hugging Face transformer is not an exportable graph here (attention, LayerNorm and GELU have no "
+                "integer kernels in lowbit's engine): keep it as a quantized checkpoint, lowbit.save / lowbit.load"
+                if hasattr(model, "config") and hasattr(model, "get_input_embeddings") else "")
         raise ExportError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); export "
-                          "needs a model whose forward has no data-dependent Python control flow") from exc
+                          f"needs a model whose forward has no data-dependent Python control flow{hint}") from exc
     nodes: list[Node] = []
     alias: dict[str, str] = {}  # removed node -> the node its users read instead
     batch_values: set[str] = set()

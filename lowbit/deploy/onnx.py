@@ -390,6 +390,15 @@ def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
             vals[n.name], ndim[n.name] = out, nd
         elif n.op == "relu":
             vals[n.name], ndim[n.name] = b.node("Relu", src, n.name), ndim[n.inputs[0]]
+        elif n.op == "clamp":
+            bounds = [b.const(f"{n.name}_{k}", np.array(n.attrs[k], np.float32)) for k in ("min", "max")]
+            vals[n.name], ndim[n.name] = b.node("Clip", src + bounds, n.name), ndim[n.inputs[0]]
+        elif n.op == "pad":
+            left, right, top, bottom = n.attrs["pads"]
+            nd = ndim[n.inputs[0]] or 4
+            pads = [0] * (nd - 2) + [top, left] + [0] * (nd - 2) + [bottom, right]
+            vals[n.name] = b.node("Pad", [src[0], b.const(n.name + "_pads", np.array(pads, np.int64))], n.name)
+            ndim[n.name] = nd
         elif n.op == "add":
             ins = list(src)
             if residual_scales:

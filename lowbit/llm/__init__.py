@@ -1,4 +1,5 @@
-"""Hugging Face causal language models: the KV-cache quantization point, SiLQ fine-tuning, evaluation.
+"""Hugging Face language models: the KV-cache quantization point, SiLQ fine-tuning, evaluation; encoders
+(BERT) fine-tune by embedding distillation (:mod:`lowbit.llm.encoder`).
 
     import lowbit
     qmodel = lowbit.quantize(hf_model, "silq-w4a8kv8", calib_data=windows)
@@ -8,6 +9,7 @@ and next-token distillation as the fine-tuning objective of causal LMs with :fun
 it does not import transformers (the functions that need it import it when called).
 """
 
+from lowbit.llm.encoder import SentenceEncoder, embedding_agreement, is_encoder, sentence_embeddings
 from lowbit.llm.evaluate import measure, perplexity
 from lowbit.llm.families import FAMILIES, family_of
 from lowbit.llm.kv_cache import is_kv_quantized, kv_cache_replacements
@@ -17,5 +19,7 @@ from lowbit.qat.objective import register_objective
 
 register_points("kv_cache", kv_cache_replacements)
 register_objective(is_causal_lm, CausalLM)
+register_objective(is_encoder, SentenceEncoder)
 
-__all__ = ["FAMILIES", "CausalLM", "family_of", "is_causal_lm", "is_kv_quantized", "measure", "perplexity"]
+__all__ = ["FAMILIES", "CausalLM", "SentenceEncoder", "embedding_agreement", "family_of", "is_causal_lm", "is_encoder",
+           "is_kv_quantized", "measure", "perplexity", "sentence_embeddings"]

@@ -9,8 +9,9 @@ For a conv ``y = W * x + b`` followed by batch norm in eval mode
 so the folded model computes the same function and the weight quantizer sees the weights
 that integer inference will actually use (Jacob et al., CVPR 2018, section 3.2).
 
-Pairs are found by running one example batch with hooks: a BatchNorm whose input *is* the
-output tensor of a Conv/Linear is folded into it. The folded model's output is then checked
+Pairs are found by running one example batch with hooks (a tensor, or a dict of keyword inputs
+such as a tokenizer's batch): a BatchNorm whose input *is* the output tensor of a Conv/Linear is
+folded into it. The folded model's output is then checked
 against the original's on the same batch; a mismatch (e.g. the conv output was also used
 elsewhere) undoes the fold and raises.
 """
@@ -25,7 +26,7 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 @torch.no_grad()
-def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor | dict) -> list[tuple[str, str]]:
     """``(conv name, bn name)`` for every BatchNorm fed directly by a Conv/Linear output."""
     produced: dict[int, tuple[str, torch.Tensor]] = {}  # holds the tensors so their ids stay unique
     pairs: list[tuple[str, str]] = []
@@ -42,7 +43,7 @@ def find_conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[st
     was_training = model.training
     model.eval()
     try:
-        model(example)
+        _run(model, example)
     finally:
         for h in hooks:
             h.remove()
@@ -65,14 +66,14 @@ class Folded(list):
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-4) -> Folded:
+def fold_batchnorm(model: nn.Module, example: torch.Tensor | dict, *, atol: float = 1e-4) -> Folded:
     """Fold every ``Conv -> BN`` pair of ``model`` in place; BNs become ``nn.Identity``. Returns the pairs."""
     pairs = find_conv_bn_pairs(model, example)
     if not pairs:
         return Folded([])
     was_training = model.training
     model.eval()
-    reference = model(example)
+    reference = _run(model, example)
     modules = dict(model.named_modules())
     saved = {}
     for conv_name, bn_name in pairs:
@@ -99,13 +100,21 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor, *, atol: float = 1e-
                 modules[conv_name].bias.copy_(b)
             _set(model, bn_name, modules[bn_name])
 
-    folded = model(example)
+    folded = _run(model, example)
     model.train(was_training)
-    if not torch.allclose(folded, reference, atol=atol * max(1.0, reference.abs().max().item()), rtol=1e-4):
+    if not all(torch.allclose(f, r, atol=atol * max(1.0, r.abs().max().item()), rtol=1e-4)
+               for f, r in zip(folded, reference, strict=True)):
         restore()
         raise RuntimeError("batch-norm folding changed the model's output (a conv output feeds more than its "
                            "batch norm?); the model was restored; quantize without folding (fold_bn: false)")
     return Folded(pairs, restore)
+
+
+def _run(model: nn.Module, example) -> list[torch.Tensor]:
+    """The floating-point tensors ``model`` returns for ``example`` (keyword inputs if a dict), in order."""
+    out = model(**example) if isinstance(example, dict) else model(example)
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else [out]
+    return [t for t in items if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -25,7 +25,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "exponential", "step", "constant")
 
 # Fields that change only bookkeeping, never the numbers: a resumed run may change them.
-BOOKKEEPING = frozenset({"checkpoint_every", "log_every", "progress", "tensorboard"})
+BOOKKEEPING = frozenset({"checkpoint_every", "log_every", "progress", "tensorboard", "distributed"})
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -85,6 +86,7 @@ class FinetuneConfig:
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
     autocast: bool = False
+    distributed: str = "ddp"
     seed: int = 0
     checkpoint_every: int = 0
     log_every: int = 0
@@ -178,7 +180,7 @@ def _coerce(c: FinetuneConfig) -> None:
             raise _err(k, "must be true or false", getattr(c, k))
     if c.progress is not None and not isinstance(c.progress, bool):
         raise _err("progress", "must be true, false or null", c.progress)
-    for k in ("optimizer", "schedule"):
+    for k in ("optimizer", "schedule", "distributed"):
         v = getattr(c, k)
         setattr(c, k, v.lower() if isinstance(v, str) else v)
     try:
@@ -228,6 +230,7 @@ def _validate(c: FinetuneConfig) -> None:
     need(c.max_steps is None or c.max_steps >= 1, "max_steps", "must be >= 1 or null")
     need(c.max_tokens is None or c.max_tokens >= 1, "max_tokens", "must be >= 1 or null")
     need(c.grad_accum_steps >= 1, "grad_accum_steps", "must be >= 1")
+    need(c.distributed in DISTRIBUTED, "distributed", f"must be one of {list(DISTRIBUTED)}")
     need(c.seed >= 0, "seed", "must be >= 0")
     need(c.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: at epoch ends)")
     need(c.log_every >= 0, "log_every", "must be >= 0 (0: per epoch only)")

@@ -24,6 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowbit.errors import DistributedError
+from lowbit.qat.state import digest
+
 
 @dataclass
 class DistInfo:
@@ -47,15 +50,47 @@ def setup() -> DistInfo:
         return DistInfo()
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1")
     if world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise DistributedError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set; launch with torchrun "
+                               "(e.g. torchrun --nproc_per_node=2 ...), which sets them all")
+    rank = _env_int("RANK")
+    local = _env_int("LOCAL_RANK", os.environ["RANK"])
+    local_world = _env_int("LOCAL_WORLD_SIZE", str(world))
+    if not 0 <= rank < world or not 0 <= local < local_world or local_world > world:
+        raise DistributedError(f"inconsistent torchrun environment: RANK {rank}, WORLD_SIZE {world}, LOCAL_RANK "
+                               f"{local}, LOCAL_WORLD_SIZE {local_world}; each rank must be below its world size")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local)
     dist.init_process_group(backend)
     return DistInfo(rank, world, local, created=True)
+
+
+def _env_int(name: str, default: str | None = None) -> int:
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedError(f"{name}={value!r} is not an integer; launch with torchrun") from None
+
+
+def check_same_everywhere(run: dict, info: DistInfo) -> None:
+    """Raise :class:`~lowbit.errors.DistributedError` on every rank unless all ranks describe the same
+    run (settings, model and recipe, data length, step): ranks that disagree would train different
+    models and deadlock or silently average unrelated gradients."""
+    if not info.enabled:
+        return
+    mine = digest(run)
+    every = [None] * info.world_size
+    dist.all_gather_object(every, mine)
+    odd = [r for r, d in enumerate(every) if d != every[0]]
+    if odd:
+        raise DistributedError(f"rank(s) {odd} run with other settings, model, recipe or data than rank 0 (digest "
+                               f"{every[0]} vs {[every[r] for r in odd]}); start every rank with the same command")
 
 
 def teardown(info: DistInfo) -> None:

@@ -32,9 +32,11 @@ from lowbit.zoo import trained_with_augment
 
 def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, checkpoint_dir=None, epochs=None, lr=None,
             batch_size=None, max_steps=None, seed=None, distill: bool = False, resume: bool = False,
-            calib_images: int = 512, augment: bool | None = None, data_dir=None, progress=None, log=print) -> dict:
+            calib_images: int = 512, augment: bool | None = None, data_dir=None, progress=None, log=print,
+            on_step=None) -> dict:
     """``augment=None`` fine-tunes with the augmentation the shipped checkpoint of ``model_name``
-    was trained with (:func:`lowbit.zoo.trained_with_augment`; on for models the zoo does not know)."""
+    was trained with (:func:`lowbit.zoo.trained_with_augment`; on for models the zoo does not know).
+    ``on_step``: passed to :func:`lowbit.finetune` (called after every step)."""
     recipe_obj = load_recipe(recipe)
     if augment is None:
         augment = trained_with_augment(model_name, dataset)
@@ -48,7 +50,7 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
                         data_dir=data_dir)
     val = make_loader(dataset, "calib", 500, data_dir=data_dir)
     result = finetune(qmodel, train, eval_data=val, teacher=model if distill else None, config=cfg,
-                      checkpoint_dir=checkpoint_dir, resume=resume, log=log)
+                      checkpoint_dir=checkpoint_dir, resume=resume, log=log, on_step=on_step)
     if result["rank"] != 0:
         return result
     test = make_loader(dataset, "test", 500, data_dir=data_dir)

@@ -171,8 +171,9 @@ def _json_safe(v):
     return v
 
 
-def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def optimizer_to_flat(optimizer: torch.optim.Optimizer, state: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """``optimizer``'s state (or ``state``, an index-keyed state dict gathered from shards) as tensors + JSON."""
+    sd = state if state is not None else optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -184,11 +185,13 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
                      "scalars": scalars}
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict,
+                        load=None) -> None:
     """Restore ``optimizer`` from a checkpoint's ``optim.*`` tensors and ``meta`` (its ``optimizer`` field), after
     checking them against the optimizer this run built: same type, the same groups with the same settings
     (values of the same kinds) and parameters, per-parameter state of each parameter's shape. Raises
-    :class:`CheckpointError` naming the field."""
+    :class:`CheckpointError` naming the field. ``load`` puts the checked state in place (default
+    ``optimizer.load_state_dict``; FSDP2 scatters it to the shards)."""
     if meta["type"] != type(optimizer).__name__:
         raise CheckpointError(f"checkpoint optimizer is {meta['type']}, this run builds {type(optimizer).__name__}")
     own = optimizer.state_dict()
@@ -221,7 +224,7 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
             raise CheckpointError(f"field optimizer.scalars.{key}: a number for a parameter of this run's optimizer, "
                                   f"got {v!r}")
         state.setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": restored})
+    (load or optimizer.load_state_dict)({"state": state, "param_groups": restored})
 
 
 def _same_kind(mine, theirs) -> bool:
@@ -252,15 +255,17 @@ def state_digest(text: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_training_state(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        meta: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+                        meta: dict, extra: dict[str, torch.Tensor] | None = None,
+                        optimizer_state: dict | None = None) -> Path:
     """Write ``last.safetensors`` (+ ``last.json``) atomically; refuse non-finite tensors.
 
     ``extra`` adds tensors of the caller's own (a target network, a replay memory), under names
-    that start with neither ``model.`` nor ``optim.``."""
+    that start with neither ``model.`` nor ``optim.``. ``optimizer_state``: the optimizer's state
+    gathered from shards (FSDP2), in place of ``optimizer.state_dict()``."""
     path, side = checkpoint_paths(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer, optimizer_state)
     tensors.update(opt_tensors)
     for key, value in (extra or {}).items():
         if key.startswith(("model.", "optim.")):

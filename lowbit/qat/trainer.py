@@ -29,6 +29,7 @@ from lowbit.errors import CheckpointError, RecipeError
 from lowbit.prepare import calibrate, release_frozen_weights
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
+from lowbit.qat import fsdp as F
 from lowbit.qat.batchnorm import BATCH_NORMS, reestimate_batchnorm
 from lowbit.qat.config import BOOKKEEPING, FinetuneConfig
 from lowbit.qat.distill import TeacherMismatchError
@@ -169,10 +170,15 @@ class _Run:
                                       "and batch size")
             from lowbit.checkpoint import load_into
             load_into(self.model, model_tensors(tensors))
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.fsdp = self.dist.enabled and cfg.distributed == "fsdp"
+        if self.fsdp:  # the optimizer holds the shards (lowbit.qat.fsdp)
+            self.net = F.shard(self.model, self.dist, self.device)
+        self.trained = self.net if self.fsdp else self.model  # the module whose parameters the optimizer updates
+        self.optimizer = build_optimizer(self.trained, cfg)
         if loaded is not None:
             from lowbit.qat.state import optimizer_from_flat
-            optimizer_from_flat(self.optimizer, tensors, meta["optimizer"])
+            load = (lambda state: F.load_optimizer_state(self.net, self.optimizer, state)) if self.fsdp else None
+            optimizer_from_flat(self.optimizer, tensors, meta["optimizer"], load=load)
             self.step, self.history = int(meta["step"]), list(meta.get("history", []))
             self.units = int(meta.get("units", 0))
             self.stats = meta.get("stats", self.stats)
@@ -186,7 +192,10 @@ class _Run:
         elif self.dir is not None and self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / METRICS_FILE).write_text("")
-        self.net = D.wrap(self.model, self.dist, self.device)
+        if not self.fsdp:
+            self.net = D.wrap(self.model, self.dist, self.device)
+        D.check_same_everywhere({"config": cfg.to_dict(), "model": fingerprint(self.model),
+                                 "batches_per_epoch": self.steps_per_epoch, "step": self.step}, self.dist)
         if self.dir is not None and self.main and cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -221,16 +230,23 @@ class _Run:
                     self.writer.add_scalar(f"{rec['kind']}/{k}", v, rec["step"])
             self.writer.flush()
 
+    def _pull(self) -> None:
+        """Under FSDP, gather the trained weights into the caller's plain model (every rank)."""
+        if self.fsdp:
+            F.pull(self.net, self.model)
+
     def save(self, epoch: int) -> None:
         if self.dir is None:
             return
+        self._pull()
+        optimizer_state = F.optimizer_state(self.net, self.optimizer) if self.fsdp else None  # collective
         if self.main:
             meta = {"step": self.step, "epoch": epoch, "total_steps": self.total,
                     "steps_per_epoch": self.steps_per_epoch, "config": self.cfg.to_dict(),
                     "schedule": self.schedule.state_dict(self.step), "rng": rng_state(),
                     "fingerprint": fingerprint(self.model), "history": self.history, "stats": self.stats,
                     "world_size": self.dist.world_size, "units": self.units}
-            save_training_state(self.dir, self.model, self.optimizer, meta)
+            save_training_state(self.dir, self.model, self.optimizer, meta, optimizer_state=optimizer_state)
         self.last_saved = self.step
 
     def _global(self, key: str) -> tuple[float, float]:
@@ -242,7 +258,7 @@ class _Run:
         """Training mode, with batch norm in eval mode once the freeze point is reached."""
         self.net.train()
         if self.freeze_at is not None and self.step >= self.freeze_at:
-            for m in self.model.modules():
+            for m in self.trained.modules():
                 if isinstance(m, BATCH_NORMS):
                     m.eval()
 
@@ -276,10 +292,15 @@ class _Run:
             value, correct, count = value + loss.detach() * weight, correct + c, count + n
         if D.any_rank(not bool(torch.isfinite(value)), self.dist, self.device):
             self._fail(f"the loss became {value.item()} ", epoch, index, lr)
+        if self.fsdp:
+            F.average_replicated_grads(self.net, self.dist.world_size)
         if self.cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if self.fsdp:
+                F.clip_grad_norm(self.net.parameters(), self.cfg.grad_clip)
+            else:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
-        clamp_quantizer_parameters(self.model)
+        clamp_quantizer_parameters(self.trained)
         self.step += 1
         self.units += batch_units
         for key in ("epoch", "window"):
@@ -314,7 +335,7 @@ class _Run:
                 if self.step >= self.total:
                     break
                 if self.freeze_at is not None and self.step == self.freeze_at:
-                    D.broadcast_buffers(self.model, self.dist)  # every rank freezes rank 0's statistics
+                    D.broadcast_buffers(self.trained, self.dist)  # every rank freezes rank 0's statistics
                     self._bn_mode()
                 info = self.train_step(batch, epoch, index)
                 rate = f"{self.units_per_second(start):.0f} {self.objective.unit}/s"
@@ -363,6 +384,7 @@ class _Run:
         loss, acc = self._global("epoch")
         rec = {"kind": "epoch", "step": self.step, "epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
                "lr": self.schedule(max(0, self.step - 1)), "seconds": round(time.time() - start, 3)}
+        self._pull()
         if self.eval_data is not None and self.main:
             rec.update(self.objective.evaluate(self.model, self.eval_data, self.teacher))
             self._bn_mode()
@@ -377,6 +399,7 @@ class _Run:
     def finish(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        self._pull()
         self.model.eval()  # leaves every dynamic weight grid (SAWB, min-max) matching the final weights
         self.model.train()
         if self.last_saved != self.step:

@@ -1,8 +1,11 @@
-"""Registry of reference models and their shipped Fashion-MNIST checkpoints.
+"""Registry of reference models: small ones with shipped Fashion-MNIST checkpoints, and ImageNet ones
+whose published weights come from packages.
 
 ``create_model("resnet20")`` builds an untrained model; ``pretrained("resnet20")`` also
 loads the checkpoint shipped in ``lowbit/zoo/checkpoints`` (trained by ``lowbit train``;
-its JSON sidecar records the command, seed and test accuracy).
+its JSON sidecar records the command, seed and test accuracy). ``pretrained("mobilenetv2")`` and
+``pretrained("efficientnet-lite0")`` load the published ImageNet weights from their packages
+(:mod:`lowbit.zoo.imagenet`).
 
 Every model the zoo builds carries its recipe for being built again,
 ``model.lowbit_architecture = {"zoo": name, "kwargs": {...}}`` (an instance attribute, so it
@@ -25,6 +28,7 @@ from torch import nn
 from lowbit.checkpoint import load_into, sidecar_path
 from lowbit.data.datasets import DATASETS, dataset_info
 from lowbit.errors import CheckpointError
+from lowbit.zoo.imagenet import EfficientNetLite0, MobileNetV2, imagenet_weights
 from lowbit.zoo.models import MLP, VGG, MobileNet, ResNet
 from lowbit.zoo.qnets import create_qnet  # noqa: F401 - the Q-networks of lowbit.rl
 from lowbit.zoo.teachers import shipped_teacher, teacher_path  # noqa: F401 - its DQN teachers
@@ -36,12 +40,18 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "vgg": VGG,
     "mobilenet": MobileNet,
     "mlp": lambda in_size=28, **kw: MLP(in_features=in_size * in_size, **kw),
+    "mobilenetv2": MobileNetV2,
+    "efficientnet-lite0": EfficientNetLite0,
 }
 _TAKES_IN_SIZE = {"mlp"}
+IMAGENET = {"in_channels": 3, "num_classes": 1000, "in_size": 224}  # how the ImageNet models were trained
+_PRETRAINED_ON = {"mobilenetv2": "imagenet", "efficientnet-lite0": "imagenet"}  # the rest: shipped checkpoints
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def list_models(dataset: str = "fashion-mnist") -> list[str]:
+    """The zoo models pretrained on ``dataset``: ``"fashion-mnist"`` (shipped checkpoints) or ``"imagenet"``
+    (published weights from packages)."""
+    return sorted(n for n in _REGISTRY if _PRETRAINED_ON.get(n, "fashion-mnist") == dataset)
 
 
 def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_size: int = 28) -> nn.Module:
@@ -53,7 +63,7 @@ def create_model(name: str, *, in_channels: int = 1, num_classes: int = 10, in_s
     Raises ``ValueError`` for an unknown name or a size that is not a positive integer.
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; the zoo has {list_models()}")
+        raise ValueError(f"unknown model {name!r}; the zoo has {sorted(_REGISTRY)}")
     kw = {"in_channels": in_channels, "num_classes": num_classes}
     if name in _TAKES_IN_SIZE:
         kw["in_size"] = in_size
@@ -100,8 +110,16 @@ def checkpoint_path(name: str, dataset: str = "fashion-mnist") -> Path:
     return CHECKPOINT_DIR / f"{name}-{dataset}.safetensors"
 
 
-def pretrained(name: str, dataset: str = "fashion-mnist") -> nn.Module:
-    """The zoo model ``name`` with its shipped full-precision weights, in eval mode."""
+def pretrained(name: str, dataset: str | None = None) -> nn.Module:
+    """The zoo model ``name`` with its full-precision weights, in eval mode: the shipped checkpoint for
+    ``dataset`` (default Fashion-MNIST), or for the ImageNet models their published weights.
+
+    Raises :class:`~lowbit.errors.CheckpointError` when no checkpoint exists and
+    :class:`~lowbit.errors.DataError` when an ImageNet model's weights package is not installed.
+    """
+    if _PRETRAINED_ON.get(name) == "imagenet" and dataset in (None, "imagenet"):
+        return load_into(create_model(name, **IMAGENET), imagenet_weights(name)).eval()
+    dataset = dataset or "fashion-mnist"
     path = checkpoint_path(name, dataset)
     if not path.is_file():
         raise CheckpointError(f"no shipped checkpoint {path.name}; train one with "
