@@ -22,7 +22,6 @@ and their results are in ``benchmarks/qat.py`` and ``docs/RESULTS.md``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from lowbit.data.datasets import make_loader
 from lowbit.evaluate import evaluate
+from lowbit.files import write_json_atomic, write_text_atomic
 from lowbit.mixed import build_space, select
 from lowbit.plot import pyplot
 from lowbit.prepare import quantize
@@ -120,8 +120,8 @@ def run_demo(out: str | Path = "lowbit-demo", *, model_name: str = "resnet20", d
         results["test_images"] = test_limit
     table = results_table(results)
     log(table)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(f"# lowbit demo: {model_name} on {dataset}\n\n{table}\n")
+    write_json_atomic(out / "results.json", results, indent=2)
+    write_text_atomic(out / "results.md", f"# lowbit demo: {model_name} on {dataset}\n\n{table}\n")
     plot = write_plot(results, out / "accuracy_vs_size.png")
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {plot}" if plot else ""))
     return results

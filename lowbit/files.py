@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
@@ -28,9 +29,11 @@ def canonical_sha256(data) -> str:
 
 
 def temporary_path(path: str | os.PathLike) -> Path:
-    """The name a file is written under before :func:`os.replace` publishes it (same folder)."""
+    """The name a file is written under before :func:`os.replace` publishes it: the same folder, hidden,
+    and this process's own (``.NAME.PID.tmp``), so that processes writing one file (sharded ALPS runs,
+    ranks) never write into each other's temporary file."""
     path = Path(path)
-    return path.with_name(path.name + ".tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -40,6 +43,20 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Copy the file ``source`` to ``path`` through a temporary file and ``os.replace``; returns ``path``."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:
+    """``obj`` as indented JSON (one trailing newline) through :func:`write_text_atomic`; returns ``path``."""
+    return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def loads_json(data: bytes | str):

@@ -44,6 +44,7 @@ from torch import nn
 
 from lowbit.errors import RecipeError
 from lowbit.evaluate import evaluate
+from lowbit.files import write_text_atomic
 from lowbit.mixed.cost import Precision, precision_label
 from lowbit.mixed.tune import frozen_teacher, short_finetune, step_config
 from lowbit.prepare import build_quantizer, quantize
@@ -194,9 +195,9 @@ class ALPS:
         path.parent.mkdir(parents=True, exist_ok=True)
         manifest = path.parent / "manifest.json"
         if not manifest.exists():
-            _atomic_write(manifest, json.dumps({"space": self.space.fingerprint(), "steps": self.steps,
+            write_text_atomic(manifest, json.dumps({"space": self.space.fingerprint(), "steps": self.steps,
                                                 "config": self.config.to_dict(), "seed": self.seed}, indent=1))
-        _atomic_write(path, json.dumps(entry, indent=1, sort_keys=True))
+        write_text_atomic(path, json.dumps(entry, indent=1, sort_keys=True))
 
     # ----- runs ----------------------------------------------------------------------------
     def base_qmodel(self) -> nn.Module:
@@ -307,12 +308,6 @@ class ALPS:
         """Accuracy of an assignment measured the ALPS way (for :func:`~lowbit.mixed.knapsack.additivity_check`)."""
         lowered = {n: p for n, p in assignment.items() if tuple(p) != self.space.highest}
         return self.measure(lowered)["accuracy"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run_alps(model: nn.Module, space, train_data, eval_data: Iterable, *, steps: int = 100, shard=None,

@@ -17,7 +17,6 @@ is the baseline) and for uniform 2/3/4-bit models (first/last layers fixed). It 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ from pathlib import Path
 from torch import nn
 
 from lowbit.errors import RecipeError
+from lowbit.files import write_json_atomic, write_text_atomic
 from lowbit.mixed.alps import alps_gains
 from lowbit.mixed.cost import Precision, parse_precision, precision_label
 from lowbit.mixed.eagl import eagl_entropies, eagl_gains
@@ -227,9 +227,9 @@ def run_frontier(model: nn.Module, space, *, method: str, budgets: Sequence[floa
         res = alps.run()
         results["additivity"] = additivity_check(space, res.drops(), alps.measure_assignment, res.base_accuracy,
                                                  combos=additivity, seed=seed)
-    (out / "frontier.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_json_atomic(out / "frontier.json", results)
     table = frontier_table(results)
-    (out / "frontier.md").write_text(table + "\n")
+    write_text_atomic(out / "frontier.md", table + "\n")
     plot = None if select_only else write_frontier_plot(results, out / "frontier.png")
     log(table)
     log(f"wrote {out / 'frontier.json'}, {out / 'frontier.md'}" + (f", {plot}" if plot else ""))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CheckpointError, RecipeError
+from lowbit.files import write_text_atomic
 from lowbit.prepare import calibrate, release_frozen_weights
 from lowbit.progress import progress
 from lowbit.qat import distributed as D
@@ -191,7 +192,7 @@ class _Run:
                          f"{self.dist.world_size}: results match an uninterrupted run up to float rounding only")
         elif self.dir is not None and self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / METRICS_FILE).write_text("")
+            write_text_atomic(self.dir / METRICS_FILE, "")
         if not self.fsdp:
             self.net = D.wrap(self.model, self.dist, self.device)
         D.check_same_everywhere({"config": cfg.to_dict(), "model": fingerprint(self.model),
@@ -217,7 +218,7 @@ class _Run:
                         keep.append(ln)
                 except (ValueError, KeyError, TypeError):
                     pass  # a line cut short by the interruption
-            path.write_text("".join(ln + "\n" for ln in keep))
+            write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
     def record(self, rec: dict) -> None:
         if self.dir is None or not self.main:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import MissingExtraError
+from lowbit.files import temporary_path
 from lowbit.rl.envs import make_env
 from lowbit.rl.evaluate import TEST_SEED, Policy
 from lowbit.rl.policy import as_input, checked_q
@@ -48,7 +49,7 @@ def write_gif(screens: list[np.ndarray], path: str | os.PathLike, *, frames_per_
     images = [Image.fromarray(np.kron(s, np.ones((repeat, repeat, 1), dtype=np.uint8))) for s in screens]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_path(path)
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
                    duration=round(1000 / frames_per_second))
     os.replace(tmp, path)

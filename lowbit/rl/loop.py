@@ -15,7 +15,6 @@ be restored and is reseeded from the resume point). A resume with other settings
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CheckpointError, LowbitError
+from lowbit.files import write_json_atomic
 from lowbit.qat.state import (NonFiniteError, check_compatible, fingerprint, load_training_state, model_tensors,
                               optimizer_from_flat, save_training_state)
 from lowbit.rl.envs import Env, make_env
@@ -59,13 +59,6 @@ class RunConfig:
         value = getattr(self, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise LowbitError(f"{type(self).__name__}.{name} must be a positive number, got {value!r}")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 class TrainingRun:
@@ -169,7 +162,7 @@ class TrainingRun:
         self.evals.append({"frame": self.frame, "mean": result.mean, "std": result.std,
                            "episodes": len(result.returns), "minutes": self.seconds / 60})
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "evals.json", self.evals)
+        write_json_atomic(self.dir / "evals.json", self.evals)
         self.log(f"step {self.frame:,}: validation return {result.mean:.2f} +- {result.std:.2f} "
                  f"({len(result.returns)} episodes)")
 

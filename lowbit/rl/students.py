@@ -23,13 +23,13 @@ from torch import nn
 
 from lowbit.checkpoint import load_into
 from lowbit.errors import CheckpointError, RecipeError
+from lowbit.files import write_json_atomic
 from lowbit.prepare import quantize
 from lowbit.recipe import load_recipe
 from lowbit.rl.distill import DistillConfig, DistillRun
 from lowbit.rl.dqn import DQNConfig, DQNRun
 from lowbit.rl.envs import make_env
 from lowbit.rl.evaluate import TEST_SEED, evaluate_policy
-from lowbit.rl.loop import write_json
 from lowbit.rl.policy import greedy_actions
 from lowbit.rl.teach import load_teacher
 from lowbit.serialize import load as load_quantized, save as save_quantized
@@ -160,4 +160,4 @@ def _finish(student: nn.Module, run_dir, row: dict, tmeta: dict, arch: str) -> N
             "num_actions": tmeta["num_actions"], "obs_scale": tmeta["obs_scale"],
             **{k: row[k] for k in ("method", "recipe", "mean_return", "std_return", "agreement", "frames")}}
     save_student(student, Path(run_dir) / STUDENT_DIR, meta)
-    write_json(Path(run_dir) / "result.json", row)
+    write_json_atomic(Path(run_dir) / "result.json", row)

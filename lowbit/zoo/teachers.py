@@ -8,10 +8,11 @@ command). :func:`teacher_path` names the file; ``lowbit.rl.load_teacher`` loads 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
+from lowbit.checkpoint import sidecar_path
 from lowbit.errors import CheckpointError
+from lowbit.files import copy_atomic
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 
@@ -32,11 +33,7 @@ def shipped_teacher(game: str) -> Path:
 
 def install_teacher(path: str | os.PathLike, game: str) -> Path:
     """Copy a teacher checkpoint (and its sidecar) to the zoo's file for ``game``, atomically."""
-    from lowbit.checkpoint import sidecar_path
-
     dest = teacher_path(game)
     for src, dst in ((Path(path), dest), (sidecar_path(path), sidecar_path(dest))):
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        copy_atomic(src, dst)
     return dest
