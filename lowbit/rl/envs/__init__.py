@@ -14,7 +14,9 @@ game is made, so ``import lowbit.rl`` works without them.
 from __future__ import annotations
 
 from lowbit.errors import GameError
+from lowbit.rl.envs.ale import AtariEnv
 from lowbit.rl.envs.base import Env, import_extra
+from lowbit.rl.envs.minatar import MinAtarEnv
 
 MINATAR_GAMES = ("breakout", "asterix", "freeway", "seaquest", "space_invaders")
 ALE_PREFIX = "ale/"
@@ -41,9 +43,7 @@ def make_env(game: str, seed: int = 0, **options) -> Env:
     """
     check_game(game)
     if is_ale(game):
-        from lowbit.rl.envs.ale import AtariEnv
         return AtariEnv(game[len(ALE_PREFIX):], seed, **options)
-    from lowbit.rl.envs.minatar import MinAtarEnv
     return MinAtarEnv(game, seed, **options)
 
 
