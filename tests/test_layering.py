@@ -4,12 +4,13 @@ an optional dependency (read from the source, tests/import_graph.py)."""
 
 import ast
 
-from import_graph import cycles, graph, imports_of, lowbit_imports
+from import_graph import cycles, graph, imports_of, lowbit_imports, module_files
 
-# Optional dependencies (extras) and heavy ones that may be imported where they are used, not at
+# Optional dependencies (extras) and slow-to-import ones that may be imported where they are used, not at
 # module level; anything else inside a function is a smell the layering should remove.
-DEFERRABLE = {"onnx", "onnxruntime", "matplotlib", "tqdm", "sklearn", "PIL", "transformers", "gguf", "accelerate",
-              "minatar", "gymnasium", "ale_py", "cv2", "torch.utils.tensorboard", "torchao", "tokenizers"}
+DEFERRABLE = ("onnx", "onnxruntime", "matplotlib", "tqdm", "sklearn", "skimage", "PIL", "transformers", "gguf",
+              "accelerate", "minatar", "gymnasium", "ale_py", "cv2", "torch.utils.tensorboard", "torchao", "tokenizers",
+              "torch.distributed.fsdp", "torch.distributed.checkpoint")
 # lowbit's layers, lowest first: a module may import its own layer and the layers below it.
 LAYERS = [
     ("lowbit.errors", "lowbit.version", "lowbit.files", "lowbit.quant"),
@@ -59,3 +60,25 @@ def test_the_graph_resolves_submodules_and_sees_cycles():
     found = [(i.target, i.in_function) for i in imports_of("lowbit.c", tree, known)]
     assert found == [("lowbit.a.b", False), ("lowbit.c", False), ("lowbit", True)]
     assert cycles({"lowbit.a": {"lowbit.c"}, "lowbit.c": {"lowbit.a"}}) == [["lowbit.a", "lowbit.c"]]
+
+
+def _has_reason(lines: list[str], line: int) -> bool:
+    """A ``#`` comment on the import's line or on the run of import, ``try:`` and blank lines just above it."""
+    for text in reversed(lines[:line]):
+        if "#" in text:
+            return True
+        if text.strip() and not text.strip().startswith(("import ", "from ", "try:")):
+            return False
+    return False
+
+
+def test_imports_inside_functions_defer_an_optional_dependency_and_say_why():
+    # STYLE: an import inside a function needs a one-line reason; lowbit's own modules never need deferring
+    files = module_files()
+    found = [i for i in lowbit_imports() if i.in_function]
+    wrong = [f"{i.source}:{i.line} imports {i.target}" for i in found
+             if not any(i.target == d or i.target.startswith(d + ".") for d in DEFERRABLE)]
+    lines = {name: path.read_text().splitlines() for name, path in files.items()}
+    silent = [f"{i.source}:{i.line} imports {i.target} without a comment saying why" for i in found
+              if not _has_reason(lines[i.source], i.line)]
+    assert wrong + silent == []

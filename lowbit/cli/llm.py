@@ -14,13 +14,25 @@ Under ``torchrun``, ``finetune`` trains on every rank (DDP, or FSDP2 with the re
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import shlex
 import sys
 from pathlib import Path
 
+import torch
+
+import lowbit
+from lowbit.checkpoint import save_checkpoint
+from lowbit.data.text import ByteTokenizer
 from lowbit.errors import LowbitError
+from lowbit.llm.generate import generate_text
+from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm
+from lowbit.llm.pretrain import PretrainConfig, pretrain
+from lowbit.qat.config import FinetuneConfig
+from lowbit.recipe import load_recipe
+from lowbit.zoo.language import bytellama_path, create_bytellama
 
 
 def _command() -> str:
@@ -28,19 +40,12 @@ def _command() -> str:
 
 
 def _text(args):
-    from lowbit.llm.pipeline import TextSetup
-
     return TextSetup(corpora=tuple(args.corpora.split(",")), length=args.length, calib_windows=args.calib_windows,
                      eval_windows=args.eval_windows, data=getattr(args, "data", "corpus"))
 
 
 def _models(args):
     """The float model and tokenizer, and the model to run: ``--quantized`` folder, else the float one."""
-    import copy
-
-    import lowbit
-    from lowbit.llm.pipeline import load_model
-
     model, tokenizer = load_model(args.model, args.weights)
     run = lowbit.load(args.quantized, model=copy.deepcopy(model)) if args.quantized else model
     return model, tokenizer, run
@@ -57,9 +62,6 @@ def _windows_note(text) -> str:
 
 
 def cmd_quantize(args) -> None:
-    import lowbit
-    from lowbit.llm.pipeline import evaluate_lm, load_model, quantize_lm
-
     model, tokenizer = load_model(args.model, args.weights)
     text = _text(args)
     qmodel = quantize_lm(model, tokenizer, args.recipe, text)
@@ -74,11 +76,6 @@ def cmd_quantize(args) -> None:
 
 
 def cmd_finetune(args) -> None:
-    import lowbit
-    from lowbit.llm.pipeline import evaluate_lm, finetune_lm, load_model, quantize_lm
-    from lowbit.qat.config import FinetuneConfig
-    from lowbit.recipe import load_recipe
-
     recipe = load_recipe(args.recipe)
     cfg = FinetuneConfig.from_recipe(recipe, lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
                                      max_tokens=args.max_tokens, seed=args.seed, progress=args.progress)
@@ -100,8 +97,6 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from lowbit.llm.pipeline import evaluate_lm
-
     model, tokenizer, run = _models(args)
     text = _text(args)
     metrics = evaluate_lm(run, tokenizer, text, teacher=model if run is not model else None, split=args.split)
@@ -113,8 +108,6 @@ def cmd_eval(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from lowbit.llm.generate import generate_text
-
     _, tokenizer, run = _models(args)
     out = generate_text(run, tokenizer, args.prompt, args.max_new_tokens, sample=args.sample, seed=args.seed)
     print(out["prompt"] + out["text"])
@@ -122,13 +115,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
-    import torch
-
-    from lowbit.checkpoint import save_checkpoint
-    from lowbit.data.text import ByteTokenizer
-    from lowbit.llm.pretrain import PretrainConfig, pretrain
-    from lowbit.zoo.language import bytellama_path, create_bytellama
-
     if args.into_zoo == (args.out is not None):
         raise LowbitError("give exactly one of --out PATH and --into-zoo (replaces the shipped bytellama)")
     out = bytellama_path() if args.into_zoo else Path(args.out)

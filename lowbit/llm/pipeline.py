@@ -28,7 +28,8 @@ from lowbit.llm.evaluate import measure
 from lowbit.llm.generate import teacher_text
 from lowbit.prepare import quantize
 from lowbit.qat.config import FinetuneConfig
-from lowbit.qat.trainer import finetune
+from lowbit.qat.trainer import finetune, resolve_config
+from lowbit.zoo.language import LANGUAGE_MODELS, load_language_model
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,6 @@ class TextSetup:
 def load_model(name: str, weights=None):
     """``(model, tokenizer)``: a zoo language model (:mod:`lowbit.zoo.language`) or a local Hugging Face
     model folder (with its tokenizer)."""
-    from lowbit.zoo.language import LANGUAGE_MODELS, load_language_model
-
     if name in LANGUAGE_MODELS:
         return load_language_model(name, weights)
     path = Path(name)
@@ -99,8 +98,6 @@ def finetune_lm(qmodel: nn.Module, teacher: nn.Module, tokenizer, text: TextSetu
     """SiLQ fine-tuning of ``qmodel`` (:func:`lowbit.finetune` with next-token distillation from
     ``teacher``), validated on fixed windows of the calib split. ``config``: a FinetuneConfig, a dict,
     or None for the recipe's ``qat:`` section."""
-    from lowbit.qat.trainer import resolve_config
-
     cfg = resolve_config(config, qmodel)
     train = training_windows(teacher, tokenizer, text, cfg)
     val = windows(tokenizer, text, "calib", text.eval_windows)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from lowbit.errors import DistributedError
 from lowbit.qat.state import digest
@@ -108,8 +109,6 @@ def device_for(info: DistInfo, model: nn.Module) -> torch.device:
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     if not info.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     ids = [device.index] if device.type == "cuda" else None
     # Buffers are synchronised by broadcast_buffers() (at the start, when batch norm freezes, at
     # epoch ends), not by DDP, whose broadcast fails on dtypes gloo lacks (bool, int16 in quantizers).

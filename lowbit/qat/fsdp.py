@@ -10,6 +10,9 @@ The price is one unsharded copy of the weights per rank beside the shards (the o
 twice the weights for AdamW, stays sharded): lowbit's choice for an API that hands back an
 ordinary module.
 
+FSDP and distributed checkpointing take about a second to import and serve only runs under
+``torchrun``: their imports sit in the functions that use them (marked 'deferred: slow').
+
 Quantizer parameters (LSQ steps, PACT clips; some are 0-dim, which ``fully_shard`` refuses) are
 left out of sharding, replicated on every rank; after each backward their gradients are averaged
 over the ranks in one all-reduce, as DDP would. Buffers (quantizer grids) are broadcast from rank 0
@@ -24,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lowbit.qat.distributed import broadcast_buffers
 from lowbit.qat.optim import quantizer_parameters
 
 
@@ -44,9 +48,7 @@ def _broadcast_parameters(model: nn.Module) -> None:
 
 def shard(model: nn.Module, info, device: torch.device) -> nn.Module:
     """The sharded training replica of ``model`` (module docstring); ``info``: the DistInfo of this run."""
-    from torch.distributed.fsdp import fully_shard
-
-    from lowbit.qat.distributed import broadcast_buffers
+    from torch.distributed.fsdp import fully_shard  # deferred: slow
 
     replica = copy.deepcopy(model).to(device)
     _broadcast_parameters(replica)
@@ -98,7 +100,7 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
 
 def pull(replica: nn.Module, model: nn.Module) -> None:
     """Copy the replica's gathered weights and buffers into the plain ``model`` (every rank; collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # deferred: slow
 
     state = get_model_state_dict(replica, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
     model.load_state_dict({k: v.to(model.state_dict()[k].device) for k, v in state.items()})
@@ -108,7 +110,7 @@ def optimizer_state(replica: nn.Module, optimizer: torch.optim.Optimizer) -> dic
     """The optimizer's gathered state keyed by parameter index, as a single process's
     ``optimizer.state_dict()`` is (the replica's parameters are in the plain model's order), on rank 0
     (None on the others). Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # deferred: slow
 
     full = get_optimizer_state_dict(replica, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                                  cpu_offload=True))
@@ -121,7 +123,7 @@ def optimizer_state(replica: nn.Module, optimizer: torch.optim.Optimizer) -> dic
 
 def load_optimizer_state(replica: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load an index-keyed state (a checkpoint's) into the sharded optimizer. Collective."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # deferred: slow
 
     name_of = {id(p): name for name, p in replica.named_parameters()}
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowbit.checkpoint import load_into
 from lowbit.errors import CheckpointError, RecipeError
 from lowbit.files import write_text_atomic
 from lowbit.prepare import calibrate, release_frozen_weights
@@ -38,6 +39,7 @@ from lowbit.qat.objective import Objective, first_inputs, objective_for
 from lowbit.qat.optim import build_optimizer, clamp_quantizer_parameters, set_lr
 from lowbit.qat.schedule import LRSchedule
 from lowbit.qat.state import (NonFiniteError, check_compatible, checkpoint_paths, fingerprint, load_training_state,
+                               optimizer_from_flat,
                               model_tensors, rng_state, save_training_state, seed_everything, set_rng_state)
 from lowbit.quant.base import Quantizer
 
@@ -169,7 +171,6 @@ class _Run:
                 raise CheckpointError(f"{where} was written with {meta.get('steps_per_epoch')} batches per epoch, "
                                       f"this training data has {self.steps_per_epoch}; resume with the same data "
                                       "and batch size")
-            from lowbit.checkpoint import load_into
             load_into(self.model, model_tensors(tensors))
         self.fsdp = self.dist.enabled and cfg.distributed == "fsdp"
         if self.fsdp:  # the optimizer holds the shards (lowbit.qat.fsdp)
@@ -177,7 +178,6 @@ class _Run:
         self.trained = self.net if self.fsdp else self.model  # the module whose parameters the optimizer updates
         self.optimizer = build_optimizer(self.trained, cfg)
         if loaded is not None:
-            from lowbit.qat.state import optimizer_from_flat
             load = (lambda state: F.load_optimizer_state(self.net, self.optimizer, state)) if self.fsdp else None
             optimizer_from_flat(self.optimizer, tensors, meta["optimizer"], load=load)
             self.step, self.history = int(meta["step"]), list(meta.get("history", []))
@@ -199,7 +199,7 @@ class _Run:
                                  "batches_per_epoch": self.steps_per_epoch, "step": self.step}, self.dist)
         if self.dir is not None and self.main and cfg.tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # deferred: needs the optional tensorboard package
                 self.writer = SummaryWriter(str(self.dir / "tensorboard"))
             except ImportError:
                 self.writer = None

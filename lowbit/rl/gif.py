@@ -39,9 +39,9 @@ def write_gif(screens: list[np.ndarray], path: str | os.PathLike, *, frames_per_
               min_side: int = 160) -> Path:
     """Write RGB screens (``uint8 [H, W, 3]``) as a looping GIF, each pixel repeated so the shorter
     side is at least ``min_side`` (MinAtar's 10x10 becomes 160x160). Written atomically."""
-    try:
+    try:  # deferred: pillow is optional (the data and dev extras)
         from PIL import Image
-    except ImportError as exc:  # pillow is optional (the data and dev extras)
+    except ImportError as exc:
         raise MissingExtraError(f"writing a GIF needs pillow ({exc}): pip install pillow") from exc
     if not screens:
         raise ValueError("no screens to write")

@@ -12,6 +12,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import torch
+
 from lowbit.checkpoint import load_into, sidecar_path
 from lowbit.data.text import ByteTokenizer
 from lowbit.errors import CheckpointError, DataError
@@ -65,7 +67,6 @@ def load_language_model(name: str, weights=None):
                                   "`lowbit llm train --into-zoo`")
         return load_into(create_bytellama(), path).eval(), ByteTokenizer()
     if name == "smollm2-135m":
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred: optional and slow to import
 
         path = smollm2_path()
