@@ -21,7 +21,6 @@ starts over); the section "imagenet-agreement" of docs/RESULTS.md is rewritten f
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import ROOT, write_section  # noqa: E402
+from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.photos import PHOTOS, load_photo, photo_views  # noqa: E402
@@ -110,18 +109,6 @@ def measure(float_model, qmodel, views: torch.Tensor, batch: int) -> dict:
             "worst_layer_sqnr_db": layer_sqnr[worst], "layer_sqnr_db": layer_sqnr}
 
 
-def load_rows() -> list[dict]:
-    return json.loads(ROWS.read_text()) if ROWS.is_file() else []
-
-
-def save_row(row: dict) -> None:
-    rows = [r for r in load_rows() if (r["model"], r["recipe"]) != (row["model"], row["recipe"])] + [row]
-    ROWS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ROWS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(ROWS)
-
-
 def write(rows: list[dict], meta: dict) -> None:
     lines = [f"Agreement of each quantized ImageNet classifier with its own float model on {meta['eval_views']} views "
              f"of {meta['eval_photos']} offline photos ({', '.join(meta['eval_names'])}: 20 views each, two scales x "
@@ -169,16 +156,16 @@ def main() -> None:
         float_model = pretrained(model_name)
         calib_batches = list(calib.split(args.batch))
         for recipe in args.recipes.split(","):
-            if any((r["model"], r["recipe"]) == (model_name, recipe) for r in load_rows()):
+            if any((r["model"], r["recipe"]) == (model_name, recipe) for r in load_rows(ROWS)):
                 continue
             start = time.perf_counter()
             qmodel = lowbit.quantize(float_model, recipe_for(recipe, float_model), calib_data=calib_batches).eval()
             row = {"model": model_name, "recipe": recipe, **measure(float_model, qmodel, views, args.batch),
                    "seconds": time.perf_counter() - start, **meta}
-            save_row(row)
+            store_row(ROWS, row, key=lambda r: (r["model"], r["recipe"]))
             print(f"{model_name} {recipe}: top-1 agreement {100 * row['top1_agreement']:.1f} %, KL {row['kl']:.3f}, "
                   f"logit SQNR {row['logit_sqnr_db']:.1f} dB ({row['seconds']:.0f} s)", flush=True)
-            write(load_rows(), meta)
+            write(load_rows(ROWS), meta)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ rewritten from all rows.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_speed import session, time_variants  # noqa: E402
 from imagenet_agreement import CALIB_PHOTOS  # noqa: E402
-from results_page import ROOT, write_section  # noqa: E402
+from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.photos import PHOTOS, load_photo, photo_views  # noqa: E402
@@ -45,18 +44,6 @@ from lowbit.zoo.imagenet import PREPROCESSING  # noqa: E402
 SEED = 0
 ROWS = ROOT / "docs" / "results" / "imagenet_deploy.json"
 SHAPE = [1, 3, 224, 224]
-
-
-def load_rows() -> list[dict]:
-    return json.loads(ROWS.read_text()) if ROWS.is_file() else []
-
-
-def save_row(row: dict) -> None:
-    rows = [r for r in load_rows() if r["key"] != row["key"]] + [row]
-    ROWS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ROWS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(ROWS)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -154,7 +141,7 @@ def main() -> None:
     calib_names = CALIB_PHOTOS.split(",")
     eval_names = [p for p in PHOTOS if p not in calib_names]
     meta = {"calib_names": calib_names, "eval_photos": len(eval_names)}
-    done = {r["key"] for r in load_rows()}
+    done = {r["key"] for r in load_rows(ROWS)}
     for model_name in args.models.split(","):
         prep = PREPROCESSING[model_name]
         calib = photo_views([load_photo(p) for p in calib_names], prep)
@@ -163,12 +150,12 @@ def main() -> None:
             if f"{model_name}/{recipe}" in done:
                 continue
             row = fidelity(model_name, recipe, calib, views, min(args.engine_views, len(views)))
-            save_row(row)
+            store_row(ROWS, row)
             print(row, flush=True)
-            write(load_rows(), meta)
+            write(load_rows(ROWS), meta)
         if f"{model_name}/speed" not in done:
-            save_row(speed(model_name, calib, args.rounds, args.threads))
-            write(load_rows(), meta)
+            store_row(ROWS, speed(model_name, calib, args.rounds, args.threads))
+            write(load_rows(ROWS), meta)
 
 
 if __name__ == "__main__":

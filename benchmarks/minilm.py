@@ -19,7 +19,6 @@ docs/RESULTS.md is rewritten from all rows.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import ROOT, write_section  # noqa: E402
+from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.sentences import encode, sentences  # noqa: E402
@@ -38,18 +37,6 @@ SEED = 0
 ROWS = ROOT / "docs" / "results" / "minilm.json"
 RECIPES = ["ptq-w8a8", "ptq-w8a8-transformer", "ptq-w4a4-minmax", "ptq-w4a4-aciq", "lsq-w4a8-transformer"]
 FINETUNED = "lsq-w4a8-transformer"
-
-
-def load_rows() -> list[dict]:
-    return json.loads(ROWS.read_text()) if ROWS.is_file() else []
-
-
-def save_row(row: dict) -> None:
-    rows = [r for r in load_rows() if r["key"] != row["key"]] + [row]
-    ROWS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ROWS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(ROWS)
 
 
 def measure(model, qmodel, reference, test_batches, fp32_bytes) -> dict:
@@ -101,7 +88,7 @@ def main() -> None:
     reference, calib_reference = sentence_embeddings(model, test), sentence_embeddings(model, calib)
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     meta = {"fp32_bytes": fp32_bytes, "test": 472, "calib": 128}
-    done = {r["key"] for r in load_rows()}
+    done = {r["key"] for r in load_rows(ROWS)}
     for recipe in args.recipes.split(","):
         if recipe in done:
             continue
@@ -109,10 +96,10 @@ def main() -> None:
         qmodel = lowbit.quantize(model, recipe, calib_data=calib)
         row = {"key": recipe, "recipe": recipe, **measure(model, qmodel, reference, test, fp32_bytes),
                "seconds": time.perf_counter() - start}
-        save_row(row)
+        store_row(ROWS, row)
         print(f"{recipe}: cosine {row['cosine_mean']:.4f} (worst {row['cosine_min']:.4f}), same neighbour "
               f"{100 * row['same_neighbour']:.1f} %, {row['times_smaller']:.2f}x smaller", flush=True)
-        write(load_rows(), meta)
+        write(load_rows(ROWS), meta)
     key = f"{FINETUNED}+finetune{args.finetune_steps}"
     if args.finetune_steps and key not in done:
         start = time.perf_counter()
@@ -127,9 +114,9 @@ def main() -> None:
                "seconds": time.perf_counter() - start, "finetune_steps": args.finetune_steps,
                "batch_size": args.batch_size, "train_sentences": args.train_sentences, "lr": args.lr,
                "calib_cosine_before": before, "calib_cosine_after": after}
-        save_row(row)
+        store_row(ROWS, row)
         print(f"{key}: cosine {row['cosine_mean']:.4f}, same neighbour {100 * row['same_neighbour']:.1f} %", flush=True)
-        write(load_rows(), meta)
+        write(load_rows(ROWS), meta)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ the knapsack) is reported. Rows go to docs/results/mixed_pretrained.json as they
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_agreement import CALIB_PHOTOS  # noqa: E402
-from results_page import ROOT, write_section  # noqa: E402
+from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.mixed import build_space, random_assignment, select  # noqa: E402
@@ -45,18 +43,6 @@ ROWS = ROOT / "docs" / "results" / "mixed_pretrained.json"
 SPACES = {"minilm": {"4/2": ["w4a8", "w2a8"], "4/3/2": ["w4a8", "w3a8", "w2a8"]},
           "mobilenetv2": {"4/2": ["w4a4", "w2a2"], "4/3/2": ["w4a4", "w3a3", "w2a2"]}}
 BASE = {"minilm": "lsq-w4a8-transformer", "mobilenetv2": "lsq-w4a4"}
-
-
-def load_rows() -> list[dict]:
-    return json.loads(ROWS.read_text()) if ROWS.is_file() else []
-
-
-def save_row(row: dict) -> None:
-    rows = [r for r in load_rows() if r["key"] != row["key"]] + [row]
-    ROWS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ROWS.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1))
-    tmp.replace(ROWS)
 
 
 class MiniLM:
@@ -140,7 +126,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     steps = args.steps if args.model == "minilm" else 0
     bench = (MiniLM if args.model == "minilm" else MobileNetV2)(steps)
-    done = {r["key"] for r in load_rows()}
+    done = {r["key"] for r in load_rows(ROWS)}
 
     def run(key: str, recipe, extra: dict) -> None:
         if key in done:
@@ -148,9 +134,9 @@ def main() -> None:
         start = time.perf_counter()
         row = {"key": key, "model": args.model, "steps": steps, **extra, **bench.score(recipe),
                "seconds": time.perf_counter() - start}
-        save_row(row)
+        store_row(ROWS, row)
         print(row["label"], row["space"], row.get("budget"), f"{row['score']:.4f}", flush=True)
-        write(load_rows())
+        write(load_rows(ROWS))
 
     for space_name in args.spaces.split(","):
         space = build_space(bench.model, BASE[args.model], example_input=bench.example,

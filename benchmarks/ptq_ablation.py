@@ -25,7 +25,7 @@ from results_page import write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.datasets import make_loader  # noqa: E402
-from lowbit.evaluate import evaluate, sqnr_report  # noqa: E402
+from lowbit.evaluate import sqnr_report  # noqa: E402
 from lowbit.zoo import list_models, pretrained  # noqa: E402
 
 SEED = 0

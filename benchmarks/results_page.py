@@ -7,6 +7,7 @@ suite rebuilds its section from scratch and leaves the others alone.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -17,10 +18,25 @@ from pathlib import Path
 
 import torch
 
+from lowbit.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "RESULTS.md"
 HEADER = ("# lowbit results\n\nEvery figure on this page is written by a script in `benchmarks/`; "
           "each section names the command that regenerates it, the seed, the git commit and the machine.\n")
+
+
+def load_rows(path: Path) -> list[dict]:
+    """The rows a suite has stored in ``path`` so far (none when it does not exist yet)."""
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def store_row(path: Path, row: dict, key=lambda r: r["key"]) -> None:
+    """Store ``row`` in ``path`` in place of any stored row with the same ``key(row)`` (default: its "key" field), written atomically, so
+    that a suite killed at any moment keeps every row it finished."""
+    rows = [r for r in load_rows(path) if key(r) != key(row)] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, rows)
 
 
 def machine() -> str:

@@ -22,8 +22,6 @@ each run resumes from its folder under ``runs/rl`` when killed, so the script ca
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from results_page import write_section  # noqa: E402
+from results_page import load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.rl.distill import DistillConfig  # noqa: E402
@@ -49,17 +47,6 @@ TEACHER_ROWS = ROOT / "docs" / "results" / "rl_teachers.json"
 ENGINE_PRECISIONS = ("2", "ternary")
 CONSOLE_FPS = 60
 SEED = 0
-
-
-def load_rows(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def append_row(row: dict) -> None:
-    rows = [r for r in load_rows(ROWS) if key(r) != key(row)] + [row]
-    tmp = ROWS.with_name(ROWS.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, ROWS)
 
 
 def key(row: dict) -> tuple:
@@ -196,7 +183,7 @@ def main() -> None:
                 for method in args.methods.split(","):
                     if (game, method, student_recipe(precision), arch, args.frames, args.seed) in done:
                         continue
-                    append_row(run_row(game, method, precision, args))
+                    store_row(ROWS, run_row(game, method, precision, args), key)
                     write_section("rl", "Reinforcement learning: low-precision policy distillation (MinAtar)",
                                   table(), args.seed)
     write_section("rl", "Reinforcement learning: low-precision policy distillation (MinAtar)", table(), args.seed)

@@ -11,7 +11,6 @@ is appended to ``docs/results/rl_teachers.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -21,21 +20,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lowbit.rl.dqn import DQNConfig  # noqa: E402
 from lowbit.rl.envs import MINATAR_GAMES  # noqa: E402
 from lowbit.rl.teach import TEACHER_FILE, teach  # noqa: E402
 from lowbit.zoo.teachers import install_teacher  # noqa: E402
+from results_page import store_row  # noqa: E402
 
 ROWS = ROOT / "docs" / "results" / "rl_teachers.json"
-
-
-def append_row(row: dict) -> None:
-    rows = json.loads(ROWS.read_text()) if ROWS.is_file() else []
-    rows = [r for r in rows if r["game"] != row["game"]] + [row]
-    tmp = ROWS.with_name(ROWS.name + ".tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    os.replace(tmp, ROWS)
 
 
 def main() -> None:
@@ -54,8 +47,8 @@ def main() -> None:
         _, meta = teach(config, run_dir, resume=(run_dir / "last.safetensors").is_file(), command=command,
                         log=lambda msg: print(msg, flush=True))
         install_teacher(run_dir / TEACHER_FILE, game)
-        append_row({k: meta[k] for k in ("game", "frames", "minutes", "mean_return", "std_return", "test_episodes",
-                                         "command", "curve")})
+        store_row(ROWS, {k: meta[k] for k in ("game", "frames", "minutes", "mean_return", "std_return", "test_episodes",
+                                               "command", "curve")}, key=lambda r: r["game"])
 
 
 if __name__ == "__main__":
