@@ -120,7 +120,8 @@ def table() -> str:
             "after a fifth of a budget under 500,000 steps); test episodes per student: "
             f"{', '.join(str(n) for n in sorted({r['test_episodes'] for r in rows})) or '-'}. Agreement: share of the "
             "student's own states on which its greedy action is the teacher's. Minutes are wall-clock on a shared "
-            "2-core machine.", "",
+            "2-core machine. Each row is rerun (resumed if its run folder exists) by `python benchmarks/rl.py "
+            "--games GAME --precisions P --methods METHOD --frames STEPS` (P: 8, 4, 2 or ternary).", "",
             "| game | precision | method | return | % of teacher | agreement | steps | minutes |",
             "|---|---|---|---|---|---|---|---|"]
     order = {p: i for i, p in enumerate(["8", "4", "2", "ternary"])}
