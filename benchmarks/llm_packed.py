@@ -1,25 +1,26 @@
 """Packed int4/int8 CPU inference of a quantized causal LM against the float model: generation speed and memory.
 
-    python benchmarks/llm_packed.py                                   # bytellama and SmolLM2-135M
-    python benchmarks/llm_packed.py --models bytellama --new-tokens 64 --repeats 5
+    python benchmarks/llm_packed.py                                   # bytellama and SmolLM2-135M, W4A8KV8
+    python benchmarks/llm_packed.py --models smollm2-135m --recipe rtn-w8a8kv8
     python benchmarks/llm_packed.py --models ''                       # rebuild the section from the rows
 
 Protocol, per model. The float model is quantized with ``--recipe`` (calibrated on ``--calib-windows``
 windows of the calib split; speed and memory do not depend on fine-tuning), exported with
 ``lowbit.export`` and loaded back (``lowbit.load_export``): the *fake-quant* model. ``lowbit.deploy.pack_model``
-turns that into the *packed* model (int4 codes in torch's CPU int4 layout run by
-``_weight_int4pack_mm_for_cpu``, 8-bit layers as int8 run by ``torch._int_mm``; lowbit.deploy.packed).
+turns that into two packed models (lowbit.deploy.packed): *int4* (4-bit codes two per byte in torch's
+CPU int4 layout, run by ``_weight_int4pack_mm_for_cpu``; 8-bit layers as int8) and *int8* (every weight
+as int8, run by ``torch._int_mm``).
 
-- agreement: the reloaded export's logits against the quantized model's (bit-identical expected), and the
+- agreement: the reloaded export's logits against the quantized model's (bit-identical expected), and each
   packed model's against the fake-quant one on ``--eval-windows`` test-split windows (max |difference|
-  relative to max |logit|, next-token top-1 agreement), with the perplexity of all three;
+  relative to max |logit|, next-token top-1 agreement), with the perplexity of each;
 - speed: greedy ``generate()`` of ``--new-tokens`` tokens after a fixed test-split prompt (the prompt's
-  prefill included in the time), float, packed and fake-quant runs interleaved, ``--repeats`` times
+  prefill included in the time), float, int4, int8 and fake-quant runs interleaved, ``--repeats`` times
   after one warm-up each; the median tokens/s;
 - memory: bytes of every parameter and buffer the model holds (shared tensors once), and the resident
   set of a fresh process that builds only that model (``VmRSS`` after one generation, after freeing
-  everything else and ``malloc_trim``; ``VmHWM`` is the peak, which for the packed model includes the
-  float model it is built from).
+  everything else and ``malloc_trim``; ``VmHWM`` is the peak, which for the packed models includes the
+  float model they are built from).
 
 Threads: ``--threads`` (default 1; the machine is shared). Rows go to docs/results/llm_packed.json
 (with the commit), the 'llm-packed' section of docs/RESULTS.md is rebuilt from every stored row.
@@ -54,6 +55,7 @@ STORE = ROOT / "docs" / "results" / "llm_packed.json"
 MODELS = ["bytellama", "smollm2-135m"]
 CORPORA = ("shakespeare",)
 PROMPT_CHARS = 120  # of the test split: the prompt of every generation
+PACKED = ("int4", "int8")  # pack_model's kernels
 
 
 def load_rows() -> dict[str, dict]:
@@ -84,13 +86,12 @@ def prompt_text() -> str:
 
 
 def build(name: str, recipe: str, calib_windows: int, folder: Path):
-    """``(float, tokenizer, quantized, fake-quant reloaded, packed)``; the export is written to ``folder``."""
+    """``(float, tokenizer, quantized, fake-quant reloaded)``; the export is written to ``folder``."""
     model, tokenizer = load_model(name)
     text = TextSetup(corpora=CORPORA, length=256, calib_windows=calib_windows)
     qmodel = quantize_lm(model, tokenizer, recipe, text).eval()
     lowbit.export(qmodel, folder)
-    loaded = lowbit.load_export(folder, model=model)
-    return model, tokenizer, qmodel, loaded, lowbit.deploy.pack_model(loaded)
+    return model, tokenizer, qmodel, lowbit.load_export(folder, model=model)
 
 
 def rss_kib() -> tuple[int, int]:
@@ -101,8 +102,8 @@ def rss_kib() -> tuple[int, int]:
 def rss_child(args) -> None:
     """In a fresh process: build one variant from the export, drop the rest, generate, print RSS."""
     model, tokenizer = load_model(args.model)
-    if args.rss_child == "packed":
-        run = lowbit.deploy.pack_model(lowbit.load_export(args.export_dir, model=model))
+    if args.rss_child in PACKED:
+        run = lowbit.deploy.pack_model(lowbit.load_export(args.export_dir, model=model), args.rss_child)
         del model
     else:
         run = model
@@ -123,39 +124,40 @@ def run_model(name: str, args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "export"
         start = time.perf_counter()
-        model, tokenizer, qmodel, loaded, packed = build(name, args.recipe, args.calib_windows, folder)
+        model, tokenizer, qmodel, loaded = build(name, args.recipe, args.calib_windows, folder)
         build_seconds = time.perf_counter() - start
+        variants = {"float": model, **{k: lowbit.deploy.pack_model(loaded, k) for k in PACKED},
+                    "fake-quant": loaded}
         ids = windows(tokenizer, TextSetup(corpora=CORPORA, length=256), "test", args.eval_windows)
         with torch.no_grad():
             exact = all(torch.equal(loaded(w[None]).logits, qmodel(w[None]).logits) for w in ids[:2])
-            a, b = packed(ids).logits, loaded(ids).logits
-        quality = {v: measure(m, ids)["perplexity"] for v, m in
-                   (("float", model), ("fake-quant", loaded), ("packed", packed))}
+            reference = loaded(ids).logits
+            agreement = {}
+            for k in PACKED:
+                logits = variants[k](ids).logits
+                agreement[k] = {"max_rel_logit_diff": float((logits - reference).abs().max() / reference.abs().max()),
+                                "top1_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()
+                                                        * 100)}
+        quality = {v: round(measure(m, ids)["perplexity"], 4) for v, m in variants.items()}
         del qmodel
-        variants = {"float": model, "packed": packed, "fake-quant": loaded}
         prompt = prompt_text()
         speeds = {v: [] for v in variants}
-        for v, m in variants.items():  # warm-up
+        for m in variants.values():  # warm-up
             generate_text(m, tokenizer, prompt, 4)
         for _ in range(args.repeats):
             for v, m in variants.items():
                 speeds[v].append(generate_text(m, tokenizer, prompt, args.new_tokens)["tokens_per_second"])
-        tps = {v: statistics.median(s) for v, s in speeds.items()}
-        memory = {v: child_rss(name, v, folder, args.threads) for v in ("float", "packed")}
-        kernels = sorted({m.kernel for m in packed.modules() if isinstance(m, lowbit.deploy.PackedLinear)})
+        tps = {v: round(statistics.median(s), 2) for v, s in speeds.items()}
+        memory = {v: child_rss(name, v, folder, args.threads) for v in ("float", *PACKED)}
         save_row(f"{name}/{args.recipe}", {
             "model": name, "recipe": args.recipe, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "tokens_per_second": {v: round(t, 2) for v, t in tps.items()},
-            "speedup_packed_vs_float": round(tps["packed"] / tps["float"], 3),
-            "held_bytes": {"float": held_bytes(model), "packed": held_bytes(packed), "fake-quant": held_bytes(loaded)},
+            "tokens_per_second": tps, "speedup_vs_float": {k: round(tps[k] / tps["float"], 3) for k in PACKED},
+            "held_bytes": {v: held_bytes(m) for v, m in variants.items()},
             "rss_bytes": {v: r["rss_bytes"] for v, r in memory.items()},
             "peak_rss_bytes": {v: r["peak_rss_bytes"] for v, r in memory.items()},
-            "export_bytes": (folder / "model.safetensors").stat().st_size,
-            "reloaded_bit_identical": exact,
-            "packed_max_rel_logit_diff": float((a - b).abs().max() / b.abs().max()),
-            "packed_top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean() * 100),
-            "perplexity": {v: round(p, 4) for v, p in quality.items()}, "eval_windows": args.eval_windows,
-            "kernels": kernels, "build_seconds": round(build_seconds, 1)})
+            "export_bytes": (folder / "model.safetensors").stat().st_size, "reloaded_bit_identical": exact,
+            "vs_fake_quant": agreement, "perplexity": quality, "eval_windows": args.eval_windows,
+            "build_seconds": round(build_seconds, 1)})
 
 
 def _mb(n: int) -> str:
@@ -165,27 +167,33 @@ def _mb(n: int) -> str:
 def section(rows: dict[str, dict]) -> str:
     lines = ["Greedy generation after a fixed prompt (median tokens/s of interleaved runs, prefill included), "
              "weights held in memory (every parameter and buffer once), and the resident set of a fresh process "
-             "holding only that model after one generation (peak in brackets: the packed model is built from the "
-             "float one). *fake-quant* is the export loaded back (`lowbit.load_export`), *packed* the same with "
-             "`lowbit.deploy.pack_model` (int4: `_weight_int4pack_mm_for_cpu` with bfloat16 activation codes; "
-             "int8: `torch._int_mm`). Perplexity on test-split windows of 256 tokens of shakespeare; "
-             "\"packed vs fake-quant\": max |logit difference| / max |logit| and next-token top-1 agreement.",
+             "holding only that model after one generation (its peak in brackets: a packed model is built from "
+             "the float one). *fake-quant* is the export loaded back (`lowbit.load_export`); *int4* and *int8* "
+             "are `lowbit.deploy.pack_model(model, kernel)` of it: 4-bit weights packed two per byte run by "
+             "`_weight_int4pack_mm_for_cpu` (bfloat16 in and out), or every weight as int8 run by "
+             "`torch._int_mm` (exact in int32); 8-bit layers (lm_head) are int8 in both. Perplexity on "
+             "test-split windows of 256 tokens of shakespeare; \"vs fake-quant\": max |logit difference| / "
+             "max |logit| and next-token top-1 agreement with the fake-quant model on those windows.",
              "",
-             "| model | recipe | runs | tokens/s float | packed | fake-quant | packed / float | weights float | "
-             "packed | RSS float | RSS packed | export file | perplexity float / fake-quant / packed | "
-             "packed vs fake-quant | reloaded = quantized | threads | commit |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---|"]
+             "| model | recipe | runs | tokens/s float | int4 | int8 | fake-quant | int4 / float | int8 / float | "
+             "weights float / int4 / int8 | RSS float | RSS int4 | RSS int8 | export file | "
+             "perplexity float / fake-quant / int4 / int8 | int4 vs fake-quant | int8 vs fake-quant | "
+             "reloaded = quantized | threads | commit |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---|---|---|---|---:|---|"]
     order = {m: i for i, m in enumerate(MODELS)}
     for r in sorted(rows.values(), key=lambda r: (order.get(r["model"], 99), r["recipe"])):
-        t, h, rss, peak, p = (r["tokens_per_second"], r["held_bytes"], r["rss_bytes"], r["peak_rss_bytes"],
-                              r["perplexity"])
+        t, h, rss, peak, p, a = (r["tokens_per_second"], r["held_bytes"], r["rss_bytes"], r["peak_rss_bytes"],
+                                 r["perplexity"], r["vs_fake_quant"])
         lines.append(
-            f"| {r['model']} | {r['recipe']} | {r['repeats']} x {r['new_tokens']} tokens | {t['float']:.1f} | {t['packed']:.1f} | {t['fake-quant']:.1f} | "
-            f"**{r['speedup_packed_vs_float']:.2f}x** | {_mb(h['float'])} | {_mb(h['packed'])} | "
-            f"{_mb(rss['float'])} ({_mb(peak['float'])}) | {_mb(rss['packed'])} ({_mb(peak['packed'])}) | "
-            f"{_mb(r['export_bytes'])} | {p['float']:.3f} / {p['fake-quant']:.3f} / {p['packed']:.3f} | "
-            f"{100 * r['packed_max_rel_logit_diff']:.2f}%, {r['packed_top1_agreement']:.1f}% | "
-            f"{'bit-identical' if r['reloaded_bit_identical'] else 'differs'} | {r['threads']} | {r['commit']} |")
+            f"| {r['model']} | {r['recipe']} | {r['repeats']} x {r['new_tokens']} tokens | {t['float']:.1f} | "
+            f"{t['int4']:.1f} | {t['int8']:.1f} | {t['fake-quant']:.1f} | **{r['speedup_vs_float']['int4']:.2f}x** | "
+            f"**{r['speedup_vs_float']['int8']:.2f}x** | {_mb(h['float'])} / {_mb(h['int4'])} / {_mb(h['int8'])} | "
+            + " | ".join(f"{_mb(rss[k])} ({_mb(peak[k])})" for k in ("float", *PACKED))
+            + f" | {_mb(r['export_bytes'])} | {p['float']:.3f} / {p['fake-quant']:.3f} / {p['int4']:.3f} / "
+            f"{p['int8']:.3f} | "
+            + " | ".join(f"{100 * a[k]['max_rel_logit_diff']:.2f}%, {a[k]['top1_agreement']:.1f}%" for k in PACKED)
+            + f" | {'bit-identical' if r['reloaded_bit_identical'] else 'differs'} | {r['threads']} | "
+            f"{r['commit']} |")
     return "\n".join(lines)
 
 
@@ -200,7 +208,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (default 32)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per variant, interleaved (default 3)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    ap.add_argument("--rss-child", choices=("float", "packed"), help=argparse.SUPPRESS)
+    ap.add_argument("--rss-child", choices=("float", *PACKED), help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--export-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -141,10 +141,11 @@ def test_what_cannot_be_exported_is_refused_by_name(tmp_path):
         lowbit.export(model, tmp_path / "y")
 
 
-@pytest.mark.parametrize("recipe", ["silq-w4a8kv8", "rtn-w8a8kv8", "rtn-w4a4kv4"])
-def test_packed_linear_matches_the_fake_quant_linear(recipe):
+@pytest.mark.parametrize("recipe,kernel", [("silq-w4a8kv8", "int4"), ("rtn-w8a8kv8", "int4"),
+                                           ("rtn-w4a4kv4", "int4"), ("silq-w4a8kv8", "int8")])
+def test_packed_linear_matches_the_fake_quant_linear(recipe, kernel):
     _, qmodel = quantized(recipe)
-    packed = pack_model(qmodel)
+    packed = pack_model(qmodel, kernel)
     x = torch.randn(3, 5, 64) * 2
     for name, m in packed.named_modules():
         if not isinstance(m, PackedLinear) or m.in_features != 64:
@@ -160,7 +161,7 @@ def test_packed_linear_matches_the_fake_quant_linear(recipe):
                                ).abs().reshape(got.shape) * m.output_step
             assert bool(((got - want).abs() <= bound + 1e-6).all())
     assert {m.kernel for m in packed.modules() if isinstance(m, PackedLinear)} == \
-        ({"int8"} if recipe.startswith("rtn-w8") else {"int4", "int8"})  # lm_head is 8-bit in every recipe
+        ({"int8"} if recipe.startswith("rtn-w8") or kernel == "int8" else {"int4", "int8"})  # lm_head: 8-bit
 
 
 def test_packed_model_generates_like_the_fake_quant_model_and_leaves_it_alone():
@@ -176,6 +177,14 @@ def test_packed_model_generates_like_the_fake_quant_model_and_leaves_it_alone():
     weights = sum(m.weight_bytes() for m in packed.modules() if hasattr(m, "weight_bytes"))
     float_weights = sum(p.numel() * 4 for n, p in qmodel.named_parameters() if n.endswith("proj.weight"))
     assert weights < float_weights / 4
+
+
+def test_the_int8_kernel_keeps_the_whole_model_on_the_fake_quant_logits():
+    _, qmodel = quantized("silq-w4a8kv8")
+    ids = token_batch(seed=4)
+    with torch.no_grad():
+        a, b = pack_model(qmodel, "int8")(ids).logits, qmodel(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_pack_refuses_a_layer_outside_its_kernels():

@@ -20,13 +20,16 @@ Two kernels:
   lowbit's choice is to give the kernel scale 1 and zero 0 (so it sees the integer codes exactly) and
   the activation codes ``q_x - z_x`` as bfloat16 (exact: integers up to 256), and to apply ``s_x s_w[c]``
   in float32 afterwards: steps passed to the kernel would be rounded to bfloat16. The kernel sums in
-  float32 (exact here: every partial sum is an integer below 2^24 for ``K * 255 * 8 < 2^24``) and
-  returns bfloat16, which rounds ``acc`` to 8 significant bits: **the layer's outputs differ from the
-  fake-quant layer's by at most 2^-8 |acc| s_x s_w[c]** (plus float32 rounding), i.e. a relative 0.4 %
-  per output, the cost of the only fast int4 kernel torch has on CPU (its float32 path is ~15x slower
-  than a float matmul on this CPU).
-- **int8** (codes in [-128, 127], 8-bit weights, and narrower weights whose shape the int4 kernel refuses;
-  needs an input grid whose codes fit int8: signed, zero point 0, at most 8 bits): ``torch._int_mm``
+  float32 (exact while ``K * 255 * 8 < 2^24``, i.e. up to 8,224 input features) and returns bfloat16,
+  which rounds ``acc`` to 8 significant bits: **the layer's outputs differ from the fake-quant layer's
+  by at most 2^-8 |acc| s_x s_w[c]** (plus float32 rounding), a relative 0.4 % per output. That is
+  the price of the only fast int4 kernel torch has on CPU: its float32 and float16 paths are an
+  order of magnitude slower than a float matmul here. In a deep model these per-layer differences
+  move later activation codes across rounding boundaries, so whole-model logits differ by more
+  (RESULTS.md measures it); use the int8 kernel where exactness matters.
+- **int8** (codes in [-128, 127]: 8-bit weights, narrower weights whose shape the int4 kernel refuses,
+  and every layer with ``pack_model(..., kernel="int8")``; needs an input grid whose codes fit int8:
+  signed, zero point 0, at most 8 bits): ``torch._int_mm``
   (int8 x int8 -> int32, exact), then ``acc * (s_x s_w[c])`` in float32: equal to the fake-quant layer up
   to float32 rounding (the fake-quant one rounds each float product and partial sum; a relative ~1e-6).
 
@@ -52,6 +55,7 @@ from lowbit.quant.grid import round_
 
 INT4_GROUP = 32      # input features per step group in the int4 layout (the kernel takes 32, 64, 128 or 256)
 INT4_N_MULTIPLE = 16  # the int4 packing needs output features in multiples of 16
+KERNELS = ("int4", "int8")
 SUPPORTED = ("Linear layers with signed weights of at most 8 bits, zero point 0, one step per output channel or per "
              "tensor, and a static per-tensor input grid of at most 8 bits with an integer zero point; Embedding "
              "tables with signed weights of at most 8 bits, zero point 0, per-row or per-tensor steps")
@@ -90,8 +94,10 @@ def _input_grid(layer: LayerData) -> GridData:
 class PackedLinear(nn.Module):
     """A quantized Linear running packed integer weights (module docstring), built from its :class:`LayerData`."""
 
-    def __init__(self, layer: LayerData):
+    def __init__(self, layer: LayerData, kernel: str = "int4"):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.in_features, self.out_features = layer.weight_shape[1], layer.weight_shape[0]
         w_step = _weight_steps(layer)
         g = _input_grid(layer)
@@ -99,7 +105,7 @@ class PackedLinear(nn.Module):
         self.input_range = (int(g.qmin), int(g.qmax))
         self.round_mode = g.round_mode
         codes = layer.weight_codes
-        self.kernel = "int4" if (int(codes.min()) >= -8 and int(codes.max()) <= 7
+        self.kernel = "int4" if (kernel == "int4" and int(codes.min()) >= -8 and int(codes.max()) <= 7
                                  and self.out_features % INT4_N_MULTIPLE == 0
                                  and self.in_features % INT4_GROUP == 0) else "int8"
         if self.kernel == "int8" and (self.input_zero != 0 or self.input_range[0] < -128 or self.input_range[1] > 127):
@@ -118,22 +124,24 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", layer.bias.clone() if layer.bias is not None else None)
 
     def input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """``q_x - z_x`` as float32 (the fake-quant input's integers)."""
-        u = round_(x / self.input_step + self.input_zero, self.round_mode).clamp_(*self.input_range)
+        """``q_x - z_x`` as float32 (the fake-quant input's integers): ``round(x / s_x + z_x)``, clamped."""
+        u = x / self.input_step
+        if self.input_zero:
+            u = u + self.input_zero
+        u = round_(u, self.round_mode).clamp_(*self.input_range)
         return u - self.input_zero if self.input_zero else u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         codes = self.input_codes(x.reshape(-1, self.in_features).float())
         if self.kernel == "int4":
             acc = torch.ops.aten._weight_int4pack_mm_for_cpu(codes.to(torch.bfloat16), self.weight_packed,
-                                                             INT4_GROUP, self.scales_and_zeros).float()
+                                                             INT4_GROUP, self.scales_and_zeros)
         else:
-            acc = torch._int_mm(codes.to(torch.int8), self.weight_int8.t()).float()
-        y = acc * self.output_step
+            acc = torch._int_mm(codes.to(torch.int8), self.weight_int8.t())
+        y = torch.mul(acc, self.output_step)  # bfloat16 / int32 promoted to float32
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
         """Bytes of the packed weights and their steps."""
@@ -164,15 +172,19 @@ class PackedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
-def pack_model(qmodel: nn.Module) -> nn.Module:
+def pack_model(qmodel: nn.Module, kernel: str = "int4") -> nn.Module:
     """A copy of the quantized ``qmodel`` whose quantized Linear and Embedding layers are
     :class:`PackedLinear` / :class:`PackedEmbedding` (module docstring); everything else (norms, attention,
     the KV-cache quantizers) is unchanged, in eval mode.
 
+    ``kernel``: ``"int4"`` (default) keeps 4-bit (and narrower) weights packed two per byte and runs the int4
+    kernel wherever the layer's shape allows it, the int8 kernel elsewhere; ``"int8"`` stores every weight as
+    int8 and runs ``torch._int_mm`` everywhere: twice the memory of int4 for 4-bit weights, exact in int32,
+    and on this CPU the faster kernel at one token per step (RESULTS.md).
     ``qmodel`` (from :func:`lowbit.quantize` or :func:`lowbit.load_export`) is left unchanged; the copy never
     holds the float weights of the packed layers (they are left out of the copy, not copied then dropped).
     Raises :class:`~lowbit.deploy.errors.ExportError` naming the first layer outside the supported set
-    (:data:`SUPPORTED`) before anything is copied.
+    (:data:`SUPPORTED`) before anything is copied, ``ValueError`` for an unknown ``kernel``.
     """
     was_training = qmodel.training
     qmodel.eval()
@@ -180,7 +192,7 @@ def pack_model(qmodel: nn.Module) -> nn.Module:
         packed = {}
         for name, m in qmodel.named_modules():
             if isinstance(m, QuantLinear):
-                packed[name] = PackedLinear(layer_from_module(name, m))
+                packed[name] = PackedLinear(layer_from_module(name, m), kernel)
             elif isinstance(m, QuantEmbedding):
                 packed[name] = PackedEmbedding(layer_from_module(name, m), m.padding_idx)
     finally:
