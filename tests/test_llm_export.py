@@ -1,16 +1,21 @@
 """Causal-LM export (lowbit.export / lowbit.load_export) and packed int4/int8 inference, on the tiny Llama."""
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import lowbit
 from lowbit.deploy import ExportError, ExportFileError, PackedLinear, pack_model
+from lowbit.errors import LowbitError
 from lowbit.deploy.read import read_manifest, read_tensors
-from lowbit.deploy.write import write_files
 from lowbit.nn.modules import QuantLinear
 from lowbit.quant import LSQQuantizer
+from tests.test_deploy_hostile import FUZZ, _mutate, copy_export, manifest_of, reseal
 from tests.tiny_lm import tiny_lm, token_batch
 
 # hidden 64, MLP 128, head dim 16: every Linear fits the int4 kernel (out % 16, in % 32); tied lm_head
@@ -75,31 +80,25 @@ def test_manifest_holds_packed_weights_and_every_step(exported):
         f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
 
 
-def _rewrite(folder, edit, *, reseal):
-    """Edit the manifest; ``reseal``: recompute the digests too (a forger), else leave the old seal."""
-    manifest = json.loads((folder / "manifest.json").read_text())
+def _edited(folder, dst, edit, *, forged):
+    """A copy of the export in ``dst`` with ``edit`` applied to its manifest; ``forged``: resealed (digests
+    recomputed, as a forger would), else the old seal is left."""
+    out = copy_export(folder, dst)
+    manifest = manifest_of(out)
     edit(manifest)
-    if reseal:
-        write_files(folder, read_tensors(folder, read_manifest(folder)), manifest)
+    if forged:
+        reseal(out, manifest)
     else:
-        (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
-def _copy(folder, tmp_path):
-    out = tmp_path / "copy"
-    out.mkdir(parents=True)
-    for f in folder.iterdir():
-        (out / f.name).write_bytes(f.read_bytes())
+        (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
 
 def test_an_edited_bit_width_or_step_is_refused(exported, tmp_path):
     model, _, folder = exported
-    copy = _copy(folder, tmp_path)
-    _rewrite(copy, lambda m: m["layers"]["lm_head"]["weight"].update(bits=7), reseal=False)
+    copy = _edited(folder, tmp_path / "a", lambda m: m["layers"]["lm_head"]["weight"].update(bits=7), forged=False)
     with pytest.raises(ExportFileError, match="does not match the digest sealed"):
         lowbit.load_export(copy, model=model)
-    copy = _copy(folder, tmp_path / "b")
+    copy = copy_export(folder, tmp_path / "b")
     data = bytearray((copy / "model.safetensors").read_bytes())
     data[-3] ^= 0x10  # a bit of the last arena (a step or a code)
     (copy / "model.safetensors").write_bytes(bytes(data))
@@ -109,13 +108,13 @@ def test_an_edited_bit_width_or_step_is_refused(exported, tmp_path):
 
 def test_a_resealed_forgery_is_caught_by_the_field_checks(exported, tmp_path):
     model, _, folder = exported
-    copy = _copy(folder, tmp_path)
-    _rewrite(copy, lambda m: m["kv_cache"]["model.layers.0.self_attn"]["key"].update(scale_shape=[3]), reseal=True)
+    copy = _edited(folder, tmp_path / "a", lambda m: m["kv_cache"]["model.layers.0.self_attn"]["key"].update(
+        scale_shape=[3]), forged=True)
     with pytest.raises(ExportFileError, match=r"kv_cache\['model.layers.0.self_attn'\].key.scale_shape"):
         lowbit.load_export(copy, model=model)
-    copy = _copy(folder, tmp_path / "b")  # a declared shape far beyond the file: refused before allocation
-    _rewrite(copy, lambda m: m["float_tensors"]["model.norm.weight"].update(shape=[2**31 - 1, 2**31 - 1]),
-             reseal=True)
+    # a declared shape far beyond the file: refused before allocation
+    copy = _edited(folder, tmp_path / "b", lambda m: m["float_tensors"]["model.norm.weight"].update(
+        shape=[2**31 - 1, 2**31 - 1]), forged=True)
     with pytest.raises(ExportFileError, match="names 64 elements, the declared shape needs"):
         lowbit.load_export(copy, model=model)
 
@@ -209,3 +208,30 @@ def test_cli_export_then_generate_packed(tmp_path, capsys):
     assert main(["llm", "generate", "--model", "bytellama", "--export", str(out), "--packed", "--prompt", "ROMEO.",
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO.")
+
+
+@FUZZ
+@given(data=st.data(), forged=st.booleans())
+def test_fuzz_manifest_edits_give_identical_logits_or_lowbit_error(exported, data, forged):
+    """As tests/test_deploy_hostile.py for CNN exports: edited manifests (``forged``: resealed, so that only the
+    field checks stand between the file and the model) load to identical logits or raise lowbit's error."""
+    model, qmodel, folder = exported
+    ids = token_batch(batch=1, length=8, seed=5)
+    with torch.no_grad():
+        expected = qmodel(ids).logits
+    mutated = _mutate(manifest_of(folder), data)
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = copy_export(folder, Path(tmp))
+        if forged:
+            try:
+                reseal(copy, mutated)
+            except (KeyError, TypeError, AttributeError, ValueError):  # the forger's own tool choked on the edit
+                return
+        else:
+            (copy / "manifest.json").write_text(json.dumps(mutated))
+        try:
+            with torch.no_grad():
+                logits = lowbit.load_export(copy, model=model)(ids).logits
+        except LowbitError:
+            return
+    assert forged or torch.equal(logits, expected)

@@ -155,8 +155,9 @@ def build_causal_lm(qmodel: nn.Module) -> ExportedLM:
     finally:
         qmodel.train(was_training)
     report = getattr(qmodel, "lowbit_report", None)
-    left_float = {n: (report.left_float.get(n) if report is not None else None) or "weights and input float"
-                  for n, layer in layers.items() if layer.weight_grid is None and layer.input_grid is None}
+    left_float = dict(report.left_float) if report is not None else {}  # their weights are float_tensors
+    left_float.update({n: "weights and input float" for n, layer in layers.items()
+                       if layer.weight_grid is None and layer.input_grid is None and n not in left_float})
     config = json.loads(qmodel.config.to_json_string(use_diff=False))
     arch = {"zoo": None, "name": f"{type(qmodel).__module__}.{type(qmodel).__qualname__}"}
     return ExportedLM(layers, kv, float_tensors, arch, config,
