@@ -24,7 +24,7 @@ as int8, run by ``torch._int_mm``).
 - memory: bytes of every parameter and buffer the model holds (shared tensors once), and the resident
   set of a fresh process that builds only that model (``VmRSS`` after one generation, after freeing
   everything else and ``malloc_trim``; ``VmHWM`` is the peak, which for the packed models includes the
-  float model they are built from).
+  float model they are loaded into: ``lowbit.load_export(folder, model, packed=kernel)``).
 
 Threads: ``--threads`` (default 1; the machine is shared). Rows go to docs/results/llm_packed.json
 (with the commit), the 'llm-packed' section of docs/RESULTS.md is rebuilt from every stored row.
@@ -108,7 +108,7 @@ def rss_child(args) -> None:
     """In a fresh process: build one variant from the export, drop the rest, generate, print RSS."""
     model, tokenizer = load_model(args.model)
     if args.rss_child in PACKED:
-        run = lowbit.deploy.pack_model(lowbit.load_export(args.export_dir, model=model), args.rss_child)
+        run = lowbit.load_export(args.export_dir, model=model, packed=args.rss_child)
         del model
     else:
         run = model

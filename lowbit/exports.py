@@ -40,18 +40,23 @@ def export(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None = Non
     return export_graph(qmodel, path, arch=arch, input_shape=input_shape, float_bias=float_bias)
 
 
-def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, packed: str | None = None) -> nn.Module:
     """The quantized model of the export folder ``path``, in eval mode (see :func:`lowbit.deploy.load` and
     :func:`lowbit.deploy.causal_lm.load_causal_lm`).
 
     ``model``: the float architecture it was exported from (left unchanged); omit it for zoo models,
     which are built from the manifest's architecture record; a causal LM needs its float model (of the
-    exported class and config). The folder is read and checked in full before anything is built. Raises
-    :class:`~lowbit.deploy.errors.ExportFileError` (a ``CheckpointError``) for a damaged or edited folder,
-    an export of a non-zoo model without ``model``, or a model that is not the exported architecture.
+    exported class and config). ``packed`` (causal LMs): ``"int4"`` or ``"int8"`` loads the quantized layers
+    as packed CPU layers (:mod:`lowbit.deploy.packed`). The folder is read and checked in full before
+    anything is built. Raises :class:`~lowbit.deploy.errors.ExportFileError` (a ``CheckpointError``) for a
+    damaged or edited folder, an export of a non-zoo model without ``model``, a model that is not the
+    exported architecture, or ``packed`` with an export that is not a causal LM.
     """
     if is_causal_lm_manifest(read_manifest(path)):
-        return load_causal_lm(path, model)
+        return load_causal_lm(path, model, packed=packed)
+    if packed is not None:
+        raise ExportFileError(f"{path}: packed={packed!r} loads causal-LM exports; this one is a graph export "
+                              "(run it with lowbit.deploy.IntegerEngine.from_path)")
     exp = read_export(path)
     if model is None:
         model = zoo_model(exp, path)

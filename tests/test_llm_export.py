@@ -156,8 +156,8 @@ def test_packed_linear_matches_the_fake_quant_linear(recipe, kernel):
         if m.kernel == "int8":  # exact int32 accumulation: float32 rounding only
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         else:  # the int4 kernel returns bfloat16: the accumulator rounded to 8 significant bits
-            bound = 2.0**-8 * (m.input_codes(x.reshape(-1, 64)) @ ref.weight_quantizer.quantize_int(ref.weight).float().T
-                               ).abs().reshape(got.shape) * m.output_step
+            codes = ref.weight_quantizer.quantize_int(ref.weight).float()
+            bound = 2.0**-8 * (m.input_codes(x.reshape(-1, 64)) @ codes.T).abs().reshape(got.shape) * m.output_step
             assert bool(((got - want).abs() <= bound + 1e-6).all())
     assert {m.kernel for m in packed.modules() if isinstance(m, PackedLinear)} == \
         ({"int8"} if recipe.startswith("rtn-w8") or kernel == "int8" else {"int4", "int8"})  # lm_head: 8-bit
@@ -184,6 +184,19 @@ def test_the_int8_kernel_keeps_the_whole_model_on_the_fake_quant_logits():
     with torch.no_grad():
         a, b = pack_model(qmodel, "int8")(ids).logits, qmodel(ids).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_loading_an_export_packed_equals_packing_the_loaded_model(exported):
+    model, _, folder = exported
+    before = state(model)
+    ids = token_batch(seed=4)
+    for kernel in ("int4", "int8"):
+        direct = lowbit.load_export(folder, model=model, packed=kernel)
+        assert not any(isinstance(m, QuantLinear) for m in direct.modules())
+        with torch.no_grad():
+            via_fake_quant = pack_model(lowbit.load_export(folder, model=model), kernel)
+            assert torch.equal(direct(ids).logits, via_fake_quant(ids).logits)
+    assert same_state(before, state(model))
 
 
 def test_pack_refuses_a_layer_outside_its_kernels():

@@ -50,8 +50,7 @@ def _models(args):
     if args.packed and not args.export:
         raise LowbitError("--packed runs an export folder: give --export DIR")
     if args.export:
-        run = lowbit.load_export(args.export, model=model)
-        return model, tokenizer, lowbit.deploy.pack_model(run) if args.packed else run
+        return model, tokenizer, lowbit.load_export(args.export, model=model, packed="int4" if args.packed else None)
     run = lowbit.load(args.quantized, model=copy.deepcopy(model)) if args.quantized else model
     return model, tokenizer, run
 
@@ -203,7 +202,7 @@ def register(subparsers) -> None:
             sp.add_argument("--export", help="a folder written by `lowbit llm export` (lowbit.export) to run "
                             "instead, loaded into --model's architecture")
             sp.add_argument("--packed", action="store_true", help="with --export: run the packed int4/int8 CPU "
-                            "kernels (lowbit.deploy.pack_model) instead of the fake-quant layers")
+                            "kernels (lowbit.load_export(..., packed='int4')) instead of the fake-quant layers")
 
     def text_args(sp):
         sp.add_argument("--corpora", default="shakespeare", help="comma-separated corpora: shakespeare, "

@@ -37,5 +37,5 @@ from lowbit.deploy.write import export, write_export
 
 __all__ = ["FORMAT_VERSION", "ExportError", "ExportFileError", "Exported", "IntegerEngine", "IntegerOutput",
            "PackedEmbedding", "PackedLinear", "build_export", "export", "fp32_checkpoint_bytes", "load", "pack_bits",
-           "pack_model", "quantize_multiplier", "read_export", "rounding_shift", "to_onnx", "trace_graph", "unpack_bits",
-           "write_export"]
+           "pack_model", "quantize_multiplier", "read_export", "rounding_shift", "to_onnx", "trace_graph",
+           "unpack_bits", "write_export"]

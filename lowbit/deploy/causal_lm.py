@@ -47,6 +47,7 @@ from lowbit.deploy.errors import ExportError, ExportFileError
 from lowbit.deploy.fixed import FixedQuantizer
 from lowbit.deploy.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, TENSOR_FILE
 from lowbit.deploy.layers import GridData, LayerData, grid_from_quantizer, layer_from_module, set_int32_bias
+from lowbit.deploy.packed import packed_layers
 from lowbit.deploy.read import Fields, read_grid, read_layer, read_manifest, read_metadata, read_tensors
 from lowbit.deploy.rebuild import report_of
 from lowbit.deploy.write import CONVENTIONS, Arena, layer_entry, reference_bytes, write_files, write_grid
@@ -268,60 +269,18 @@ def _module(model: nn.Module, name: str, where, kind: type) -> nn.Module:
     return m
 
 
-def _install_layer(model: nn.Module, layer: LayerData, where) -> None:
-    kind = nn.Embedding if layer.kind == "embedding" else nn.Linear
-    m = _module(model, layer.name, where, kind)
-    if tuple(m.weight.shape) != layer.weight_shape:
-        raise ExportFileError(f"{where}: layer {layer.name!r} has weight shape {tuple(m.weight.shape)}, the export "
-                              f"{layer.weight_shape}")
-    if (getattr(m, "bias", None) is None) != (layer.bias is None):
-        raise ExportFileError(f"{where}: layer {layer.name!r} {'has no' if layer.bias is not None else 'has a'} bias, "
-                              "unlike the export")
-    with torch.no_grad():  # a tied table (lm_head = embed_tokens) keeps one shared tensor: codes drive the forward
-        m.weight.data = layer.dequantized_weight().to(m.weight.dtype).clone()
-        if layer.bias is not None:
-            m.bias = nn.Parameter(layer.bias.clone())
-    wq = FixedQuantizer(layer.weight_grid, "weight", layer.weight_codes, f"{layer.name}.weight") \
-        if layer.weight_grid is not None else None
-    aq = FixedQuantizer(layer.input_grid, "activation", None, f"{layer.name}.input") \
-        if layer.input_grid is not None else None
-    if wq is not None or aq is not None:
-        quant = QuantEmbedding if layer.kind == "embedding" else QuantLinear
-        model.set_submodule(layer.name, quant.from_float(m, wq, aq))
-
-
-def _install_kv(model: nn.Module, name: str, g: KVGrids, where) -> None:
-    try:
-        attention = model.get_submodule(name)
-    except AttributeError:
-        raise ExportFileError(f"{where}: the model has no attention block {name!r}") from None
-    if family_of(attention) != g.family:
-        raise ExportFileError(f"{where}: {name!r} is a {type(attention).__name__}, the export quantized the cache "
-                              f"of a {g.family} attention block there")
-    if _kv_shape(model, attention) != g.shape:
-        raise ExportFileError(f"{where}: {name!r} caches {_kv_shape(model, attention)} (kv heads, head dim), "
-                              f"the export {g.shape}")
-    key = FixedQuantizer(g.key, "activation", None, f"{name}.key")
-    value = FixedQuantizer(g.value, "activation", None, f"{name}.value")
-    model.set_submodule(name, kv_quant_class(type(attention)).from_float(attention, key, value))
-
-
-def load_causal_lm(source: str | os.PathLike | ExportedLM, model: nn.Module | None) -> nn.Module:
-    """The quantized causal LM of an export (a folder, or an :class:`ExportedLM` already read), in eval mode.
-
-    ``model``: the float Hugging Face model of the exported class and config; a copy is modified, yours is
-    left alone, and every tensor of the copy comes from the export (module docstring). Logits equal the
-    exported model's bit for bit. Raises :class:`~lowbit.deploy.errors.ExportFileError` for a damaged
-    folder, a missing ``model``, or a model of another class, config, module layout or tensor shape (naming
-    the first difference), before anything of the copy is changed.
-    """
-    exp = source if isinstance(source, ExportedLM) else read_causal_lm(source)
-    where = "the export" if isinstance(source, ExportedLM) else source
-    if model is None:
-        raise ExportFileError(f"{where}: a causal-LM export is loaded into its float architecture: "
-                              f"lowbit.load_export(path, model=<a float {exp.architecture.get('name')}>)")
+def _check_fits(exp: ExportedLM, model: nn.Module, where) -> None:
+    """Every difference between the export and the (float) ``model`` that would stop the rebuild: checked on
+    the caller's model, read only, before anything is copied."""
     _check_model(exp, model, where)
-    model = copy.deepcopy(model).eval()
+    for layer in exp.layers.values():
+        m = _module(model, layer.name, where, nn.Embedding if layer.kind == "embedding" else nn.Linear)
+        if tuple(m.weight.shape) != layer.weight_shape:
+            raise ExportFileError(f"{where}: layer {layer.name!r} has weight shape {tuple(m.weight.shape)}, the "
+                                  f"export {layer.weight_shape}")
+        if (getattr(m, "bias", None) is None) != (layer.bias is None):
+            raise ExportFileError(f"{where}: layer {layer.name!r} {'has no' if layer.bias is not None else 'has a'} "
+                                  "bias, unlike the export")
     state = model.state_dict()
     in_layers = {f"{n}.{p}" for n in exp.layers for p in ("weight", "bias")}
     for key, t in exp.float_tensors.items():
@@ -335,15 +294,73 @@ def load_causal_lm(source: str | os.PathLike | ExportedLM, model: nn.Module | No
     if exp.kv_cache and set(check_attention(model)) != set(exp.kv_cache):
         raise ExportFileError(f"{where}: the model's attention blocks {sorted(check_attention(model))} are not the "
                               f"exported {sorted(exp.kv_cache)}")
-    for layer in exp.layers.values():
-        _module(model, layer.name, where, nn.Embedding if layer.kind == "embedding" else nn.Linear)
+    for name, g in exp.kv_cache.items():
+        attention = model.get_submodule(name)
+        if family_of(attention) != g.family:
+            raise ExportFileError(f"{where}: {name!r} is a {type(attention).__name__}, the export quantized the "
+                                  f"cache of a {g.family} attention block there")
+        if _kv_shape(model, attention) != g.shape:
+            raise ExportFileError(f"{where}: {name!r} caches {_kv_shape(model, attention)} (kv heads, head dim), "
+                                  f"the export {g.shape}")
+
+
+def _install_layer(model: nn.Module, layer: LayerData) -> None:
+    """Put the exported codes, grids and float tensors into the (checked) copy's layer."""
+    m = model.get_submodule(layer.name)
+    with torch.no_grad():  # a tied table (lm_head = embed_tokens) keeps one shared tensor: codes drive the forward
+        m.weight.data = layer.dequantized_weight().to(m.weight.dtype).clone()
+        if layer.bias is not None:
+            m.bias = nn.Parameter(layer.bias.clone())
+    wq = FixedQuantizer(layer.weight_grid, "weight", layer.weight_codes, f"{layer.name}.weight") \
+        if layer.weight_grid is not None else None
+    aq = FixedQuantizer(layer.input_grid, "activation", None, f"{layer.name}.input") \
+        if layer.input_grid is not None else None
+    if wq is not None or aq is not None:
+        quant = QuantEmbedding if layer.kind == "embedding" else QuantLinear
+        model.set_submodule(layer.name, quant.from_float(m, wq, aq))
+
+
+def _install_kv(model: nn.Module, name: str, g: KVGrids) -> None:
+    attention = model.get_submodule(name)
+    key = FixedQuantizer(g.key, "activation", None, f"{name}.key")
+    value = FixedQuantizer(g.value, "activation", None, f"{name}.value")
+    model.set_submodule(name, kv_quant_class(type(attention)).from_float(attention, key, value))
+
+
+def load_causal_lm(source: str | os.PathLike | ExportedLM, model: nn.Module | None, *,
+                   packed: str | None = None) -> nn.Module:
+    """The quantized causal LM of an export (a folder, or an :class:`ExportedLM` already read), in eval mode.
+
+    ``model``: the float Hugging Face model of the exported class and config; a copy is modified, yours is
+    left alone, and every tensor of the copy comes from the export (module docstring). Logits equal the
+    exported model's bit for bit. ``packed``: ``"int4"`` or ``"int8"`` builds the quantized layers as
+    :mod:`lowbit.deploy.packed` layers straight from the exported codes (what :func:`~lowbit.deploy.packed.pack_model`
+    of the default result gives, without building the fake-quant layers first, and without copying the
+    float weights they replace). Raises :class:`~lowbit.deploy.errors.ExportFileError` for a damaged folder, a
+    missing ``model``, or a model of another class, config, module layout or tensor shape (naming the first
+    difference), :class:`~lowbit.deploy.errors.ExportError` for a layer ``packed`` cannot run, all before
+    anything is copied.
+    """
+    exp = source if isinstance(source, ExportedLM) else read_causal_lm(source)
+    where = "the export" if isinstance(source, ExportedLM) else source
+    if model is None:
+        raise ExportFileError(f"{where}: a causal-LM export is loaded into its float architecture: "
+                              f"lowbit.load_export(path, model=<a float {exp.architecture.get('name')}>)")
+    _check_fits(exp, model, where)
+    swaps = packed_layers(exp.layers.values(), packed) if packed is not None else {}
+    memo = {id(model.get_submodule(name).weight): None for name in swaps}  # weights the swaps replace: not copied
+    model = copy.deepcopy(model, memo).eval()
+    state = model.state_dict()
     with torch.no_grad():
         for key, t in exp.float_tensors.items():
             state[key].copy_(t)
     for layer in exp.layers.values():
-        _install_layer(model, layer, where)
+        if layer.name in swaps:
+            model.set_submodule(layer.name, swaps[layer.name])
+        else:
+            _install_layer(model, layer)
     for name, g in exp.kv_cache.items():
-        _install_kv(model, name, g, where)
+        _install_kv(model, name, g)
     model.lowbit_export = exp.manifest
     model.lowbit_report = report_of(exp)
     return model.eval()

@@ -1,7 +1,8 @@
 """Packed int4 / int8 CPU inference: quantized Linear layers and embedding tables that keep their integer
 codes in memory and multiply them with torch's low-bit CPU kernels.
 
-    packed = lowbit.deploy.pack_model(lowbit.load_export("out/", model=hf_float))   # or any quantized model
+    packed = lowbit.deploy.pack_model(qmodel)                              # any quantized causal LM
+    packed = lowbit.load_export("out/", model=hf_float, packed="int4")    # straight from an export
 
 :class:`PackedLinear` computes, with ``q_x = clamp(round(x / s_x + z_x), qmin, qmax)`` the input codes of
 the layer's static activation grid and ``q_w`` its weight codes (signed, zero point 0, one step ``s_w[c]``
@@ -154,11 +155,10 @@ class PackedLinear(nn.Module):
 class PackedEmbedding(nn.Module):
     """An embedding table of int8 codes and per-row (or one) steps: ``q[ids] * s[ids]`` (module docstring)."""
 
-    def __init__(self, layer: LayerData, padding_idx: int | None = None):
+    def __init__(self, layer: LayerData):
         super().__init__()
         steps = _weight_steps(layer)
         self.num_embeddings, self.embedding_dim = layer.weight_shape
-        self.padding_idx = padding_idx
         self.register_buffer("codes", layer.weight_codes.to(torch.int8).contiguous())
         self.register_buffer("steps", steps[:, None].contiguous())
 
@@ -170,6 +170,18 @@ class PackedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def packed_layers(layers, kernel: str = "int4") -> dict[str, nn.Module]:
+    """``{name: PackedLinear or PackedEmbedding}`` for every quantized layer of ``layers`` (:class:`LayerData`;
+    layers without a weight grid are left out). Raises :class:`~lowbit.deploy.errors.ExportError` naming the
+    first one outside the supported set."""
+    out: dict[str, nn.Module] = {}
+    for layer in layers:
+        if layer.weight_grid is None and layer.input_grid is None:
+            continue
+        out[layer.name] = PackedEmbedding(layer) if layer.kind == "embedding" else PackedLinear(layer, kernel)
+    return out
 
 
 def pack_model(qmodel: nn.Module, kernel: str = "int4") -> nn.Module:
@@ -189,12 +201,8 @@ def pack_model(qmodel: nn.Module, kernel: str = "int4") -> nn.Module:
     was_training = qmodel.training
     qmodel.eval()
     try:
-        packed = {}
-        for name, m in qmodel.named_modules():
-            if isinstance(m, QuantLinear):
-                packed[name] = PackedLinear(layer_from_module(name, m), kernel)
-            elif isinstance(m, QuantEmbedding):
-                packed[name] = PackedEmbedding(layer_from_module(name, m), m.padding_idx)
+        packed = packed_layers([layer_from_module(name, m) for name, m in qmodel.named_modules()
+                                if isinstance(m, (QuantLinear, QuantEmbedding))], kernel)
     finally:
         qmodel.train(was_training)
     if not packed:
