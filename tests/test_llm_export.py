@@ -207,7 +207,7 @@ def test_pack_refuses_a_layer_outside_its_kernels():
         pack_model(qmodel)
 
 
-def test_cli_export_then_generate_packed(tmp_path, capsys):
+def test_cli_export_then_generate_and_eval_packed(tmp_path, capsys):
     from lowbit.cli import main
     from lowbit.zoo.language import bytellama_path
 
@@ -221,6 +221,10 @@ def test_cli_export_then_generate_packed(tmp_path, capsys):
     assert main(["llm", "generate", "--model", "bytellama", "--export", str(out), "--packed", "--prompt", "ROMEO.",
                  "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.startswith("ROMEO.")
+    assert main(["llm", "eval", "--model", "bytellama", "--export", str(out), "--packed", "--eval-windows", "1",
+                 "--length", "64", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["perplexity"] > 1 and metrics["agreement"] > 50  # against the float model
 
 
 @FUZZ
