@@ -17,8 +17,7 @@ Float weights (the zoo's checkpoints, users' ``.pt``/``.safetensors`` state dict
 """
 
 from lowbit import deploy, llm, zoo
-from lowbit.deploy import export
-from lowbit.exports import load_export
+from lowbit.exports import export, load_export
 from lowbit.mixed import select_precision
 from lowbit.prepare import calibrate, quantize
 from lowbit.qat import FinetuneConfig, finetune

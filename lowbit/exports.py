@@ -1,31 +1,62 @@
-"""``lowbit.load_export``: an export folder as a torch model, zoo architectures built by name.
+"""``lowbit.export`` and ``lowbit.load_export``: the model kinds, and the architectures they are loaded into.
 
-:mod:`lowbit.deploy` knows only the model it is handed; this thin layer above it and the zoo
-supplies one. A zoo model's manifest records ``{"zoo": name, "kwargs": {...}}`` (what
-:func:`lowbit.zoo.create_model` was called with); any other export needs its float architecture
-passed in.
+:mod:`lowbit.deploy` knows only the model it is handed; this thin layer above it picks the writer
+and reader by model kind and supplies the architecture:
+
+- a Hugging Face causal LM goes to :mod:`lowbit.deploy.causal_lm` (packed weights, activation and
+  KV-cache steps, float tensors; no graph), and is loaded into the float model the caller passes;
+- every other model is traced into a graph (:func:`lowbit.deploy.export`). A zoo model's manifest
+  records ``{"zoo": name, "kwargs": {...}}`` (what :func:`lowbit.zoo.create_model` was called with)
+  and is rebuilt by name; any other export needs its float architecture passed in.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from torch import nn
 
 from lowbit import zoo
 from lowbit.deploy import Exported, ExportFileError, read_export
+from lowbit.deploy import export as export_graph
 from lowbit.deploy import load as load_into_model
+from lowbit.deploy.causal_lm import export_causal_lm, is_causal_lm_manifest, load_causal_lm
+from lowbit.deploy.read import read_manifest
+from lowbit.llm.objective import is_causal_lm
 
 
-def load_export(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """The quantized model of the export folder ``path``, in eval mode (see :func:`lowbit.deploy.load`).
+def export(qmodel: nn.Module, path: str | os.PathLike, *, arch: str | None = None, input_shape=None,
+           float_bias: bool = True) -> Path:
+    """Write ``qmodel`` (from :func:`lowbit.quantize`, possibly fine-tuned) as a deployment folder; returns it.
+
+    A Hugging Face causal LM is written by :func:`lowbit.deploy.causal_lm.export_causal_lm` (``arch`` and
+    ``input_shape`` do not apply to it); any other model by :func:`lowbit.deploy.export` (see there for
+    ``arch``, ``input_shape`` and ``float_bias``). ``qmodel`` is only read. Raises
+    :class:`~lowbit.deploy.errors.ExportError` naming the module the format cannot hold.
+    """
+    if is_causal_lm(qmodel):
+        return export_causal_lm(qmodel, path, float_bias=float_bias)
+    return export_graph(qmodel, path, arch=arch, input_shape=input_shape, float_bias=float_bias)
+
+
+def load_export(path: str | os.PathLike, model: nn.Module | None = None, *, packed: str | None = None) -> nn.Module:
+    """The quantized model of the export folder ``path``, in eval mode (see :func:`lowbit.deploy.load` and
+    :func:`lowbit.deploy.causal_lm.load_causal_lm`).
 
     ``model``: the float architecture it was exported from (left unchanged); omit it for zoo models,
-    which are built from the manifest's architecture record. The folder is read and checked in full
-    before anything is built. Raises :class:`~lowbit.deploy.errors.ExportFileError` (a
-    ``CheckpointError``) for a damaged or edited folder, an export of a non-zoo model without
-    ``model``, or a model that is not the exported architecture.
+    which are built from the manifest's architecture record; a causal LM needs its float model (of the
+    exported class and config). ``packed`` (causal LMs): ``"int4"`` or ``"int8"`` loads the quantized layers
+    as packed CPU layers (:mod:`lowbit.deploy.packed`). The folder is read and checked in full before
+    anything is built. Raises :class:`~lowbit.deploy.errors.ExportFileError` (a ``CheckpointError``) for a
+    damaged or edited folder, an export of a non-zoo model without ``model``, a model that is not the
+    exported architecture, or ``packed`` with an export that is not a causal LM.
     """
+    if is_causal_lm_manifest(read_manifest(path)):
+        return load_causal_lm(path, model, packed=packed)
+    if packed is not None:
+        raise ExportFileError(f"{path}: packed={packed!r} loads causal-LM exports; this one is a graph export "
+                              "(run it with lowbit.deploy.IntegerEngine.from_path)")
     exp = read_export(path)
     if model is None:
         model = zoo_model(exp, path)

@@ -104,12 +104,13 @@ def test_readme_reinforcement_learning_example_runs_as_written(tmp_path, monkeyp
     assert (tmp_path / "runs" / "breakout-w2a2" / "export" / "manifest.json").is_file()
 
 
-def test_readme_language_model_example_runs_as_written(capsys):
+def test_readme_language_model_example_runs_as_written(tmp_path, monkeypatch, capsys):
     pytest.importorskip("transformers")
     from lowbit.zoo.language import bytellama_path
 
     if not bytellama_path().is_file():
         pytest.skip("the bytellama checkpoint is not shipped")
+    monkeypatch.chdir(tmp_path)  # the example writes runs/...
     torch.manual_seed(0)
     (code,) = blocks("python", "Language models")
     namespace: dict = {}
@@ -119,3 +120,8 @@ def test_readme_language_model_example_runs_as_written(capsys):
     block = namespace["qmodel"].model.layers[0].self_attn
     assert block.key_quantizer.bits == 8 and block.q_proj.weight_quantizer.bits == 4
     assert not hasattr(namespace["model"].model.layers[0].self_attn, "key_quantizer")  # the float model untouched
+    ids = torch.randint(0, 256, (1, 32))
+    with torch.no_grad():
+        reference = namespace["qmodel"].eval()(ids).logits
+        assert torch.equal(namespace["deployed"](ids).logits, reference)  # the export's promise
+        assert (namespace["fast"](ids).logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9

@@ -4,6 +4,8 @@
     lowbit llm finetune --model bytellama --recipe silq-w4a8kv8 --checkpoint-dir runs/silq [--resume]
     lowbit llm eval     --model bytellama [--quantized runs/silq]                     # perplexity, KL, agreement
     lowbit llm generate --model bytellama --quantized runs/silq --prompt "ROMEO."
+    lowbit llm export   --model bytellama --quantized runs/silq --out runs/silq-export   # packed deployment folder
+    lowbit llm generate --model bytellama --export runs/silq-export --packed --prompt "ROMEO."
     lowbit llm train    --out runs/bytellama.safetensors                              # the in-house model
 
 ``--model`` is a zoo language model (bytellama, smollm2-135m) or a local Hugging Face folder.
@@ -28,7 +30,7 @@ from lowbit.checkpoint import save_checkpoint
 from lowbit.data.text import ByteTokenizer
 from lowbit.errors import LowbitError
 from lowbit.llm.generate import generate_text
-from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm
+from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm, windows
 from lowbit.llm.pretrain import PretrainConfig, pretrain
 from lowbit.qat.config import FinetuneConfig
 from lowbit.recipe import load_recipe
@@ -45,8 +47,15 @@ def _text(args):
 
 
 def _models(args):
-    """The float model and tokenizer, and the model to run: ``--quantized`` folder, else the float one."""
+    """The float model and tokenizer, and the model to run: the ``--quantized`` checkpoint or the ``--export``
+    folder (its packed int4/int8 layers with ``--packed``), else the float one."""
     model, tokenizer = load_model(args.model, args.weights)
+    if args.quantized and args.export:
+        raise LowbitError("give at most one of --quantized and --export")
+    if args.packed and not args.export:
+        raise LowbitError("--packed runs an export folder: give --export DIR")
+    if args.export:
+        return model, tokenizer, lowbit.load_export(args.export, model=model, packed="int4" if args.packed else None)
     run = lowbit.load(args.quantized, model=copy.deepcopy(model)) if args.quantized else model
     return model, tokenizer, run
 
@@ -114,6 +123,31 @@ def cmd_generate(args) -> None:
     print(f"[{out['new_tokens']} tokens, {out['tokens_per_second']:.1f} tokens/s]", file=sys.stderr)
 
 
+def cmd_export(args) -> None:
+    model, tokenizer = load_model(args.model, args.weights)
+    text = _text(args)
+    if args.quantized:
+        qmodel = lowbit.load(args.quantized, model=copy.deepcopy(model))
+    else:
+        qmodel = quantize_lm(model, tokenizer, args.recipe, text)
+    folder = lowbit.export(qmodel, args.out)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    size = (folder / "model.safetensors").stat().st_size
+    fp32 = sum(t.numel() * 4 for t in model.state_dict().values())
+    print(f"wrote {folder}: model.safetensors {size:,} bytes ({manifest['sizes']['weight_bytes']:,} bytes of "
+          f"integer weights), fp32 state dict {fp32:,} bytes ({fp32 / size:.2f}x larger)")
+    if args.verify:
+        ids = windows(tokenizer, text, "calib", 1)
+        with torch.no_grad():
+            expected = qmodel.eval()(ids).logits
+            got = lowbit.load_export(folder, model=model)(ids).logits
+        same = torch.equal(expected, got)
+        print(f"reloaded export vs quantized model on one calib window: "
+              f"{'bit-identical logits' if same else f'max |logit difference| {(expected - got).abs().max():.3g}'}")
+        if not same:
+            raise LowbitError(f"{folder}: the reloaded export differs from the quantized model")
+
+
 def cmd_train(args) -> None:
     if args.into_zoo == (args.out is not None):
         raise LowbitError("give exactly one of --out PATH and --into-zoo (replaces the shipped bytellama)")
@@ -145,6 +179,10 @@ def register(subparsers) -> None:
         if quantized:
             sp.add_argument("--quantized", help="a folder saved by `lowbit llm quantize/finetune` (default: the "
                             "float model)")
+            sp.add_argument("--export", help="a folder written by `lowbit llm export` (lowbit.export) to run "
+                            "instead, loaded into --model's architecture")
+            sp.add_argument("--packed", action="store_true", help="with --export: run the packed int4/int8 CPU "
+                            "kernels (lowbit.load_export(..., packed='int4')) instead of the fake-quant layers")
 
     def text_args(sp):
         sp.add_argument("--corpora", default="shakespeare", help="comma-separated corpora: shakespeare, "
@@ -195,6 +233,20 @@ def register(subparsers) -> None:
     sp.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("export", help="write a quantized model as a deployment folder: packed integer weights, "
+                        "activation and KV-cache steps (lowbit.export)")
+    model_args(sp)
+    text_args(sp)
+    sp.add_argument("--quantized", help="a folder saved by `lowbit llm quantize/finetune` to export (default: "
+                    "quantize --model with --recipe, calibrated on the calib split)")
+    sp.add_argument("--recipe", default="ptq-w4a8kv8", help="recipe YAML path or shipped name when --quantized is "
+                    "not given (default ptq-w4a8kv8)")
+    sp.add_argument("--out", required=True, help="the export folder to write")
+    sp.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="reload the folder and check its logits equal the quantized model's on one calib window "
+                    "(default: on)")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("train", help="train the in-house byte-level Llama (the zoo's bytellama) from scratch")
     sp.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")

@@ -19,7 +19,10 @@ so the file carries almost no header overhead. Each layer's slice is named in th
     input.channel_bits   U8   per-channel activation widths (bit allocation, 5-bit packed)
     bias.int32           I32  biases in the accumulator's scale, round_half_even(b / (s_w s_x))
     bias.float           F32  float biases (by default every layer's; see lowbit.deploy.write)
-    float.weight         F32  weights of layers left in float
+    float.weight         F32  weights of layers left in float (causal LMs: also every other float tensor,
+                              norms and the like)
+    kv.scale             F32  causal LMs: KV-cache steps (keys and values, per KV head or per tensor)
+    kv.zero_point        F32  causal LMs: KV-cache zero points, only where non-zero
 
 ``manifest.json`` — format name and version, lowbit version, the architecture record (a zoo
 model and its constructor arguments, or a name), the recipe, per layer its type, shape, weight
@@ -61,6 +64,7 @@ ARENA_DTYPES = {
     "weight.scale": torch.float32, "weight.zero_point": torch.float32,
     "input.scale": torch.float32, "input.zero_point": torch.float32, "input.channel_bits": torch.uint8,
     "bias.int32": torch.int32, "bias.float": torch.float32, "float.weight": torch.float32,
+    "kv.scale": torch.float32, "kv.zero_point": torch.float32,
 }
 
 

@@ -124,7 +124,7 @@ def grid_from_quantizer(q: Quantizer, where: str) -> GridData:
 @dataclass
 class LayerData:
     name: str
-    kind: str                         # conv / linear
+    kind: str                         # conv / linear / embedding (causal-LM exports)
     weight_shape: tuple[int, ...]
     attrs: dict = field(default_factory=dict)
     weight_codes: torch.Tensor | None = None   # int64 codes q (quantized weights)
@@ -211,6 +211,44 @@ def int32_bias(bias: torch.Tensor, acc_scale: torch.Tensor) -> torch.Tensor | No
 
 
 @torch.no_grad()
+def layer_from_module(name: str, m: nn.Module, attrs: dict | None = None) -> LayerData:
+    """The :class:`LayerData` of one Conv/Linear/Embedding ``m``: integer weight codes and grid (or the float
+    weight), input grid, float bias; no batch norm and no int32 bias yet (see :func:`set_int32_bias`).
+    Raises :class:`ExportError` naming ``name`` for a grid the format cannot hold."""
+    kind = "linear" if isinstance(m, nn.Linear) else "embedding" if isinstance(m, nn.Embedding) else "conv"
+    where = f"layer {name!r}"
+    weight = m.weight.detach().float().cpu()
+    layer = LayerData(name, kind, tuple(weight.shape), dict(attrs or {}))
+    wq = m.weight_quantizer if isinstance(m, QuantMixin) else None
+    aq = m.input_quantizer if isinstance(m, QuantMixin) else None
+    if wq is not None and wq.enabled:
+        layer.weight_grid = grid_from_quantizer(wq, f"{where} weights")
+        g = layer.weight_grid
+        if g.kind == "channel" and g.axis % weight.dim() != 0:
+            raise ExportError(f"{where}: weight steps per channel along axis {g.axis}; export needs them along "
+                              "the output channels (axis 0)")
+        codes = wq.quantize_int(m.weight.detach()).to(torch.int64).cpu()
+        lo, hi = (t.reshape(shape_for(codes)) if t.dim() else t for t in g.qrange_tensors())
+        if bool((codes < lo).any() or (codes > hi).any()):
+            raise ExportError(f"{where}: weight codes fall outside the grid's integer range")
+        layer.weight_codes = codes
+    else:
+        layer.weight_float = weight.clone()
+    if aq is not None and aq.enabled:
+        layer.input_grid = grid_from_quantizer(aq, f"{where} input")
+    bias = getattr(m, "bias", None)
+    layer.bias = bias.detach().float().cpu().clone() if bias is not None else None
+    return layer
+
+
+def set_int32_bias(layer: LayerData) -> None:
+    """``layer.bias_int32`` from its float bias, where the layer has an accumulator scale (module docstring)."""
+    acc = layer.acc_scale()
+    if layer.bias is not None and acc is not None:
+        layer.bias_int32 = int32_bias(layer.bias, acc)
+
+
+@torch.no_grad()
 def extract_layers(model: nn.Module, graph: Graph, *, folded_at_quantize: dict[str, str] | None = None
                    ) -> dict[str, LayerData]:
     """One :class:`LayerData` per Conv/Linear of ``graph`` (batch norms of ``graph.bn_folds`` folded)."""
@@ -219,45 +257,20 @@ def extract_layers(model: nn.Module, graph: Graph, *, folded_at_quantize: dict[s
     layers: dict[str, LayerData] = {}
     attrs_of = {n.layer: n.attrs for n in graph.nodes if n.layer is not None}
     for name in graph.layers:
-        m = modules[name]
-        kind = "linear" if isinstance(m, nn.Linear) else "conv"
-        where = f"layer {name!r}"
-        weight = m.weight.detach().float().cpu()
-        layer = LayerData(name, kind, tuple(weight.shape), dict(attrs_of.get(name, {})))
-        wq = m.weight_quantizer if isinstance(m, QuantMixin) else None
-        aq = m.input_quantizer if isinstance(m, QuantMixin) else None
-        if wq is not None and wq.enabled:
-            layer.weight_grid = grid_from_quantizer(wq, f"{where} weights")
-            g = layer.weight_grid
-            if g.kind == "channel" and g.axis % weight.dim() != 0:
-                raise ExportError(f"{where}: weight steps per channel along axis {g.axis}; export needs them along "
-                                  "the output channels (axis 0)")
-            codes = wq.quantize_int(m.weight.detach()).to(torch.int64).cpu()
-            lo, hi = (t.reshape(shape_for(codes)) if t.dim() else t for t in g.qrange_tensors())
-            if bool((codes < lo).any() or (codes > hi).any()):
-                raise ExportError(f"{where}: weight codes fall outside the grid's integer range")
-            layer.weight_codes = codes
-        else:
-            layer.weight_float = weight.clone()
-        if aq is not None and aq.enabled:
-            layer.input_grid = grid_from_quantizer(aq, f"{where} input")
-        bias = m.bias.detach().float().cpu().clone() if m.bias is not None else None
+        layer = layer_from_module(name, modules[name], attrs_of.get(name, {}))
         if name in graph.bn_folds:
             bn = modules[graph.bn_folds[name]]
             a, shift = _bn_factor(bn)
             if layer.weight_grid is not None:
                 layer.weight_grid = _fold_into_grid(layer.weight_grid, a, layer.out_channels)
             else:
-                layer.weight_float = (weight.double() * a.reshape(shape_for(weight))).float()
-            b = bias.double() if bias is not None else torch.zeros_like(a)
-            bias = (b * a + shift).float()
+                layer.weight_float = (layer.weight_float.double() * a.reshape(shape_for(layer.weight_float))).float()
+            b = layer.bias.double() if layer.bias is not None else torch.zeros_like(a)
+            layer.bias = (b * a + shift).float()
             layer.bn, layer.bn_folded_at = graph.bn_folds[name], "export"
         elif name in folded_at_quantize:
             layer.bn, layer.bn_folded_at = folded_at_quantize[name], "quantize"
-        layer.bias = bias
-        acc = layer.acc_scale()
-        if bias is not None and acc is not None:
-            layer.bias_int32 = int32_bias(bias, acc)
+        set_int32_bias(layer)
         layers[name] = layer
     return layers
 

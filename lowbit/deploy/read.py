@@ -116,7 +116,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-class _Fields:
+class Fields:
     """Reads fields of one manifest, raising an :class:`ExportFileError` that names the file and the field."""
 
     def __init__(self, mpath: Path, tensors: dict[str, torch.Tensor]):
@@ -185,13 +185,14 @@ class _Fields:
 
 
 def _grid_channels(layer_type: str, shape: tuple[int, ...], attrs: dict, side: str) -> int:
-    """Channels a per-channel grid of ``side`` has: output channels (weights) or input channels (input)."""
-    if side == "weight":
+    """Channels a per-channel grid of ``side`` has: output channels (weights), input channels (input), or KV
+    heads (``kv``, a causal LM's cache, whose ``shape`` is ``(kv heads, head dim)``)."""
+    if side in ("weight", "kv"):
         return shape[0]
     return shape[1] * (attrs.get("groups", 1) if layer_type == "conv" else 1)
 
 
-def _read_grid(f: _Fields, d, field: str, side: str, layer_type: str, shape: tuple[int, ...], attrs: dict
+def read_grid(f: Fields, d, field: str, side: str, layer_type: str, shape: tuple[int, ...], attrs: dict
                ) -> GridData:
     if not isinstance(d, dict):
         raise f.error(field, f"a grid object, got {d!r}")
@@ -205,8 +206,10 @@ def _read_grid(f: _Fields, d, field: str, side: str, layer_type: str, shape: tup
     if kind == "tensor":
         scale_shape: tuple[int, ...] = ()
     elif kind == "channel":
-        # weights: output channels; inputs: a conv's channel axis, a linear layer's features (prepare uses -1)
-        axis = f.get(d, "axis", field, (0,) if side == "weight" else (1,) if layer_type == "conv" else (-1, 1))
+        # weights: output channels; inputs: a conv's channel axis, a linear layer's features (prepare uses -1);
+        # the KV cache: heads, axis 1 of (batch, kv heads, tokens, head dim)
+        axis = f.get(d, "axis", field, (0,) if side == "weight" else (1,) if layer_type == "conv" or side == "kv"
+                     else (-1, 1))
         scale_shape = (channels,)
     else:
         per_channel = math.prod(shape) // shape[0]
@@ -251,7 +254,7 @@ def _read_grid(f: _Fields, d, field: str, side: str, layer_type: str, shape: tup
                     round_mode, method)
 
 
-def _read_weight(f: _Fields, w, field: str, layer: LayerData) -> None:
+def read_weight(f: Fields, w, field: str, layer: LayerData) -> None:
     shape, numel = layer.weight_shape, math.prod(layer.weight_shape)
     if not isinstance(w, dict):
         raise f.error(field, f"a weight object, got {w!r}")
@@ -260,7 +263,7 @@ def _read_weight(f: _Fields, w, field: str, layer: LayerData) -> None:
         data = f.ref(w, "data", field, "float.weight", numel)
         layer.weight_float = f.finite(data, f"{field}.data").reshape(shape).clone()
         return
-    g = _read_grid(f, w, field, "weight", layer.kind, shape, layer.attrs)
+    g = read_grid(f, w, field, "weight", layer.kind, shape, layer.attrs)
     lo, hi = (t.reshape([-1] + [1] * (len(shape) - 1)) if t.dim() else t for t in g.qrange_tensors())
     storage = f.get(w, "storage", field, ("int8", "packed"))
     if storage == "int8":
@@ -281,7 +284,7 @@ def _read_weight(f: _Fields, w, field: str, layer: LayerData) -> None:
     layer.weight_grid, layer.weight_codes = g, q
 
 
-def _read_bias(f: _Fields, b, field: str, layer: LayerData) -> None:
+def read_bias(f: Fields, b, field: str, layer: LayerData) -> None:
     if not isinstance(b, dict) or not b or set(b) - {"int32", "float"}:
         raise f.error(field, f"an object with int32 and/or float references, got {b!r}")
     channels = layer.out_channels
@@ -299,11 +302,13 @@ def _read_bias(f: _Fields, b, field: str, layer: LayerData) -> None:
         layer.bias, layer.bias_exact = (layer.bias_int32.double() * layer.acc_scale()).float(), False
 
 
-def _read_layer(f: _Fields, name: str, e, node_attrs: dict) -> LayerData:
+def read_layer(f: Fields, name: str, e, node_attrs: dict, kinds: tuple[str, ...] = LAYER_OPS) -> LayerData:
+    """One ``layers`` entry, every field checked; ``node_attrs``: what its graph node says (``{}`` for a causal
+    LM's layers, which have no graph); ``kinds``: the layer types this export may hold."""
     field = f"layers[{name!r}]"
     if not isinstance(e, dict):
         raise f.error(field, f"a layer object, got {e!r}")
-    kind = f.get(e, "type", field, LAYER_OPS)
+    kind = f.get(e, "type", field, kinds)
     attrs = e.get("attrs", {})
     try:
         check_attrs(kind, attrs, f"{field}.attrs")
@@ -311,15 +316,17 @@ def _read_layer(f: _Fields, name: str, e, node_attrs: dict) -> LayerData:
         raise ExportFileError(f"{f.mpath}: field {exc}") from None
     if attrs != node_attrs:
         raise f.error(f"{field}.attrs", f"{attrs!r} differ from its graph node's {node_attrs!r}")
-    ndims = (2,) if kind == "linear" else (attrs["dims"] + 2,)
+    ndims = (attrs["dims"] + 2,) if kind == "conv" else (2,)
     layer = LayerData(name, kind, f.shape(e.get("weight_shape"), f"{field}.weight_shape", ndims), dict(attrs))
-    _read_weight(f, e.get("weight"), f"{field}.weight", layer)
+    read_weight(f, e.get("weight"), f"{field}.weight", layer)
     if e.get("input") is not None:
-        layer.input_grid = _read_grid(f, e["input"], f"{field}.input", "input", kind, layer.weight_shape, attrs)
+        if kind == "embedding":
+            raise f.error(f"{field}.input", "an embedding's inputs are token ids: it has no input grid")
+        layer.input_grid = read_grid(f, e["input"], f"{field}.input", "input", kind, layer.weight_shape, attrs)
     if f.get(e, "quantized", field, bool) != layer.quantized:
         raise f.error(f"{field}.quantized", f"says {e['quantized']}, its weight and input grids say {layer.quantized}")
     if e.get("bias") is not None:
-        _read_bias(f, e["bias"], f"{field}.bias", layer)
+        read_bias(f, e["bias"], f"{field}.bias", layer)
     bn = e.get("bn_folded")
     if bn is not None:
         if not isinstance(bn, dict) or set(bn) != {"module", "at"}:
@@ -329,7 +336,7 @@ def _read_layer(f: _Fields, name: str, e, node_attrs: dict) -> LayerData:
     return layer
 
 
-def _read_architecture(f: _Fields, arch) -> dict:
+def _read_architecture(f: Fields, arch) -> dict:
     if not isinstance(arch, dict):
         raise f.error("architecture", f"an object, got {arch!r}")
     if arch.get("zoo") is None:
@@ -342,7 +349,7 @@ def _read_architecture(f: _Fields, arch) -> dict:
     return arch
 
 
-def _read_metadata(f: _Fields, manifest: dict) -> tuple[dict, list | None, dict | None, dict]:
+def read_metadata(f: Fields, manifest: dict) -> tuple[dict, list | None, dict | None, dict]:
     arch = _read_architecture(f, manifest.get("architecture"))
     shape = manifest.get("input_shape")
     if shape is not None:
@@ -356,7 +363,7 @@ def _read_metadata(f: _Fields, manifest: dict) -> tuple[dict, list | None, dict 
 
 def decode_export(path: str | os.PathLike, manifest: dict, tensors: dict[str, torch.Tensor]) -> Exported:
     """The :class:`Exported` of a manifest and its arenas, every field checked (module docstring, step 4)."""
-    f = _Fields(Path(path) / MANIFEST_FILE, tensors)
+    f = Fields(Path(path) / MANIFEST_FILE, tensors)
     try:
         graph = Graph.from_list(manifest.get("graph"))
     except ExportError as exc:
@@ -367,10 +374,10 @@ def decode_export(path: str | os.PathLike, manifest: dict, tensors: dict[str, to
         raise f.error("layers", f"describes {sorted(entries)}, the graph uses {sorted(node_of)}")
     layers = {}
     for name in graph.layers:
-        layers[name] = _read_layer(f, name, entries[name], node_of[name].attrs)
+        layers[name] = read_layer(f, name, entries[name], node_of[name].attrs)
         if layers[name].kind != node_of[name].op:
             raise f.error(f"layers[{name!r}].type", f"{layers[name].kind!r}, its graph node runs {node_of[name].op!r}")
-    arch, shape, recipe, left_float = _read_metadata(f, manifest)
+    arch, shape, recipe, left_float = read_metadata(f, manifest)
     return Exported(graph, layers, arch, recipe, shape, left_float, manifest)
 
 

@@ -62,7 +62,7 @@ def load(source: str | os.PathLike | Exported, model: nn.Module) -> nn.Module:
     for name in exp.graph.layers:
         _install_layer(model, exp, name, where)
     model.lowbit_export = exp.manifest
-    model.lowbit_report = _report(exp)
+    model.lowbit_report = report_of(exp)
     return model.eval()
 
 
@@ -86,7 +86,7 @@ def _install_layer(model: nn.Module, exp: Exported, name: str, where) -> None:
         model.set_submodule(name, QUANT_MODULES[type(m)].from_float(m, wq, aq))
 
 
-def _report(exp: Exported) -> QuantReport:
+def report_of(exp: Exported) -> QuantReport:
     try:
         recipe = load_recipe(exp.recipe) if exp.recipe else Recipe()
     except RecipeError:  # a recipe this lowbit cannot parse is informational only

@@ -61,7 +61,7 @@ def reference_bytes(ref: list | None) -> int:
     return 0 if ref is None else ref[2] * arena_element_bytes(ref[0])
 
 
-def _write_grid(arena: Arena, g: GridData, side: str) -> dict:
+def write_grid(arena: Arena, g: GridData, side: str) -> dict:
     d = g.describe()
     d["scale_shape"] = list(g.scale.shape)
     d["scale"] = arena.add(f"{side}.scale", g.scale)
@@ -79,7 +79,7 @@ def is_int8_storage(g: GridData) -> bool:
     return g.channel_bits is None and g.bits == 8 and int(g.qmin) >= -128 and int(g.qmax) <= 127
 
 
-def _weight_storage(layer: LayerData) -> tuple[str, torch.Tensor]:
+def weight_storage(layer: LayerData) -> tuple[str, torch.Tensor]:
     """``("int8", codes)`` or ``("packed", bytes)`` for a quantized weight."""
     g, q = layer.weight_grid, layer.weight_codes
     if is_int8_storage(g):
@@ -96,18 +96,18 @@ def _weight_storage(layer: LayerData) -> tuple[str, torch.Tensor]:
     return "packed", pack_bits(u, widths)
 
 
-def _layer_entry(arena: Arena, layer: LayerData, float_bias: bool) -> dict:
+def layer_entry(arena: Arena, layer: LayerData, float_bias: bool) -> dict:
     entry: dict = {"type": layer.kind, "weight_shape": list(layer.weight_shape), "attrs": layer.attrs,
                    "quantized": layer.quantized}
     if layer.weight_grid is not None:
-        w = _write_grid(arena, layer.weight_grid, "weight")
-        storage, data = _weight_storage(layer)
+        w = write_grid(arena, layer.weight_grid, "weight")
+        storage, data = weight_storage(layer)
         w["storage"] = storage
         w["data"] = arena.add("weight.int8" if storage == "int8" else "weight.packed", data)
         entry["weight"] = w
     else:
         entry["weight"] = {"float": True, "data": arena.add("float.weight", layer.weight_float)}
-    entry["input"] = _write_grid(arena, layer.input_grid, "input") if layer.input_grid is not None else None
+    entry["input"] = write_grid(arena, layer.input_grid, "input") if layer.input_grid is not None else None
     if layer.bias is not None:
         keep_float = float_bias or layer.bias_int32 is None
         entry["bias"] = {
@@ -129,7 +129,7 @@ def _layer_entry(arena: Arena, layer: LayerData, float_bias: bool) -> dict:
 def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = True) -> Path:
     """Write ``exp`` to the folder ``path`` (created); returns the folder. See :func:`export`."""
     arena = Arena()
-    layers_meta = {name: _layer_entry(arena, exp.layers[name], float_bias) for name in exp.graph.layers}
+    layers_meta = {name: layer_entry(arena, exp.layers[name], float_bias) for name in exp.graph.layers}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
