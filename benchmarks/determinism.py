@@ -93,7 +93,7 @@ def main() -> None:
         lines.append(f"- *threads*: the benchmark path with 1 and with 2 threads, {args.recipe}, same seed:\n\n"
                      + "\n".join(rows))
         first = gaps[min(gaps)]
-        verdict = ("so the thread count, not the path, changes the numbers: float sums in another order differ in "
+        verdict = ("the thread count, not the path, changes the numbers: float sums in another order differ in "
                    "the last bits from the first step, and training amplifies the difference"
                    if paths == 0 and first > 0 else "see the rows above")
         lines.append(f"\nVerdict: {verdict}.")
