@@ -231,6 +231,20 @@ def speed_lines(rows: list[dict]) -> str:
                      f"{r['measured_steps']} steps, interleaved; commit {r['commit']})" for r in rows)
 
 
+def commands(model: str, rows: list[dict]) -> str:
+    """The commands that rerun the fine-tuned rows of ``model`` (its PTQ and float rows come with them)."""
+    runs = sorted({(r["method"].startswith("torchao"), r["steps"], r.get("batch"), r["width"]) for r in rows
+                   if r.get("steps") and r["method"] in ("silq", "torchao-qat")})
+    shown = []
+    for peer, steps, batch, width in runs:
+        if peer:
+            shown.append(f"`.venv-torchao/bin/python benchmarks/torchao_peer.py --model {model} --steps {steps}`")
+        else:
+            shown.append(f"`python benchmarks/llm.py --model {model} --steps {steps} --batch-size {batch} "
+                         f"--widths {width}`")
+    return ("Rows from " + ", ".join(dict.fromkeys(shown)) + ".") if shown else ""
+
+
 def section(rows: dict[str, dict]) -> str:
     models = sorted({r["model"] for r in rows.values()}, key=lambda m: (MODEL_ORDER + [m]).index(m))
     parts = ["Perplexity, KL(float || quantized) per token and next-token top-1 agreement with the float model on "
@@ -244,7 +258,7 @@ def section(rows: dict[str, dict]) -> str:
         text = mine[0]
         parts.append(f"### {m}\n\n" + (NOTES.get(m, "") + "\n\n" if m in NOTES else "")
                      + f"Test windows: {text.get('windows')} x {text.get('length')} tokens of "
-                     f"{', '.join(text.get('corpora', []))}.\n\n" + model_table(mine))
+                     f"{', '.join(text.get('corpora', []))}. {commands(m, mine)}\n\n" + model_table(mine))
         sweeps = [r for r in mine if r["method"] == "sweep"]
         if sweeps:
             parts.append("Learning-rate choices (calib split only):\n\n" + sweep_table(sweeps))
