@@ -45,18 +45,17 @@ from torch import nn
 
 from lowbit.deploy.errors import ExportError, ExportFileError
 from lowbit.deploy.fixed import FixedQuantizer
-from lowbit.deploy.format import FORMAT, FORMAT_VERSION, MANIFEST_FILE, TENSOR_FILE
+from lowbit.deploy.format import MANIFEST_FILE
 from lowbit.deploy.layers import GridData, LayerData, grid_from_quantizer, layer_from_module, set_int32_bias
 from lowbit.deploy.packed import packed_layers
 from lowbit.deploy.read import Fields, read_grid, read_layer, read_manifest, read_metadata, read_tensors
 from lowbit.deploy.rebuild import report_of
-from lowbit.deploy.write import CONVENTIONS, Arena, layer_entry, reference_bytes, write_files, write_grid
+from lowbit.deploy.write import Arena, layer_entry, manifest_of, reference_bytes, weight_bytes, write_files, write_grid
 from lowbit.llm.families import FAMILIES, check_attention, family_of
 from lowbit.llm.kv_cache import is_kv_quantized, kv_quant_class
 from lowbit.llm.objective import is_causal_lm
 from lowbit.nn.modules import QuantEmbedding, QuantLinear, QuantMixin
 from lowbit.quant.base import Quantizer
-from lowbit.version import __version__
 
 CAUSAL_LM = "causal-lm"
 LAYER_KINDS = ("linear", "embedding")
@@ -178,24 +177,10 @@ def write_causal_lm(exp: ExportedLM, path: str | os.PathLike, *, float_bias: boo
                       "value": write_grid(arena, g.value, "kv")} for name, g in exp.kv_cache.items()}
     float_meta = {name: {"shape": list(t.shape), "data": arena.add("float.weight", t)}
                   for name, t in exp.float_tensors.items()}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lowbit_version": __version__,
-        "model_kind": CAUSAL_LM,
-        "architecture": exp.architecture,
-        "config": exp.config,
-        "tensors": {"file": TENSOR_FILE},
-        "conventions": CONVENTIONS,
-        "recipe": exp.recipe,
-        "left_float": exp.left_float,
-        "float_bias": bool(float_bias),
-        "layers": layers_meta,
-        "kv_cache": kv_meta,
-        "float_tensors": float_meta,
-        "sizes": {"weight_bytes": sum(reference_bytes(e["weight"]["data"]) for e in layers_meta.values()),
-                  "float_tensor_bytes": sum(reference_bytes(e["data"]) for e in float_meta.values())},
-    }
+    manifest = manifest_of(exp, layers_meta, float_bias, model_kind=CAUSAL_LM, config=exp.config, kv_cache=kv_meta,
+                           float_tensors=float_meta,
+                           sizes={"weight_bytes": weight_bytes(layers_meta),
+                                  "float_tensor_bytes": sum(reference_bytes(e["data"]) for e in float_meta.values())})
     return write_files(path, arena.tensors(), manifest)
 
 

@@ -130,22 +130,23 @@ def write_export(exp: Exported, path: str | os.PathLike, *, float_bias: bool = T
     """Write ``exp`` to the folder ``path`` (created); returns the folder. See :func:`export`."""
     arena = Arena()
     layers_meta = {name: layer_entry(arena, exp.layers[name], float_bias) for name in exp.graph.layers}
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "lowbit_version": __version__,
-        "architecture": exp.architecture,
-        "input_shape": exp.input_shape,
-        "tensors": {"file": TENSOR_FILE},
-        "conventions": CONVENTIONS,
-        "recipe": exp.recipe,
-        "left_float": exp.left_float,
-        "float_bias": bool(float_bias),
-        "layers": layers_meta,
-        "graph": exp.graph.to_list(),
-        "sizes": {"weight_bytes": sum(reference_bytes(e["weight"]["data"]) for e in layers_meta.values())},
-    }
+    manifest = manifest_of(exp, layers_meta, float_bias, input_shape=exp.input_shape, graph=exp.graph.to_list(),
+                           sizes={"weight_bytes": weight_bytes(layers_meta)})
     return write_files(path, arena.tensors(), manifest)
+
+
+def manifest_of(exp, layers_meta: dict, float_bias: bool, **fields) -> dict:
+    """The manifest fields every export kind writes (format, versions, architecture, recipe, layers), then
+    ``fields``: what this kind adds (a CNN's graph and input shape, a language model's config and cache)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
+            "architecture": exp.architecture, "tensors": {"file": TENSOR_FILE}, "conventions": CONVENTIONS,
+            "recipe": exp.recipe, "left_float": exp.left_float, "float_bias": bool(float_bias),
+            "layers": layers_meta, **fields}
+
+
+def weight_bytes(layers_meta: dict) -> int:
+    """Bytes of the integer weights the manifest's layers reference."""
+    return sum(reference_bytes(e["weight"]["data"]) for e in layers_meta.values())
 
 
 def write_files(path: str | os.PathLike, tensors: dict[str, torch.Tensor], manifest: dict) -> Path:
