@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -35,13 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import COMMIT, ROOT, write_section  # noqa: E402
+from results_page import ROOT, load_keyed_rows, store_keyed_row, write_section  # noqa: E402
 
-import lowbit  # noqa: E402
 from lowbit.data.text import TokenWindows, load_text, tokenize  # noqa: E402
 from lowbit.llm.evaluate import logits_of  # noqa: E402
-from lowbit.llm.pipeline import (TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm,  # noqa: E402
-                                 windows)
+from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm  # noqa: E402
 from lowbit.qat.config import FinetuneConfig  # noqa: E402
 
 SEED = 0
@@ -62,15 +59,11 @@ NOTES = {"smollm2-135m": "SmolLM2's published weights are already 4-bit (Q4_1, b
 
 
 def load_rows() -> dict[str, dict]:
-    return json.loads(STORE.read_text()) if STORE.is_file() else {}
+    return load_keyed_rows(STORE)
 
 
 def save_row(key: str, row: dict) -> None:
-    rows = load_rows()  # re-read: another suite (the torchao peer) may have written meanwhile
-    rows[key] = {**row, "commit": COMMIT, "threads": torch.get_num_threads()}
-    STORE.parent.mkdir(parents=True, exist_ok=True)
-    STORE.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
-    print(json.dumps(rows[key], sort_keys=True), flush=True)
+    store_keyed_row(STORE, key, row)
 
 
 def measured(model, tokenizer, text: TextSetup, teacher) -> dict:

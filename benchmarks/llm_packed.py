@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import COMMIT, ROOT, write_section  # noqa: E402
+from results_page import ROOT, load_keyed_rows, store_keyed_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.text import load_text  # noqa: E402
@@ -64,15 +64,11 @@ PACKED = ("int4", "int8")  # pack_model's kernels
 
 
 def load_rows() -> dict[str, dict]:
-    return json.loads(STORE.read_text()) if STORE.is_file() else {}
+    return load_keyed_rows(STORE)
 
 
 def save_row(key: str, row: dict) -> None:
-    rows = load_rows()
-    rows[key] = {**row, "commit": COMMIT, "threads": torch.get_num_threads()}
-    STORE.parent.mkdir(parents=True, exist_ok=True)
-    STORE.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
-    print(json.dumps(rows[key], sort_keys=True), flush=True)
+    store_keyed_row(STORE, key, row)
 
 
 def held_bytes(model: torch.nn.Module) -> int:

@@ -32,11 +32,27 @@ def load_rows(path: Path) -> list[dict]:
 
 
 def store_row(path: Path, row: dict, key=lambda r: r["key"]) -> None:
-    """Store ``row`` in ``path`` in place of any stored row with the same ``key(row)`` (default: its "key" field), written atomically, so
-    that a suite killed at any moment keeps every row it finished."""
+    """Store ``row`` in ``path`` in place of any stored row with the same ``key(row)`` (default: its "key"
+    field), written atomically, so that a suite killed at any moment keeps every row it finished."""
     rows = [r for r in load_rows(path) if key(r) != key(row)] + [row]
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, rows)
+
+
+def load_keyed_rows(path: Path) -> dict[str, dict]:
+    """The ``{key: row}`` a suite has stored in ``path`` so far (empty when it does not exist yet)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def store_keyed_row(path: Path, key: str, row: dict) -> None:
+    """Store ``row`` under ``key`` in ``path``'s ``{key: row}``, stamped with the commit and the thread count,
+    and print it. The file is re-read first (another suite may have written to it meanwhile) and written
+    atomically."""
+    rows = load_keyed_rows(path)
+    rows[key] = {**row, "commit": COMMIT, "threads": torch.get_num_threads()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, rows, sort_keys=True)
+    print(json.dumps(rows[key], sort_keys=True), flush=True)
 
 
 def machine() -> str:

@@ -54,9 +54,9 @@ def copy_atomic(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 1) -> Path:
+def write_json_atomic(path: str | os.PathLike, obj, *, indent: int = 1, sort_keys: bool = False) -> Path:
     """``obj`` as indented JSON (one trailing newline) through :func:`write_text_atomic`; returns ``path``."""
-    return write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+    return write_text_atomic(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def loads_json(data: bytes | str):
