@@ -196,7 +196,7 @@ class ALPS:
         manifest = path.parent / "manifest.json"
         if not manifest.exists():
             write_text_atomic(manifest, json.dumps({"space": self.space.fingerprint(), "steps": self.steps,
-                                                "config": self.config.to_dict(), "seed": self.seed}, indent=1))
+                                                    "config": self.config.to_dict(), "seed": self.seed}, indent=1))
         write_text_atomic(path, json.dumps(entry, indent=1, sort_keys=True))
 
     # ----- runs ----------------------------------------------------------------------------
