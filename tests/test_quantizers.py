@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from lowbit.errors import CalibrationError
 from lowbit.quant import sawb as sawb_module
+from lowbit.quant.grid import Granularity
 from lowbit.quant import (QUANTIZERS, ACIQQuantizer, FAQQuantizer, LSQQuantizer, MinMaxQuantizer, PACTQuantizer,
                           PercentileQuantizer, SAWBQuantizer, clip_mse, fit_coefficients, make_quantizer,
                           optimal_clip, quantizer_options, sawb_coefficients)
@@ -979,7 +980,6 @@ def test_round_mode_option_reaches_quantizer():
 # ----- MSE-optimal step (LSQ init="mse") --------------------------------------------------------
 @pytest.mark.parametrize("qmin,qmax", [(-2, 1), (-8, 7), (0, 3), (0, 15)])
 def test_mse_optimal_step_matches_brute_force_per_channel(qmin, qmax):
-    from lowbit.quant.grid import Granularity
     from lowbit.quant.mse_step import mse_optimal_step
 
     g = _gen(81)
@@ -1007,11 +1007,23 @@ def test_lsq_mse_init_has_less_error_than_paper_init_and_is_checked():
         errs[init] = float((q(x).detach() - x).pow(2).mean())
     assert errs["mse"] < 0.8 * errs["paper"]
     with pytest.raises(ValueError, match="LSQ init"):
-        LSQQuantizer(4, init="max")
+        LSQQuantizer(4, init="minmax")
+
+
+def test_lsq_max_init_is_the_min_max_step_per_channel_and_clips_nothing():
+    w = torch.randn(6, 32, generator=_gen(84))
+    w[0, 3], w[1, 5] = 9.0, -12.0  # one large weight of each sign
+    q = _calibrate(LSQQuantizer(4, True, Granularity("channel", axis=0), role="weight", init="max"), w)
+    hi, lo = w.amax(dim=1) / 7, w.amin(dim=1) / -8
+    assert torch.allclose(q.get_scale().detach().reshape(-1), torch.maximum(hi, lo))
+    assert float(q.get_scale().detach()[1]) == pytest.approx(12.0 / 8)
+    out = q(w).detach()
+    assert float(out[0, 3]) == pytest.approx(9.0) and float(out[1, 5]) == pytest.approx(-12.0)  # kept exactly
+    mse = _calibrate(LSQQuantizer(4, True, Granularity("channel", axis=0), role="weight", init="mse"), w)
+    assert float(mse(w).detach()[0, 3]) < 8.9  # the least-error step clips it
 
 
 def test_mse_optimal_step_subsample_bounds_work_and_stays_close():
-    from lowbit.quant.grid import Granularity
     from lowbit.quant.mse_step import mse_optimal_step
 
     v = torch.randn(400_000, generator=_gen(83)) ** 3  # heavy tails: the optimum clips well inside the max

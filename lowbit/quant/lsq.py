@@ -10,7 +10,10 @@ channel: of the channel) or, for activations, the features per sample (``n_featu
 the paper's wording) or per batch (``"numel"``).
 
 Initialisation, exactly once, from the pretrained weights or the first calibration batch:
-``init="paper"`` (default) ``s_0 = 2 mean(|v|) / sqrt(Q_P)``; ``init="mse"`` the step with the
+``init="paper"`` (default) ``s_0 = 2 mean(|v|) / sqrt(Q_P)``; ``init="max"`` the min-max step
+``max(max(v) / Q_P, min(v) / -Q_N)``, which clips nothing (our option: the weights of language
+models, where clipping a few large weights costs more output error than the coarser grid;
+measured in docs/RESULTS.md, section llm); ``init="mse"`` the step with the
 least quantization error of that data (:mod:`lowbit.quant.mse_step`, LSQ+'s advice), which
 starts a short fine-tuning much closer to its optimum, most at 2-3 bits (a per-tensor weight
 step searches a strided sample of at most 65,536 weights, so that choosing precisions for a
@@ -23,7 +26,7 @@ way) uses unsigned codes ``[0, 2^b - 1]`` with a learned zero point ``z``:
 ``v_hat = (clamp(round(v/s + z), 0, 2^b - 1) - z) * s``. ``z`` is a parameter rounded to an
 integer in the forward (straight through, so every tensor stays ``integer * s`` for integer
 inference; our choice where LSQ+ keeps a float offset), with the gradient ``-s`` where ``v`` is
-clipped, scaled by ``g`` like the step's. Initialised from the first batch's range (``init="paper"``:
+clipped, scaled by ``g`` like the step's. Initialised from the first batch's range (``init="paper"`` or ``"max"``:
 min-max) or by :func:`~lowbit.quant.mse_step.mse_optimal_affine` (``init="mse"``).
 """
 
@@ -36,10 +39,11 @@ from torch import nn
 
 from lowbit.quant.base import Quantizer, affine_grid
 from lowbit.quant.grid import fake_quant
-from lowbit.quant.mse_step import mse_optimal_affine, mse_optimal_step
+from lowbit.quant.mse_step import minmax_step, mse_optimal_affine, mse_optimal_step
 
 MIN_STEP = 1e-5
 MSE_SAMPLE = 1 << 16  # weights searched for the init="mse" step of one per-tensor step
+INITS = ("paper", "max", "mse")
 
 
 class LSQQuantizer(Quantizer):
@@ -51,8 +55,9 @@ class LSQQuantizer(Quantizer):
                  n_features: str = "sample", init: str = "paper", asymmetric: bool = False, **kw):
         if n_features not in ("sample", "numel"):
             raise ValueError(f"n_features must be 'sample' or 'numel', got {n_features!r}")
-        if init not in ("paper", "mse"):
-            raise ValueError(f"LSQ init must be 'paper' (2 mean|v| / sqrt(Q_P)) or 'mse', got {init!r}")
+        if init not in INITS:
+            raise ValueError(f"LSQ init must be 'paper' (2 mean|v| / sqrt(Q_P)), 'max' (min-max) or 'mse', "
+                             f"got {init!r}")
         if asymmetric and signed:
             raise ValueError("an asymmetric LSQ grid has unsigned codes and a zero point; leave signed unset (auto)")
         super().__init__(bits, False if asymmetric else signed, granularity, **kw)
@@ -72,7 +77,7 @@ class LSQQuantizer(Quantizer):
         if self._init_step is None and self.asymmetric:
             if self.init == "mse":
                 self._init_step, self._init_zero_point = mse_optimal_affine(v, self.granularity, self.qmin, self.qmax)
-            else:
+            else:  # "paper" and "max": the observed range
                 g = self.granularity
                 self._init_step, self._init_zero_point = affine_grid(g.reduce(v, "amin"), g.reduce(v, "amax"),
                                                                      self.qmin, self.qmax)
@@ -80,6 +85,8 @@ class LSQQuantizer(Quantizer):
             if self.init == "mse":
                 self._init_step = mse_optimal_step(v, self.granularity, self.qmin, self.qmax,
                                                    max_elements=MSE_SAMPLE if self.role == "weight" else None)
+            elif self.init == "max":
+                self._init_step = minmax_step(v, self.granularity, self.qmin, self.qmax)
             else:
                 self._init_step = 2.0 * self.granularity.reduce(v.abs(), "mean") / math.sqrt(self.qmax)
 

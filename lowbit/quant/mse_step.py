@@ -28,13 +28,20 @@ from lowbit.quant.grid import Granularity
 
 
 @torch.no_grad()
+def minmax_step(v: torch.Tensor, granularity: Granularity, qmin: int, qmax: int) -> torch.Tensor:
+    """Per-group step that holds every observed value: ``s_max = max(max(v) / qmax, min(v) / qmin)``."""
+    v = v.float()
+    hi = granularity.reduce(v, "amax").clamp_min(0) / max(qmax, 1)
+    lo = granularity.reduce(v, "amin").clamp_max(0) / qmin if qmin < 0 else torch.zeros_like(hi)
+    return torch.maximum(hi, lo).clamp_min(1e-8)
+
+
+@torch.no_grad()
 def mse_optimal_step(v: torch.Tensor, granularity: Granularity, qmin: int, qmax: int,
                      candidates: int = 100, max_elements: int | None = None) -> torch.Tensor:
     """Per-group MSE-optimal step (compact shape, like ``Granularity.reduce``) of the view ``v``."""
     v = v.float()
-    hi = granularity.reduce(v, "amax").clamp_min(0) / max(qmax, 1)
-    lo = granularity.reduce(v, "amin").clamp_max(0) / qmin if qmin < 0 else torch.zeros_like(hi)
-    s_max = torch.maximum(hi, lo).clamp_min(1e-8)
+    s_max = minmax_step(v, granularity, qmin, qmax)
     if max_elements is not None and granularity.kind == "tensor" and v.numel() > max_elements:
         v = v.reshape(-1)[:: math.ceil(v.numel() / max_elements)]
     best_err = torch.full_like(s_max, float("inf"))
