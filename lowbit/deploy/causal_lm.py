@@ -97,6 +97,11 @@ def _unsupported(name: str, what: str) -> ExportError:
     return ExportError(f"module {name!r}: {what}; the causal-LM export holds {SUPPORTED}")
 
 
+def _layer_tensors(layer_names) -> set[str]:
+    """State-dict keys of the quantized layers' own weights and biases (stored as grids, not float tensors)."""
+    return {f"{n}.{p}" for n in layer_names for p in ("weight", "bias")}
+
+
 def _kv_shape(model: nn.Module, attention: nn.Module) -> tuple[int, int]:
     config = model.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -144,7 +149,7 @@ def build_causal_lm(qmodel: nn.Module) -> ExportedLM:
             raise ExportError(f"{type(qmodel).__name__} has nothing quantized; quantize it first: "
                               "lowbit.quantize(model, recipe, calib_data=...)")
         quantizer_names = [n for n, m in qmodel.named_modules() if isinstance(m, Quantizer)]
-        in_layers = {f"{n}.{p}" for n in layers for p in ("weight", "bias")}
+        in_layers = _layer_tensors(layers)
         float_tensors = {}
         for key, t in qmodel.state_dict().items():
             if key in in_layers or any(key.startswith(q + ".") for q in quantizer_names):
@@ -267,7 +272,7 @@ def _check_fits(exp: ExportedLM, model: nn.Module, where) -> None:
             raise ExportFileError(f"{where}: layer {layer.name!r} {'has no' if layer.bias is not None else 'has a'} "
                                   "bias, unlike the export")
     state = model.state_dict()
-    in_layers = {f"{n}.{p}" for n in exp.layers for p in ("weight", "bias")}
+    in_layers = _layer_tensors(exp.layers)
     for key, t in exp.float_tensors.items():
         if key not in state or tuple(state[key].shape) != tuple(t.shape):
             have = tuple(state[key].shape) if key in state else "no such tensor"

@@ -92,7 +92,15 @@ def _input_grid(layer: LayerData) -> GridData:
     return g
 
 
-class PackedLinear(nn.Module):
+class _PackedModule(nn.Module):
+    """A packed layer: every buffer it holds is part of its stored weights."""
+
+    def weight_bytes(self) -> int:
+        """Bytes of the packed weights and their steps."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class PackedLinear(_PackedModule):
     """A quantized Linear running packed integer weights (module docstring), built from its :class:`LayerData`."""
 
     def __init__(self, layer: LayerData, kernel: str = "int4"):
@@ -144,15 +152,11 @@ class PackedLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def weight_bytes(self) -> int:
-        """Bytes of the packed weights and their steps."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
 
-class PackedEmbedding(nn.Module):
+class PackedEmbedding(_PackedModule):
     """An embedding table of int8 codes and per-row (or one) steps: ``q[ids] * s[ids]`` (module docstring)."""
 
     def __init__(self, layer: LayerData):
@@ -164,9 +168,6 @@ class PackedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.codes[ids].float() * self.steps[ids]
-
-    def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
