@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_page import COMMIT, ROOT, write_section  # noqa: E402
+from results_page import ROOT, load_keyed_rows, store_keyed_row, write_section  # noqa: E402
 
 from lowbit.plot import pyplot  # noqa: E402
 from lowbit.qat.pipeline import run_qat  # noqa: E402
@@ -45,15 +44,6 @@ STORE = ROOT / "docs" / "results" / "qat.json"
 # last layers 8-bit, 3 epochs SGD cosine, no distillation), as the project brief reports them.
 PEERS = {("resnet20", 4): 93.70, ("resnet20", 2): 92.80}
 PEER_FP = {"resnet20": 93.95}  # their full-precision ResNet-20
-
-
-def load_rows() -> dict[str, dict]:
-    return json.loads(STORE.read_text()) if STORE.is_file() else {}
-
-
-def save_rows(rows: dict[str, dict]) -> None:
-    STORE.parent.mkdir(parents=True, exist_ok=True)
-    STORE.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
 
 
 def model_order(rows: dict[str, dict]) -> list[str]:
@@ -107,7 +97,6 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     ap.add_argument("--distill", action="store_true", help="distil from the FP model (off in the protocol)")
     args = ap.parse_args()
-    rows = load_rows()
     for name in args.models.split(",") if args.recipes else []:
         model = pretrained(name)
         for recipe in [r for r in args.recipes.split(",") if r]:
@@ -122,12 +111,9 @@ def main() -> None:
             row = {"model": name, "recipe": recipe, "bits": BITS[recipe.rsplit("-", 1)[1]], "epochs": cfg["epochs"],
                    "steps": result["steps"], "lr": cfg["lr"], "schedule": cfg["schedule"],
                    "distill": bool(args.distill), "test_top1": round(result["test_top1"], 2),
-                   "fp_top1": round(result["fp_top1"], 2), "minutes": round((time.perf_counter() - start) / 60, 1),
-                   "threads": torch.get_num_threads(),
-                   "commit": COMMIT}
-            rows[f"{name}/{recipe}" + ("/distill" if args.distill else "")] = row
-            save_rows(rows)
-            print(table({"new": row}).splitlines()[-1], flush=True)
+                   "fp_top1": round(result["fp_top1"], 2), "minutes": round((time.perf_counter() - start) / 60, 1)}
+            store_keyed_row(STORE, f"{name}/{recipe}" + ("/distill" if args.distill else ""), row)
+    rows = load_keyed_rows(STORE)
     points = [(r["model"], r["recipe"], r["bits"], r["test_top1"], r["fp_top1"]) for r in rows.values()
               if not r["distill"]]
     plot = write_plot(points, ROOT / "docs" / "qat_accuracy_vs_bits.png")
