@@ -14,7 +14,10 @@ agreement of greedy actions with the teacher on the student's own states). The d
 ternary/binary students are exported (``lowbit.export``) and played by the integer engine:
 decisions per second of one core's CPU time at batch 1 (against the console's 60 frames/s), the
 export's size on disk, and the fraction of the student's states on which the engine picks the
-fake-quant student's action. Rows are appended to ``docs/results/rl.json`` as each finishes;
+fake-quant student's action. Every student is also scored on 30 validation games (seeded apart
+from the test games); ``--init-from-teacher`` starts distilled students from the teacher's float
+weights instead of random ones, and where both starts were run the targets count the one of higher
+validation return. Rows are appended to ``docs/results/rl.json`` as each finishes;
 a row already there (same game, method, recipe, architecture, steps and seed) is skipped, and
 each run resumes from its folder under ``runs/rl`` when killed, so the script can be restarted.
 """
@@ -37,8 +40,9 @@ import lowbit  # noqa: E402
 from lowbit.rl.distill import DistillConfig  # noqa: E402
 from lowbit.rl.dqn import DQNConfig  # noqa: E402
 from lowbit.rl.envs import MINATAR_GAMES  # noqa: E402
-from lowbit.rl.evaluate import TEST_SEED, frames_per_second  # noqa: E402
-from lowbit.rl.students import PRECISIONS, distill_student, dqn_student, play_frames, student_recipe  # noqa: E402
+from lowbit.rl.evaluate import TEST_SEED, VALIDATION_SEED, evaluate_policy, frames_per_second  # noqa: E402
+from lowbit.rl.students import (PRECISIONS, STUDENT_DIR, distill_student, dqn_student, load_student,  # noqa: E402
+                                play_frames, student_recipe)
 from lowbit.rl.teach import read_teacher_meta  # noqa: E402
 from lowbit.zoo.teachers import teacher_path  # noqa: E402
 
@@ -49,8 +53,34 @@ CONSOLE_FPS = 60
 SEED = 0
 
 
+VALIDATION_EPISODES = 30
+
+
 def key(row: dict) -> tuple:
-    return row["game"], row["method"], row["recipe"], row["arch"], row["config"]["frames"], row["config"]["seed"]
+    return (row["game"], row["method"], row["recipe"], row["arch"], row["config"]["frames"], row["config"]["seed"],
+            bool(row.get("init_from_teacher")))
+
+
+def run_folder(runs, game: str, method: str, precision: str, arch: str, frames: int, from_teacher: bool) -> Path:
+    return Path(runs) / game / (f"{method}-{precision}-{arch}-{frames}" + ("-from-teacher" if from_teacher else ""))
+
+
+def validation_return(student, game: str) -> float:
+    """Mean return over VALIDATION_EPISODES games seeded apart from the test games: what a choice
+    between students (their start, for one) is made on."""
+    return evaluate_policy(student, game, episodes=VALIDATION_EPISODES, seed=VALIDATION_SEED).mean
+
+
+def chosen_rows(rows: list[dict]) -> list[dict]:
+    """Per game, method and precision, the distilled student of the higher validation return (started from
+    random weights or from the teacher's); every DQN row."""
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["game"], r["method"], r["precision"], r["arch"], r["config"]["frames"])
+        if k not in best or (r.get("validation_return") or float("-inf")) > (best[k].get("validation_return")
+                                                                             or float("-inf")):
+            best[k] = r
+    return list(best.values())
 
 
 def engine_figures(student, game: str) -> dict:
@@ -77,19 +107,21 @@ def dqn_epsilon_frames(frames: int) -> int:
 def run_row(game: str, method: str, precision: str, args) -> dict:
     recipe = student_recipe(precision)
     arch = args.arch or read_teacher_meta(teacher_path(game))["arch"]
-    run_dir = Path(args.runs) / game / f"{method}-{precision}-{arch}-{args.frames}"
+    from_teacher = method == "distill" and args.init_from_teacher
+    run_dir = run_folder(args.runs, game, method, precision, arch, args.frames, from_teacher)
     resume = (run_dir / "last.safetensors").is_file()
     log = lambda msg: print(f"[{game} {method} {precision}] {msg}", flush=True)  # noqa: E731
     if method == "distill":
         cfg = DistillConfig(game=game, frames=args.frames, seed=args.seed)
         student, row = distill_student(cfg, teacher_path(game), recipe, run_dir, arch=arch, resume=resume,
-                                       test_episodes=args.test_episodes, log=log)
+                                       init_from_teacher=from_teacher, test_episodes=args.test_episodes, log=log)
     else:
         cfg = DQNConfig(game=game, frames=args.frames, seed=args.seed, arch=arch,
                         epsilon_frames=dqn_epsilon_frames(args.frames))
         student, row = dqn_student(cfg, recipe, run_dir, teacher_path=teacher_path(game), resume=resume,
                                    test_episodes=args.test_episodes, log=log)
     row["precision"] = precision
+    row["validation_return"] = validation_return(student, game)
     if method == "distill" and precision in ENGINE_PRECISIONS:
         row.update(engine_figures(student, game))
     row.pop("curve", None)
@@ -122,15 +154,23 @@ def table() -> str:
             "student's own states on which its greedy action is the teacher's. Minutes are wall-clock on a shared "
             "2-core machine. Each row is rerun (resumed if its run folder exists) by `python benchmarks/rl.py "
             "--games GAME --precisions P --methods METHOD --frames STEPS` (P: 8, 4, 2 or ternary).", "",
-            "| game | precision | method | return | % of teacher | agreement | steps | minutes |",
-            "|---|---|---|---|---|---|---|---|"]
+            "Start: the distilled student's float weights before quantization, seeded random or the teacher's "
+            "(`--init-from-teacher`); where both were run, the targets count the one of higher validation return "
+            f"(mean over {VALIDATION_EPISODES} validation games, seeded apart from the test games; '-' where the "
+            "saved student was not kept to score).", "",
+            "| game | precision | method | start | return | % of teacher | agreement | validation return | steps | "
+            "minutes |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     order = {p: i for i, p in enumerate(["8", "4", "2", "ternary"])}
     for r in sorted(rows, key=lambda r: (MINATAR_GAMES.index(r["game"]) if r["game"] in MINATAR_GAMES else 99,
-                                         order.get(r["precision"], 9), r["method"] != "distill", r["arch"])):
+                                         order.get(r["precision"], 9), r["method"] != "distill", r["arch"],
+                                         bool(r.get("init_from_teacher")))):
         arch = "" if r["arch"] == "minatar" else f" ({r['arch']})"
         out.append(f"| {r['game']} | {names.get(r['precision'], r['precision'])}{arch} | {r['method']} | "
+                   f"{'teacher' if r.get('init_from_teacher') else 'random'} | "
                    f"{r['mean_return']:.2f} +- {r['std_return']:.2f} | {fmt(r['percent_of_teacher'], '.1f')} | "
-                   f"{fmt(r['agreement'], '.3f')} | {r['frames']:,} | {r['minutes']:.0f} |")
+                   f"{fmt(r['agreement'], '.3f')} | {fmt(r.get('validation_return'))} | {r['frames']:,} | "
+                   f"{r['minutes']:.0f} |")
     engine = [r for r in rows if "engine_fps" in r]
     if engine:
         out += ["", "Exported distilled students played by the integer engine (`lowbit.deploy.IntegerEngine`), one "
@@ -142,7 +182,7 @@ def table() -> str:
             out.append(f"| {r['game']} | {names.get(r['precision'], r['precision'])} | {r['engine_fps']:,.0f} | "
                        f"{r['engine_fps'] / CONSOLE_FPS:.0f} | {r['fake_quant_fps']:,.0f} | {r['export_bytes']:,} | "
                        f"{100 * r['engine_same_action']:.1f} % |")
-    out += ["", targets(rows)]
+    out += ["", targets(chosen_rows(rows))]
     return "\n".join(out)
 
 
@@ -160,6 +200,20 @@ def targets(rows: list[dict]) -> str:
             f"on the W2A2 students: slowest {fmt(slowest, ',.0f')} decisions/s (target >= 1,000).")
 
 
+def validate_stored(args) -> None:
+    """Score the saved student of every stored row without a validation return on the validation games."""
+    for row in load_rows(ROWS):
+        if row.get("validation_return") is not None:
+            continue
+        folder = run_folder(args.runs, row["game"], row["method"], row["precision"], row["arch"],
+                            row["config"]["frames"], bool(row.get("init_from_teacher"))) / STUDENT_DIR
+        if not folder.is_dir():
+            print(f"{row['game']} {row['method']} {row['precision']}: no saved student at {folder}; left as is")
+            continue
+        student, _ = load_student(folder)
+        store_row(ROWS, {**row, "validation_return": validation_return(student, row["game"])}, key)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--games", default=",".join(MINATAR_GAMES), help="comma-separated MinAtar games")
@@ -170,10 +224,16 @@ def main() -> None:
     ap.add_argument("--test-episodes", type=int, default=100)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--runs", default=str(ROOT / "runs" / "rl"), help="folder of the resumable runs")
+    ap.add_argument("--init-from-teacher", action="store_true",
+                    help="distilled students start from the teacher's float weights (default: seeded random)")
+    ap.add_argument("--validate-stored", action="store_true",
+                    help="add the validation return to stored rows that lack it, from their saved students")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the RESULTS.md section")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    if not args.table_only:
+    if args.validate_stored:
+        validate_stored(args)
+    elif not args.table_only:
         done = {key(r) for r in load_rows(ROWS)}
         for game in args.games.split(","):
             if not teacher_path(game).is_file():
@@ -182,7 +242,8 @@ def main() -> None:
             arch = args.arch or read_teacher_meta(teacher_path(game))["arch"]
             for precision in args.precisions.split(","):
                 for method in args.methods.split(","):
-                    if (game, method, student_recipe(precision), arch, args.frames, args.seed) in done:
+                    from_teacher = method == "distill" and args.init_from_teacher
+                    if (game, method, student_recipe(precision), arch, args.frames, args.seed, from_teacher) in done:
                         continue
                     store_row(ROWS, run_row(game, method, precision, args), key)
                     write_section("rl", "Reinforcement learning: low-precision policy distillation (MinAtar)",
