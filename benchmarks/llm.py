@@ -4,6 +4,7 @@ W4A8KV8 and W4A4KV4, one table per model.
     python benchmarks/llm.py --model bytellama --steps 300                     # every method and width
     python benchmarks/llm.py --model smollm2-135m --steps 100 --batch-size 1 --methods silq --widths w4a8kv8
     python benchmarks/llm.py --model smollm2-135m --sweep --steps 30 --batch-size 1   # choices, on the calib split
+    python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 2e-5:10,1e-4:10 --steps 30 --batch-size 1
     python benchmarks/llm.py --model smollm2-135m --speed                      # fine-tune step against the float step
     python benchmarks/llm.py --methods ''                                      # rebuild the section from the rows
 
@@ -131,7 +132,9 @@ def run_sweep(name: str, args) -> None:
     """Each SWEEP setting at ``args.width``, scored on the calib split (no test-split number is read)."""
     text = TextSetup(**{**TEXT[name].__dict__, "length": args.length})
     model, tokenizer = load_model(name)
-    for lr, mult in SWEEP:
+    settings = SWEEP if not args.sweep_settings else [tuple(float(v) for v in item.split(":"))
+                                                      for item in args.sweep_settings.split(",")]
+    for lr, mult in settings:
         row = run_silq(model, tokenizer, text, args.sweep_width, args, lr, mult, split_eval=False)
         save_row(f"{name}/sweep/{args.sweep_width}/{args.steps}/{lr:g}/{mult:g}",
                  {"model": name, "method": "sweep", "width": args.sweep_width, **row})
@@ -271,6 +274,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256, help="tokens per window")
     ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep (calib split) instead")
     ap.add_argument("--sweep-width", default="w4a8kv8")
+    ap.add_argument("--sweep-settings", default="",
+                    help="LR:MULT,... (weights' learning rate : quantizer_lr_mult) instead of the default sweep")
     ap.add_argument("--speed", action="store_true", help="measure the step-cost ratio instead")
     ap.add_argument("--speed-steps", type=int, default=5)
     args = ap.parse_args()
