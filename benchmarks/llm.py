@@ -61,7 +61,10 @@ NOTES = {"smollm2-135m": "SmolLM2's published weights are already 4-bit (Q4_1, b
          "gemma3-270m": "Gemma 3 270M (base model; 15 sliding-window and 3 global attention layers, q/k norms, a "
                         "scaled embedding table of 262,144 tokens). Its published weights are already quantized "
                         "(Q4_K_M: 4-bit Q4_K for the attention outputs and half the down projections, 5-, 6- and "
-                        "8-bit blocks elsewhere): **float is the dequantized model**."}
+                        "8-bit blocks elsewhere): **float is the dequantized model**. That model is overconfident "
+                        "on this text (its own logits divided by a temperature above 1 score a lower perplexity), so "
+                        "a quantized model with flatter predictions can score a perplexity below float's: KL and "
+                        "agreement, not perplexity, say how close a row stays to the float model."}
 
 
 def load_rows() -> dict[str, dict]:
