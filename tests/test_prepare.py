@@ -485,3 +485,56 @@ def test_stored_size_of_w4_resnet20():
     size8 = lowbit.stored_size_bytes(q8)
     assert fp32 / 4 < size8 < fp32 / 3.5
     assert lowbit.stored_size_bytes(model) == fp32
+
+
+# ----- embedding tables of nn.Embedding subclasses ----------------------------------------------
+
+class ScaledEmbedding(nn.Embedding):
+    """Gemma's kind of table: the lookup times a constant, through ``super().forward``."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+class DirectEmbedding(nn.Embedding):
+    """A table read around ``nn.Embedding.forward``: lowbit cannot put its grid in the way."""
+
+    def forward(self, ids):
+        return nn.functional.embedding(ids, self.weight) * 3.0
+
+
+class TableNet(nn.Module):
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.head = table, nn.Linear(8, 4)
+
+    def forward(self, ids):
+        return self.head(self.table(ids))
+
+
+EMBEDDINGS_8 = {**minmax(8), "embeddings": {"method": "minmax", "bits": 4, "granularity": "channel"}}
+
+
+def test_an_embedding_subclass_keeps_its_forward_on_the_quantized_table():
+    torch.manual_seed(0)
+    model = TableNet(ScaledEmbedding(16, 8))
+    ids = torch.arange(16).reshape(2, 8)
+    q = lowbit.quantize(model, EMBEDDINGS_8, calib_data=[ids])
+    table = q.table
+    assert isinstance(table, ScaledEmbedding) and isinstance(table, lowbit.nn.QuantEmbedding)
+    assert "table" in q.lowbit_report.quantized
+    grid = table.weight_quantizer(table.weight).detach()
+    with torch.no_grad():
+        looked_up = table(ids)
+    torch.testing.assert_close(looked_up, grid[ids] * 3.0, rtol=0, atol=0)  # the subclass's scale, on the grid
+    assert not torch.equal(looked_up, model.table(ids))  # 4-bit rows differ from the float ones
+    back = table.to_float()
+    assert type(back) is ScaledEmbedding and back.weight is table.weight
+
+
+def test_an_embedding_subclass_that_reads_around_the_lookup_is_refused():
+    model = TableNet(DirectEmbedding(16, 8))
+    with pytest.raises(RecipeError, match=r"table is a .*DirectEmbedding, whose forward does not look its ids up "
+                                          r"through nn.Embedding.forward.*drop the recipe's embeddings section"):
+        lowbit.quantize(model, EMBEDDINGS_8, calib_data=[torch.arange(8)[None]], inplace=True)
+    assert type(model.table) is DirectEmbedding and type(model.head) is nn.Linear  # the swap was undone

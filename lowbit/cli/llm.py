@@ -8,7 +8,7 @@
     lowbit llm generate --model bytellama --export runs/silq-export --packed --prompt "ROMEO."
     lowbit llm train    --out runs/bytellama.safetensors                              # the in-house model
 
-``--model`` is a zoo language model (bytellama, smollm2-135m) or a local Hugging Face folder.
+``--model`` is a zoo language model (bytellama, smollm2-135m, gemma3-270m) or a local Hugging Face folder.
 Under ``torchrun``, ``finetune`` trains on every rank (DDP, or FSDP2 with the recipe's
 ``qat: {distributed: fsdp}``); rank 0 evaluates, prints and saves.
 """
@@ -173,8 +173,8 @@ def register(subparsers) -> None:
     sub = llm.add_subparsers(dest="llm_command", required=True, metavar="LLM_COMMAND")
 
     def model_args(sp, quantized: bool = False):
-        sp.add_argument("--model", default="bytellama", help="zoo language model (bytellama, smollm2-135m) or a "
-                        "local Hugging Face folder (default: bytellama)")
+        sp.add_argument("--model", default="bytellama", help="zoo language model (bytellama, smollm2-135m, "
+                        "gemma3-270m) or a local Hugging Face folder (default: bytellama)")
         sp.add_argument("--weights", help="bytellama weights to load instead of the shipped ones")
         if quantized:
             sp.add_argument("--quantized", help="a folder saved by `lowbit llm quantize/finetune` (default: the "

@@ -47,14 +47,14 @@ from lowbit.deploy.errors import ExportError, ExportFileError
 from lowbit.deploy.fixed import FixedQuantizer
 from lowbit.deploy.format import MANIFEST_FILE
 from lowbit.deploy.layers import GridData, LayerData, grid_from_quantizer, layer_from_module, set_int32_bias
-from lowbit.deploy.packed import packed_layers
+from lowbit.deploy.packed import check_plain_tables, packed_layers
 from lowbit.deploy.read import Fields, read_grid, read_layer, read_manifest, read_metadata, read_tensors
 from lowbit.deploy.rebuild import report_of
 from lowbit.deploy.write import Arena, layer_entry, manifest_of, reference_bytes, weight_bytes, write_files, write_grid
 from lowbit.llm.families import FAMILIES, check_attention, family_of
 from lowbit.llm.kv_cache import is_kv_quantized, kv_quant_class
 from lowbit.llm.objective import is_causal_lm
-from lowbit.nn.modules import QuantEmbedding, QuantLinear, QuantMixin
+from lowbit.nn.modules import QuantLinear, QuantMixin, quant_embedding_class
 from lowbit.quant.base import Quantizer
 
 CAUSAL_LM = "causal-lm"
@@ -306,7 +306,7 @@ def _install_layer(model: nn.Module, layer: LayerData) -> None:
     aq = FixedQuantizer(layer.input_grid, "activation", None, f"{layer.name}.input") \
         if layer.input_grid is not None else None
     if wq is not None or aq is not None:
-        quant = QuantEmbedding if layer.kind == "embedding" else QuantLinear
+        quant = quant_embedding_class(type(m)) if layer.kind == "embedding" else QuantLinear
         model.set_submodule(layer.name, quant.from_float(m, wq, aq))
 
 
@@ -337,6 +337,8 @@ def load_causal_lm(source: str | os.PathLike | ExportedLM, model: nn.Module | No
         raise ExportFileError(f"{where}: a causal-LM export is loaded into its float architecture: "
                               f"lowbit.load_export(path, model=<a float {exp.architecture.get('name')}>)")
     _check_fits(exp, model, where)
+    if packed is not None:
+        check_plain_tables(model, [layer.name for layer in exp.layers.values() if layer.kind == "embedding"])
     swaps = packed_layers(exp.layers.values(), packed) if packed is not None else {}
     memo = {id(model.get_submodule(name).weight): None for name in swaps}  # weights the swaps replace: not copied
     model = copy.deepcopy(model, memo).eval()

@@ -51,7 +51,7 @@ from torch import nn
 
 from lowbit.deploy.errors import ExportError
 from lowbit.deploy.layers import GridData, LayerData, layer_from_module
-from lowbit.nn.modules import QuantEmbedding, QuantLinear
+from lowbit.nn.modules import QuantEmbedding, QuantLinear, float_class
 from lowbit.quant.grid import round_
 
 INT4_GROUP = 32      # input features per step group in the int4 layout (the kernel takes 32, 64, 128 or 256)
@@ -173,6 +173,18 @@ class PackedEmbedding(_PackedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8"
 
 
+def check_plain_tables(model: nn.Module, names) -> None:
+    """Raise :class:`~lowbit.deploy.errors.ExportError` when a table named in ``names`` is of an ``nn.Embedding``
+    subclass: its forward does more than the lookup (Gemma 3 scales it by sqrt(hidden size)), which a
+    :class:`PackedEmbedding` in its place would silently drop."""
+    for name in names:
+        base = float_class(type(model.get_submodule(name)))
+        if base is not nn.Embedding:
+            raise ExportError(f"{name} is a {base.__module__}.{base.__name__}, whose forward does more "
+                              "than the table lookup; packed inference supports plain nn.Embedding tables only: run "
+                              "this model unpacked (lowbit.load_export without packed=)")
+
+
 def packed_layers(layers, kernel: str = "int4") -> dict[str, nn.Module]:
     """``{name: PackedLinear or PackedEmbedding}`` for every quantized layer of ``layers`` (:class:`LayerData`;
     layers without a weight grid are left out). Raises :class:`~lowbit.deploy.errors.ExportError` naming the
@@ -199,6 +211,7 @@ def pack_model(qmodel: nn.Module, kernel: str = "int4") -> nn.Module:
     Raises :class:`~lowbit.deploy.errors.ExportError` naming the first layer outside the supported set
     (:data:`SUPPORTED`) before anything is copied, ``ValueError`` for an unknown ``kernel``.
     """
+    check_plain_tables(qmodel, [name for name, m in qmodel.named_modules() if isinstance(m, QuantEmbedding)])
     was_training = qmodel.training
     qmodel.eval()
     try:

@@ -36,11 +36,24 @@ def as_windows(data) -> torch.Tensor:
     return windows
 
 
+LOGITS_BUDGET = 2 ** 27  # float32 logits per evaluation batch (512 MB; the KL holds several such tensors at once)
+
+
+def windows_per_batch(model: nn.Module, tokens: int, batch_size: int) -> int:
+    """``batch_size``, fewer when ``batch_size`` windows of ``tokens`` would exceed :data:`LOGITS_BUDGET` logits
+    for the model's vocabulary (Gemma 3's 262,144 tokens: 2 windows of 256 at a time, not 8). Batching does not
+    change the numbers: every measure is a sum over positions."""
+    vocab = getattr(getattr(getattr(model, "module", model), "config", None), "vocab_size", None)
+    return batch_size if not vocab else max(1, min(batch_size, LOGITS_BUDGET // (tokens * vocab)))
+
+
 @torch.no_grad()
 def measure(model: nn.Module, windows, *, teacher: nn.Module | None = None, batch_size: int = 8) -> dict[str, float]:
     """``{"perplexity"}`` of ``model`` over ``windows`` (``[N, T]``, or batches of them), plus ``"kl"``
-    and ``"agreement"`` (percent) against ``teacher`` when given (module docstring)."""
+    and ``"agreement"`` (percent) against ``teacher`` when given (module docstring). At most ``batch_size``
+    windows run at once (:func:`windows_per_batch`)."""
     windows = as_windows(windows)
+    batch_size = windows_per_batch(model, windows.shape[1], batch_size)
     models = [m for m in (model, teacher) if m is not None]
     modes = [m.training for m in models]
     for m in models:

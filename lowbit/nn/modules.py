@@ -60,9 +60,15 @@ class QuantMixin:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def to_float(self) -> nn.Module:
-        """The plain float layer (same parameters) without the quantizers."""
-        base = next(c for c in type(self).__mro__ if c.__module__.startswith("torch.nn"))
-        return rebind(self, base, drop=("weight_quantizer", "input_quantizer")).train(self.training)
+        """The float layer (same parameters) without the quantizers, of :func:`float_class`."""
+        return rebind(self, float_class(type(self)), drop=("weight_quantizer", "input_quantizer")).train(self.training)
+
+
+def float_class(cls: type) -> type:
+    """The float class a layer class stands for: the first class in its method order that is not lowbit's
+    (``nn.Linear`` for QuantLinear; the model's own class for a quantized embedding subclass; ``cls`` itself
+    for a float class)."""
+    return next(c for c in cls.__mro__ if not issubclass(c, QuantMixin))
 
 
 def rebind(module: nn.Module, cls: type, drop: tuple[str, ...] = ()) -> nn.Module:
@@ -104,9 +110,30 @@ class QuantEmbedding(QuantMixin, nn.Embedding):
                                        self.scale_grad_by_freq, self.sparse)
 
 
+_EMBEDDING_CLASSES: dict[type, type] = {nn.Embedding: QuantEmbedding}
+
+
+def quant_embedding_class(base: type) -> type:
+    """The quantized class for a table of class ``base`` (``nn.Embedding`` or a subclass of it).
+
+    ``QuantEmbedding`` for ``nn.Embedding`` itself. A subclass may do more than the lookup (Gemma 3's
+    ``Gemma3TextScaledWordEmbedding`` multiplies it by sqrt(hidden size)); for it, ``Quant<Base>`` (made once)
+    derives from ``base`` first and ``QuantEmbedding`` second, so the method order is base, QuantEmbedding,
+    nn.Embedding: ``base.forward`` runs unchanged and its ``super().forward(ids)`` looks the ids up in the
+    quantized table. A subclass that reads its table some other way is not quantized by this class;
+    :func:`lowbit.prepare.quantize` checks that the quantized table was read and refuses such a subclass.
+    """
+    if base not in _EMBEDDING_CLASSES:
+        if not issubclass(base, nn.Embedding) or issubclass(base, QuantMixin):
+            raise TypeError(f"{base.__name__} is not a float nn.Embedding class")
+        _EMBEDDING_CLASSES[base] = type(f"Quant{base.__name__}", (base, QuantEmbedding), {"__module__": __name__})
+    return _EMBEDDING_CLASSES[base]
+
+
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear,
-}  # nn.Embedding -> QuantEmbedding is not here: an embedding has no input quantizer (prepare swaps it alone)
+}  # nn.Embedding -> QuantEmbedding is not here: an embedding has no input quantizer (prepare swaps it alone,
+# with quant_embedding_class)
 
 
 def is_quantized(module: nn.Module) -> bool:
