@@ -6,6 +6,7 @@ W4A8KV8 and W4A4KV4, one table per model.
     python benchmarks/llm.py --model smollm2-135m --sweep --steps 30 --batch-size 1   # choices, on the calib split
     python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 2e-5:10,1e-4:10 --steps 30 --batch-size 1
     python benchmarks/llm.py --model smollm2-135m --speed                      # fine-tune step against the float step
+    python benchmarks/llm.py --model smollm2-135m --speed --compile-quantizers # the same, fake-quant compiled
     python benchmarks/llm.py --methods ''                                      # rebuild the section from the rows
 
 Protocol. Perplexity, KL(float || quantized) and next-token top-1 agreement with the float model on
@@ -42,6 +43,7 @@ from lowbit.data.text import TokenWindows, load_text, tokenize  # noqa: E402
 from lowbit.llm.evaluate import logits_of  # noqa: E402
 from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm  # noqa: E402
 from lowbit.qat.config import FinetuneConfig  # noqa: E402
+from lowbit.quant.base import Quantizer  # noqa: E402
 
 SEED = 0
 STORE = ROOT / "docs" / "results" / "llm.json"
@@ -101,7 +103,8 @@ def silq_config(width: str, args, lr: float | None, mult: float | None) -> Finet
                                      lr=lr, quantizer_lr_mult=mult)
     tokens = args.steps * args.batch_size * args.length
     return cfg.replace(max_tokens=tokens, max_steps=args.steps, log_every=max(1, args.steps // 10),
-                       warmup_steps=min(cfg.warmup_steps, max(1, args.steps // 10)), checkpoint_every=0)
+                       warmup_steps=min(cfg.warmup_steps, max(1, args.steps // 10)), checkpoint_every=0,
+                       compile_quantizers=args.compile_quantizers)
 
 
 def run_silq(model, tokenizer, text, width, args, lr=None, mult=None, split_eval=True) -> dict:
@@ -111,7 +114,8 @@ def run_silq(model, tokenizer, text, width, args, lr=None, mult=None, split_eval
     result = finetune_lm(qmodel, model, tokenizer, text, config=cfg, log=lambda s: print(s, flush=True))
     minutes = (time.perf_counter() - start) / 60
     row = {"steps": result["steps"], "tokens": result["tokens"], "batch": cfg.batch_size, "lr": cfg.lr,
-           "quantizer_lr_mult": cfg.quantizer_lr_mult, "minutes": round(minutes, 1)}
+           "quantizer_lr_mult": cfg.quantizer_lr_mult, "compile_quantizers": cfg.compile_quantizers,
+           "minutes": round(minutes, 1)}
     row.update(measured(qmodel, tokenizer, text, model) if split_eval else
                {"calib_perplexity": evaluate_lm(qmodel, tokenizer, text, teacher=model, split="calib")["perplexity"]})
     return row
@@ -158,6 +162,9 @@ def run_speed(name: str, args) -> None:
     text = TextSetup(**{**TEXT[name].__dict__, "length": args.length})
     model, tokenizer = load_model(name)
     student = quantize_lm(model, tokenizer, "silq-w4a8kv8", text)
+    for q in student.modules():
+        if isinstance(q, Quantizer):
+            q.fused = args.compile_quantizers  # as finetune(compile_quantizers=...) sets it
     float_student = copy.deepcopy(model)
     ids = next(iter(TokenWindows(tokenize(tokenizer, load_text(list(text.corpora), "train")), args.length,
                                  args.batch_size, seed=SEED)))
@@ -188,8 +195,9 @@ def run_speed(name: str, args) -> None:
             if i >= 2:
                 times[k].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    save_row(f"{name}/speed/{args.batch_size}x{args.length}",
+    save_row(f"{name}/speed/{args.batch_size}x{args.length}" + ("/compiled" if args.compile_quantizers else ""),
              {"model": name, "method": "speed", "width": "w4a8kv8", "batch": args.batch_size, "length": args.length,
+              "compile_quantizers": args.compile_quantizers,
               "float_step_seconds": round(med["float"], 3), "silq_step_seconds": round(med["silq-w4a8kv8"], 3),
               "ratio": round(med["silq-w4a8kv8"] / med["float"], 3), "measured_steps": args.speed_steps})
 
@@ -236,7 +244,9 @@ def sweep_table(rows: list[dict]) -> str:
 
 def speed_lines(rows: list[dict]) -> str:
     return "\n".join(f"- fine-tuning step, batch {r['batch']}x{r['length']}: float {r['float_step_seconds']:.2f} s, "
-                     f"SiLQ W4A8KV8 {r['silq_step_seconds']:.2f} s: **{r['ratio']:.2f}x** (median of "
+                     f"SiLQ W4A8KV8 {r['silq_step_seconds']:.2f} s"
+                     f"{' (fake-quant compiled: compile_quantizers)' if r.get('compile_quantizers') else ''}: "
+                     f"**{r['ratio']:.2f}x** (median of "
                      f"{r['measured_steps']} steps, interleaved; commit {r['commit']})" for r in rows)
 
 
@@ -291,6 +301,8 @@ def main() -> None:
                     help="LR:MULT,... (weights' learning rate : quantizer_lr_mult) instead of the default sweep")
     ap.add_argument("--speed", action="store_true", help="measure the step-cost ratio instead")
     ap.add_argument("--speed-steps", type=int, default=5)
+    ap.add_argument("--compile-quantizers", action="store_true",
+                    help="fine-tune (and time) with the fake-quant kernels compiled (qat.compile_quantizers)")
     args = ap.parse_args()
     torch.manual_seed(SEED)
     if args.sweep:

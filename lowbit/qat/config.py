@@ -25,7 +25,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "exponential", "step", "constant")
 
 # Fields that change only bookkeeping, never the numbers: a resumed run may change them.
-BOOKKEEPING = frozenset({"checkpoint_every", "log_every", "progress", "tensorboard", "distributed"})
+BOOKKEEPING = frozenset({"checkpoint_every", "log_every", "progress", "tensorboard", "distributed",
+                         "compile_quantizers"})
 DISTRIBUTED = ("ddp", "fsdp")
 
 
@@ -51,6 +52,11 @@ class FinetuneConfig:
     final weights (:mod:`lowbit.qat.batchnorm`; 0: off). Distillation (when a teacher is given):
     ``loss = (1 - distill_weight) CE + distill_weight T^2 KL(teacher || student)`` with
     ``T = temperature``. ``grad_clip``: max gradient norm. ``max_steps`` caps the run.
+
+    Speed: ``compile_quantizers`` runs every quantizer's fake-quant as two kernels compiled by
+    ``torch.compile`` during fine-tuning (:mod:`lowbit.quant.grid`: same values, the step gradients
+    up to float rounding; the first steps pay the compilation, tens of seconds on a CPU; where it
+    cannot build, a warning and the eager op).
 
     Bookkeeping: ``checkpoint_every`` steps (0: at epoch ends only; always at the end),
     ``log_every`` steps (0: per epoch only), ``progress`` bar (None: when stderr is a
@@ -86,6 +92,7 @@ class FinetuneConfig:
     grad_accum_steps: int = 1
     gradient_checkpointing: bool = False
     autocast: bool = False
+    compile_quantizers: bool = False
     distributed: str = "ddp"
     seed: int = 0
     checkpoint_every: int = 0
@@ -136,7 +143,7 @@ _OPT_INT = {"freeze_bn_steps", "max_steps", "max_tokens"}
 _FLOAT = {"lr", "momentum", "weight_decay", "final_lr", "gamma", "warmup_epochs", "quantizer_lr_mult",
           "quantizer_weight_decay", "distill_weight", "temperature"}
 _OPT_FLOAT = {"pact_weight_decay", "freeze_bn_epochs", "grad_clip"}
-_BOOL = {"nesterov", "tensorboard", "gradient_checkpointing", "autocast"}
+_BOOL = {"nesterov", "tensorboard", "gradient_checkpointing", "autocast", "compile_quantizers"}
 
 
 def _err(key: str, rule: str, value) -> RecipeError:

@@ -442,12 +442,17 @@ def finetune(qmodel: nn.Module, train_data: Iterable, *, eval_data: Iterable | N
     cfg = resolve_config(config, qmodel)
     dist = D.setup()
     was_training = qmodel.training
+    quantizers = [m for m in qmodel.modules() if isinstance(m, Quantizer)]
     try:
+        for q in quantizers:
+            q.fused = cfg.compile_quantizers
         run = _Run(qmodel, train_data, eval_data, teacher, cfg, checkpoint_dir, resume, log, on_step, dist,
                    objective_for(qmodel, objective))
         run.setup()
         result = run.run()
     finally:
         qmodel.train(was_training)
+        for q in quantizers:
+            q.fused = False
         D.teardown(dist)
     return result

@@ -72,6 +72,7 @@ class Quantizer(nn.Module):
     needs_calibration = True
 
     role = "activation"    # make_quantizer sets "weight" for weight quantizers
+    fused = False          # compiled fake-quant kernels (lowbit.quant.grid); fine-tuning's compile_quantizers
 
     def __init__(self, bits: int = 8, signed: bool | None = None, granularity: Granularity | None = None,
                  restricted: bool = False, round_mode: str = "half_even", bit_allocation: bool | str = False,
@@ -295,7 +296,7 @@ class Quantizer(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         v = self.granularity.view(x)
         s, z = self._expanded(v)
-        return fake_quant(v, s, z, *self._bounds(v), round_mode=self.round_mode).reshape(x.shape)
+        return fake_quant(v, s, z, *self._bounds(v), round_mode=self.round_mode, fused=self.fused).reshape(x.shape)
 
     # ----- bookkeeping ------------------------------------------------------------------
     def _where(self) -> str:

@@ -26,6 +26,14 @@ for its offset ``beta = -z s``).
 The ``s`` gradient is multiplied by ``grad_scale`` inside the backward (LSQ's ``g``), so the
 forward value of ``s`` is never perturbed by the usual ``(s - g s).detach() + g s`` trick.
 
+``fused=True`` runs the same forward and backward as two kernels compiled by ``torch.compile``
+(inductor: one pass over the tensor each way instead of about ten, and only ``x`` kept for the
+backward instead of ``x/s`` and the codes), as :attr:`Quantizer.fused` asks; the fine-tuning
+option ``compile_quantizers`` sets it. Forward values and the ``x`` gradient are bit for bit the
+eager ones; the step and zero-point gradients are the same sums taken in another order (float
+rounding). Where ``torch.compile`` cannot build (no C++ compiler, an unsupported platform) it
+warns once and runs the eager op.
+
 The zero point is added before rounding, ``round(x/s + z)``: for the usual integer ``z`` this
 is ``round(x/s) + z`` (up to ties under half-to-even), and it also serves SAWB's even level
 set, whose zero point is the half-integer ``(2^b - 1) / 2``.
@@ -34,7 +42,7 @@ set, whose zero point is the half-integer ``(2^b - 1) / 2``.
 from __future__ import annotations
 
 import math
-
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -162,9 +170,17 @@ class _FakeQuant(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through):
-        xs = x / scale
+    def forward(ctx, x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through, fused):
         shifted = bool(torch.any(zero_point != 0))
+        kernels = _fused_kernels() if fused else None
+        if kernels is not None:
+            bounds = (torch.as_tensor(qmin, dtype=x.dtype), torch.as_tensor(qmax, dtype=x.dtype))
+            out = _run_fused(kernels[0], x, scale, zero_point, *bounds, round_mode == "half_up", shifted)
+            if out is not None:
+                ctx.save_for_backward(x, scale, zero_point, *bounds)
+                ctx.fused = (scale_grad, grad_scale, pass_through, shifted, round_mode == "half_up", kernels[1])
+                return out
+        xs = x / scale
         q = round_(xs + zero_point if shifted else xs, round_mode).clamp_(qmin, qmax)
         ctx.save_for_backward(xs, q, zero_point, scale)
         ctx.cfg = (qmin, qmax, scale_grad, grad_scale, pass_through, shifted)
@@ -172,6 +188,14 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if hasattr(ctx, "fused"):  # the fused forward ran
+            x, scale, zero_point, qmin, qmax = ctx.saved_tensors
+            scale_grad, grad_scale, pass_through, shifted, half_up, kernel = ctx.fused
+            args = (grad.contiguous(), x, scale, zero_point, qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype),
+                    half_up, shifted, scale_grad if ctx.needs_input_grad[1] else None, pass_through,
+                    ctx.needs_input_grad[2])
+            grad_x, grad_s, grad_z = _run_fused(kernel, *args) or _fused_backward(*args)
+            return grad_x, grad_s, grad_z, None, None, None, None, None, None, None
         xs, q, zero_point, scale = ctx.saved_tensors
         qmin, qmax, scale_grad, grad_scale, pass_through, shifted = ctx.cfg
         pre = xs + zero_point if shifted else xs
@@ -189,7 +213,58 @@ class _FakeQuant(torch.autograd.Function):
         grad_z = None
         if ctx.needs_input_grad[2]:
             grad_z = -_sum_to((grad - grad_inside) * scale, zero_point.shape) * grad_scale
-        return grad_x, grad_s, grad_z, None, None, None, None, None, None
+        return grad_x, grad_s, grad_z, None, None, None, None, None, None, None
+
+
+def _fused_forward(x, scale, zero_point, qmin, qmax, half_up: bool, shifted: bool):
+    """The forward of :class:`_FakeQuant` as one expression, for ``torch.compile``."""
+    u = x / scale + zero_point if shifted else x / scale
+    q = (torch.floor(u + 0.5) if half_up else torch.round(u)).clamp(qmin, qmax)
+    return (q - zero_point) * scale if shifted else q * scale
+
+
+def _fused_backward(grad, x, scale, zero_point, qmin, qmax, grad_scale, half_up: bool, shifted: bool,
+                    scale_grad: str | None, pass_through: bool, need_z: bool):
+    """The backward of :class:`_FakeQuant` recomputed from ``x``, for ``torch.compile``: the codes
+    and the inside mask are rebuilt in registers instead of being read back from memory."""
+    xs = x / scale
+    u = xs + zero_point if shifted else xs
+    q = (torch.floor(u + 0.5) if half_up else torch.round(u)).clamp(qmin, qmax)
+    grad_inside = grad * ((u > qmin) & (u < qmax))
+    grad_s = grad_z = None
+    if scale_grad is not None:
+        code = q - zero_point if shifted else q
+        local = grad * code - grad_inside * xs if scale_grad == "lsq" else (grad - grad_inside) * code
+        grad_s = _sum_to(local, scale.shape) * grad_scale
+    if need_z:
+        grad_z = -_sum_to((grad - grad_inside) * scale, zero_point.shape) * grad_scale
+    return grad if pass_through else grad_inside, grad_s, grad_z
+
+
+_FUSED: dict = {}
+RECOMPILE_LIMIT = 64  # kernel variants: grid flags x tensor ranks x step layouts seen in one model
+
+
+def _fused_kernels():
+    """The compiled (forward, backward) pair, built once; None after a failed build."""
+    if "kernels" not in _FUSED:
+        # torch._dynamo is imported here, not at the top: only compiled fake-quant needs it
+        import torch._dynamo.config as dynamo_config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        _FUSED["kernels"] = (torch.compile(_fused_forward, dynamic=True),
+                             torch.compile(_fused_backward, dynamic=True))
+    return _FUSED["kernels"]
+
+
+def _run_fused(kernel, *args):
+    """``kernel(*args)``, or None (with a warning, once) where ``torch.compile`` cannot build it."""
+    try:
+        return kernel(*args)
+    except Exception as err:  # noqa: BLE001 - inductor raises many types; the eager op is always right
+        _FUSED["kernels"] = None
+        warnings.warn(f"compiled fake-quant is unavailable ({type(err).__name__}: {err}); running the eager op, "
+                      "which gives the same values more slowly", RuntimeWarning, stacklevel=3)
+        return None
 
 
 def _dot_to(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -211,16 +286,18 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, *,
                round_mode: str = "half_even", scale_grad: str | None = None, grad_scale: float = 1.0,
-               pass_through: bool = False) -> torch.Tensor:
+               pass_through: bool = False, fused: bool = False) -> torch.Tensor:
     """Quantize to the grid and back: ``(clamp(round(x/s + z), qmin, qmax) - z) * s``.
 
     ``scale`` and ``zero_point`` must already broadcast against ``x``. ``scale_grad`` is
     ``None`` (no step gradient), ``"lsq"`` or ``"clip"``; ``pass_through=True`` passes the
-    ``x`` gradient everywhere (SAWB+) instead of zeroing it where ``x`` is clipped.
+    ``x`` gradient everywhere (SAWB+) instead of zeroing it where ``x`` is clipped; ``fused``
+    runs the compiled kernels (module docstring).
     """
     if scale_grad not in (None, "lsq", "clip"):
         raise ValueError(f"scale_grad must be None, 'lsq' or 'clip', got {scale_grad!r}")
-    return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through)
+    return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through,
+                           fused)
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,

@@ -135,7 +135,7 @@ class LSQQuantizer(Quantizer):
         v = self.granularity.view(x)
         s, z = self._expanded(v)
         return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode, scale_grad="lsq",
-                          grad_scale=self.grad_scale(x)).reshape(x.shape)
+                          grad_scale=self.grad_scale(x), fused=self.fused).reshape(x.shape)
 
 
 def _assign(param: nn.Parameter, value: torch.Tensor) -> nn.Parameter:

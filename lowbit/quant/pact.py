@@ -90,4 +90,4 @@ class PACTQuantizer(Quantizer):
         v = self.granularity.view(x)
         s, z = self._expanded(v)
         return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode,
-                          scale_grad="clip" if self.gradient == "pact" else "lsq").reshape(x.shape)
+                          scale_grad="clip" if self.gradient == "pact" else "lsq", fused=self.fused).reshape(x.shape)

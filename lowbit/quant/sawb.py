@@ -135,7 +135,7 @@ class SAWBQuantizer(Quantizer):
         v = self.granularity.view(x)
         s, z = self._expanded(v)
         return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode,
-                          pass_through=not self.clip_grad).reshape(x.shape)
+                          pass_through=not self.clip_grad, fused=self.fused).reshape(x.shape)
 
     def extra_repr(self):
         return super().extra_repr() + f", convention={self.convention}"
