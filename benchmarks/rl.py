@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/rl.py [--games breakout,...] [--frames 50000] [--precisions 8,4,2,ternary]
     python benchmarks/rl.py --table-only        # rebuild the RESULTS.md section from the stored rows
+    OMP_NUM_THREADS=1 python benchmarks/rl.py --engine-speed   # time every exported student's engine together
 
 For each game with a shipped teacher (``lowbit/zoo/checkpoints/dqn-<game>.safetensors``, trained by
 ``benchmarks/rl_teachers.py``) and each student precision, one student is trained by policy
@@ -20,6 +21,15 @@ weights instead of random ones, and where both starts were run the targets count
 validation return. Rows are appended to ``docs/results/rl.json`` as each finishes;
 a row already there (same game, method, recipe, architecture, steps and seed) is skipped, and
 each run resumes from its folder under ``runs/rl`` when killed, so the script can be restarted.
+
+Engine speed per training row is timed whenever that row finishes, so rows timed while other jobs
+shared the core differ by up to 2x for the same network. ``--engine-speed`` times every game's W2A2
+and ternary/binary network in one run instead: rounds of 500 frames, the networks interleaved within
+each round, and each network's best round kept (the least-disturbed measurement, as ``timeit``
+advises); the target counts these rows (``docs/results/rl_engine.json``). The network timed is the
+saved student of the row the targets count when its run folder is here, else the same architecture
+and recipe quantized from the teacher's weights: the engine runs the same integer operations
+whatever the weights' values.
 """
 
 from __future__ import annotations
@@ -41,12 +51,14 @@ from lowbit.rl.distill import DistillConfig  # noqa: E402
 from lowbit.rl.dqn import DQNConfig  # noqa: E402
 from lowbit.rl.envs import MINATAR_GAMES  # noqa: E402
 from lowbit.rl.evaluate import TEST_SEED, VALIDATION_SEED, evaluate_policy, frames_per_second  # noqa: E402
-from lowbit.rl.students import (PRECISIONS, STUDENT_DIR, distill_student, dqn_student, load_student,  # noqa: E402
-                                play_frames, student_recipe)
-from lowbit.rl.teach import read_teacher_meta  # noqa: E402
+from lowbit.rl.students import (CALIB_FRAMES, PRECISIONS, STUDENT_DIR, build_student, distill_student,  # noqa: E402
+                                dqn_student, load_student, play_frames, student_recipe)
+from lowbit.rl.teach import load_teacher, read_teacher_meta  # noqa: E402
 from lowbit.zoo.teachers import teacher_path  # noqa: E402
 
 ROWS = ROOT / "docs" / "results" / "rl.json"
+ENGINE_ROWS = ROOT / "docs" / "results" / "rl_engine.json"
+ENGINE_ROUNDS = 5
 TEACHER_ROWS = ROOT / "docs" / "results" / "rl_teachers.json"
 ENGINE_PRECISIONS = ("2", "ternary")
 CONSOLE_FPS = 60
@@ -95,6 +107,42 @@ def engine_figures(student, game: str) -> dict:
         fps = frames_per_second(engine, frames[:500], repeats=2)
     fake_fps = frames_per_second(student, frames[:500], repeats=2)
     return {"engine_fps": fps, "fake_quant_fps": fake_fps, "export_bytes": size, "engine_same_action": same}
+
+
+def engine_network(game: str, precision: str, rows: list[dict], runs) -> tuple[torch.nn.Module, str]:
+    """The network whose engine ``--engine-speed`` times, and where it came from (see the module docstring)."""
+    teacher, tmeta = load_teacher(teacher_path(game), game)
+    for r in chosen_rows(rows):
+        if (r["game"], r["method"], r["precision"]) == (game, "distill", precision):
+            folder = run_folder(runs, game, "distill", precision, r["arch"], r["config"]["frames"],
+                                bool(r.get("init_from_teacher"))) / STUDENT_DIR
+            if folder.is_dir():
+                return load_student(folder)[0], "trained student"
+    calib = play_frames(game, CALIB_FRAMES, policy=teacher)
+    student = build_student(tmeta["arch"], tmeta["obs_shape"], tmeta["num_actions"], student_recipe(precision),
+                            calib, obs_scale=tmeta["obs_scale"], init_weights=teacher)
+    return student.eval(), "teacher's weights, quantized"
+
+
+def engine_speed(args) -> None:
+    """Time the integer engine of every game's W2A2 and ternary/binary network together (module docstring)."""
+    rows, engines = load_rows(ROWS), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for game in [g for g in args.games.split(",") if teacher_path(g).is_file()]:
+            for precision in ENGINE_PRECISIONS:
+                net, source = engine_network(game, precision, rows, args.runs)
+                folder = lowbit.export(net, Path(tmp) / f"{game}-{precision}")
+                frames = play_frames(game, 500, policy=net, seed=TEST_SEED).float()
+                engines[(game, precision)] = (lowbit.deploy.IntegerEngine.from_path(folder), frames, source)
+        best = {k: 0.0 for k in engines}
+        for _ in range(ENGINE_ROUNDS):
+            for k, (engine, frames, _) in engines.items():
+                best[k] = max(best[k], frames_per_second(engine, frames))
+    for (game, precision), fps in best.items():
+        store_row(ENGINE_ROWS, {"game": game, "precision": precision, "engine_fps": fps, "rounds": ENGINE_ROUNDS,
+                                "frames": 500, "network": engines[(game, precision)][2]},
+                  key=lambda r: (r["game"], r["precision"]))
+        print(f"{game} {precision}: {fps:,.0f} decisions/s ({engines[(game, precision)][2]})", flush=True)
 
 
 def dqn_epsilon_frames(frames: int) -> int:
@@ -182,22 +230,31 @@ def table() -> str:
             out.append(f"| {r['game']} | {names.get(r['precision'], r['precision'])} | {r['engine_fps']:,.0f} | "
                        f"{r['engine_fps'] / CONSOLE_FPS:.0f} | {r['fake_quant_fps']:,.0f} | {r['export_bytes']:,} | "
                        f"{100 * r['engine_same_action']:.1f} % |")
-    out += ["", targets(chosen_rows(rows))]
+    timed = load_rows(ENGINE_ROWS)
+    if timed:
+        out += ["", f"The same engines timed together (`--engine-speed`: one run, every network interleaved in "
+                f"{ENGINE_ROUNDS} rounds of 500 frames, each network's best round; 1 torch thread, CPU time):", "",
+                "| game | precision | engine decisions/s | x 60 fps | network timed |", "|---|---|---|---|---|"]
+        for r in timed:
+            out.append(f"| {r['game']} | {names.get(r['precision'], r['precision'])} | {r['engine_fps']:,.0f} | "
+                       f"{r['engine_fps'] / CONSOLE_FPS:.0f} | {r['network']} |")
+    out += ["", targets(chosen_rows(rows), timed)]
     return "\n".join(out)
 
 
-def targets(rows: list[dict]) -> str:
+def targets(rows: list[dict], timed: list[dict]) -> str:
     def games_over(precision: str, percent: float) -> list[str]:
         return sorted({r["game"] for r in rows if r["method"] == "distill" and r["precision"] == precision
                        and r["percent_of_teacher"] is not None and r["percent_of_teacher"] >= percent})
     measured = sorted({r["game"] for r in rows})
     w2, tb = games_over("2", 90.0), games_over("ternary", 75.0)
-    fast = [r for r in rows if "engine_fps" in r and r["precision"] == "2"]
+    fast = [r for r in (timed or rows) if "engine_fps" in r and r["precision"] == "2"]
     slowest = min((r["engine_fps"] for r in fast), default=None)
     return (f"Targets, on the {len(measured)} game(s) measured so far ({', '.join(measured) or 'none'}): "
             f"W2A2 by distillation >= 90 % of the teacher on {len(w2)} game(s) ({', '.join(w2) or 'none'}; target 4 "
             f"of 5); ternary/binary >= 75 % on {len(tb)} ({', '.join(tb) or 'none'}; target 3 of 5); integer engine "
-            f"on the W2A2 students: slowest {fmt(slowest, ',.0f')} decisions/s (target >= 1,000).")
+            f"on the W2A2 students: slowest {fmt(slowest, ',.0f')} decisions/s"
+            f"{' timed together' if timed else ''} (target >= 1,000).")
 
 
 def validate_stored(args) -> None:
@@ -228,11 +285,15 @@ def main() -> None:
                     help="distilled students start from the teacher's float weights (default: seeded random)")
     ap.add_argument("--validate-stored", action="store_true",
                     help="add the validation return to stored rows that lack it, from their saved students")
+    ap.add_argument("--engine-speed", action="store_true",
+                    help="time every game's exported W2A2 and ternary/binary engine together (module docstring)")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the RESULTS.md section")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.validate_stored:
         validate_stored(args)
+    elif args.engine_speed:
+        engine_speed(args)
     elif not args.table_only:
         done = {key(r) for r in load_rows(ROWS)}
         for game in args.games.split(","):

@@ -1,10 +1,12 @@
 """Cost of one fine-tuning step with fake quantization, against the FP step of the same model.
 
-    python benchmarks/step_cost.py [--model resnet20] [--batch-size 128] [--steps 20]
+    python benchmarks/step_cost.py [--model resnet20] [--batch-size 128] [--steps 20] [--compile-quantizers]
 
 Times forward + backward + SGD step (median over ``--steps`` after 3 warm-up steps) for the
 float model and for each recipe's quantized model, interleaving the measurements so that
-load from other processes hits all of them alike; prints and records the ratios.
+load from other processes hits all of them alike; prints and records the ratios. With
+``--compile-quantizers`` each recipe is also timed with its fake-quant compiled (``qat.compile_quantizers``;
+its compilation happens in the warm-up steps).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_page import write_section  # noqa: E402
 
 import lowbit  # noqa: E402
+from lowbit.quant.base import Quantizer  # noqa: E402
 from lowbit.zoo import pretrained  # noqa: E402
 
 SEED = 0
@@ -47,6 +50,7 @@ def main() -> None:
     ap.add_argument("--model", default="resnet20")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--compile-quantizers", action="store_true", help="also time each recipe with compiled fake-quant")
     args = ap.parse_args()
     torch.manual_seed(SEED)
     x = torch.randn(args.batch_size, 1, 28, 28)
@@ -55,12 +59,18 @@ def main() -> None:
     models = {"fp32": fp_model}
     for r in RECIPES:
         models[r] = lowbit.quantize(fp_model, r, calib_data=[x])
+        if args.compile_quantizers:
+            models[f"{r} (compiled)"] = compiled = lowbit.quantize(fp_model, r, calib_data=[x])
+            for q in compiled.modules():
+                if isinstance(q, Quantizer):
+                    q.fused = True  # as finetune(compile_quantizers=True) sets it
     steps = {name: step_fn(m, x, y) for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in models}
-    for i in range(args.steps + 3):
+    warmup = 5 if args.compile_quantizers else 3
+    for i in range(args.steps + warmup):
         for name, step in steps.items():
             t = step()
-            if i >= 3:
+            if i >= warmup:
                 times[name].append(t)
     fp = statistics.median(times["fp32"])
     rows = ["| model | step (ms, median) | ratio to FP step |", "|---|---:|---:|"]
@@ -69,9 +79,10 @@ def main() -> None:
         rows.append(f"| {args.model} {name} | {med * 1000:.1f} | {med / fp:.2f}x |")
         print(rows[-1], flush=True)
     body = (f"One SGD step (forward, backward, update) at batch {args.batch_size} on 1x28x28 inputs, median of "
-            f"{args.steps} steps after 3 warm-up steps; the FP and quantized steps are interleaved in one run, "
+            f"{args.steps} steps after {warmup} warm-up steps; the FP and quantized steps are interleaved in one run, "
             "so the ratios compare like with like. Quantized models use each recipe's quantizers in training "
-            "mode (SAWB recomputes its clip every step; LSQ/PACT steps receive gradients).\n\n" + "\n".join(rows))
+            "mode (SAWB recomputes its clip every step; LSQ/PACT steps receive gradients); '(compiled)': the same with "
+            "qat.compile_quantizers, the fake-quant forward and backward compiled by torch.compile.\n\n" + "\n".join(rows))
     write_section("step-cost", "Fine-tuning step cost with fake quantization", body, SEED)
 
 
