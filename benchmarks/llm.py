@@ -5,6 +5,7 @@ W4A8KV8 and W4A4KV4, one table per model.
     python benchmarks/llm.py --model smollm2-135m --steps 100 --batch-size 1 --methods silq --widths w4a8kv8
     python benchmarks/llm.py --model smollm2-135m --sweep --steps 30 --batch-size 1   # choices, on the calib split
     python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 2e-5:10,1e-4:10 --steps 30 --batch-size 1
+    python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 5e-5:10 --sweep-variant asymmetric-activations
     python benchmarks/llm.py --model smollm2-135m --speed                      # fine-tune step against the float step
     python benchmarks/llm.py --model smollm2-135m --speed --compile-quantizers # the same, fake-quant compiled
     python benchmarks/llm.py --methods ''                                      # rebuild the section from the rows
@@ -44,6 +45,7 @@ from lowbit.llm.evaluate import logits_of  # noqa: E402
 from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm  # noqa: E402
 from lowbit.qat.config import FinetuneConfig  # noqa: E402
 from lowbit.quant.base import Quantizer  # noqa: E402
+from lowbit.recipe import load_recipe  # noqa: E402
 
 SEED = 0
 STORE = ROOT / "docs" / "results" / "llm.json"
@@ -58,6 +60,10 @@ TEXT = {  # what each model is measured on
 SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
     (1e-5, 1.0), (1e-5, 10.0), (3e-5, 10.0), (1e-4, 10.0), (1e-5, 100.0),
 ]
+VARIANTS = {  # --sweep-variant: a change to the silq recipe tried on the calib split, by name
+    "asymmetric-activations": ("Linear inputs on an asymmetric grid (learned zero point)",
+                               lambda r: {**r, "activations": {**r["activations"], "asymmetric": True}}),
+}
 # rows of the recipes before weights and embeddings started from their min-max step (commit 8f5f5ed), kept
 # as measured then: the ablation behind that choice
 INIT_ABLATION = ("ptq, weights init: mse", "silq, weights init: mse")
@@ -91,7 +97,8 @@ def measured(model, tokenizer, text: TextSetup, teacher) -> dict:
 
 def chosen_setting(model_name: str) -> tuple[float, float] | None:
     """The (lr, quantizer_lr_mult) of the stored sweep row with the lowest calib perplexity."""
-    sweeps = [r for r in load_rows().values() if r["model"] == model_name and r["method"] == "sweep"]
+    sweeps = [r for r in load_rows().values() if r["model"] == model_name and r["method"] == "sweep"
+              and not r.get("variant")]
     if not sweeps:
         return None
     best = min(sweeps, key=lambda r: r["calib_perplexity"])
@@ -107,10 +114,11 @@ def silq_config(width: str, args, lr: float | None, mult: float | None) -> Finet
                        compile_quantizers=args.compile_quantizers)
 
 
-def run_silq(model, tokenizer, text, width, args, lr=None, mult=None, split_eval=True) -> dict:
+def run_silq(model, tokenizer, text, width, args, lr=None, mult=None, split_eval=True, variant=None) -> dict:
     cfg = silq_config(width, args, lr, mult)
     start = time.perf_counter()
-    qmodel = quantize_lm(model, tokenizer, f"silq-{width}", text)
+    recipe = load_recipe(f"silq-{width}").to_dict()
+    qmodel = quantize_lm(model, tokenizer, VARIANTS[variant][1](recipe) if variant else recipe, text)
     result = finetune_lm(qmodel, model, tokenizer, text, config=cfg, log=lambda s: print(s, flush=True))
     minutes = (time.perf_counter() - start) / 60
     row = {"steps": result["steps"], "tokens": result["tokens"], "batch": cfg.batch_size, "lr": cfg.lr,
@@ -150,10 +158,11 @@ def run_sweep(name: str, args) -> None:
     model, tokenizer = load_model(name)
     settings = SWEEP if not args.sweep_settings else [tuple(float(v) for v in item.split(":"))
                                                       for item in args.sweep_settings.split(",")]
+    variant = args.sweep_variant or None
     for lr, mult in settings:
-        row = run_silq(model, tokenizer, text, args.sweep_width, args, lr, mult, split_eval=False)
-        save_row(f"{name}/sweep/{args.sweep_width}/{args.steps}/{lr:g}/{mult:g}",
-                 {"model": name, "method": "sweep", "width": args.sweep_width, **row})
+        row = run_silq(model, tokenizer, text, args.sweep_width, args, lr, mult, split_eval=False, variant=variant)
+        save_row(f"{name}/sweep/{args.sweep_width}/{args.steps}/{lr:g}/{mult:g}" + (f"/{variant}" if variant else ""),
+                 {"model": name, "method": "sweep", "width": args.sweep_width, "variant": variant, **row})
 
 
 def run_speed(name: str, args) -> None:
@@ -235,9 +244,11 @@ def model_table(rows: list[dict]) -> str:
 
 
 def sweep_table(rows: list[dict]) -> str:
-    lines = ["| width | steps | weights' lr | steps' lr multiplier | calib perplexity |", "|---|---:|---:|---:|---:|"]
+    lines = ["| width | recipe | steps | weights' lr | steps' lr multiplier | calib perplexity |",
+             "|---|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["width"], r["steps"], r["calib_perplexity"])):
-        lines.append(f"| {r['width']} | {r['steps']} | {r['lr']:g} | {r['quantizer_lr_mult']:g} | "
+        recipe = f"silq-{r['width']}" + (f" + {VARIANTS[r['variant']][0]}" if r.get("variant") else "")
+        lines.append(f"| {r['width']} | {recipe} | {r['steps']} | {r['lr']:g} | {r['quantizer_lr_mult']:g} | "
                      f"{r['calib_perplexity']:.3f} |")
     return "\n".join(lines)
 
@@ -297,6 +308,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256, help="tokens per window")
     ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep (calib split) instead")
     ap.add_argument("--sweep-width", default="w4a8kv8")
+    ap.add_argument("--sweep-variant", default="", choices=["", *VARIANTS],
+                    help="try this change to the silq recipe at --sweep (rows kept apart; the recipe is not changed)")
     ap.add_argument("--sweep-settings", default="",
                     help="LR:MULT,... (weights' learning rate : quantizer_lr_mult) instead of the default sweep")
     ap.add_argument("--speed", action="store_true", help="measure the step-cost ratio instead")
