@@ -163,17 +163,26 @@ def _round_div(a: int, b: int) -> int:
 
 
 def rounding_shift(x: torch.Tensor, n: torch.Tensor | int, mode: str = "half_even") -> torch.Tensor:
-    """``round(x / 2^n)`` for int64 ``x`` and shifts ``n >= 0`` (broadcast), exactly, ties to even or up."""
+    """``round(x / 2^n)`` for int64 ``|x| < 2^62`` and shifts ``0 <= n <= 62`` (broadcast), exactly, ties to
+    even or up.
+
+    With ``h = 2^(n-1)``: ties up is ``floor((x + h) / 2^n)``; ties to even is
+    ``floor((x + h - 1 + b) / 2^n)`` with ``b`` the parity of ``floor(x / 2^n)``, since writing
+    ``x = q 2^n + r`` the added ``r + h - 1 + b`` reaches ``2^n`` exactly when ``r > h``, or ``r = h``
+    and ``q`` is odd. Shifts of 0 add nothing. Eight tensor operations, no temporaries of the
+    rounding decision: the engine calls this once per layer and per requantization.
+    """
     n = torch.as_tensor(n, dtype=torch.int64, device=x.device)
-    if not bool((n > 0).any()):
+    positive = n > 0
+    if not bool(positive.any()):
         return x
-    half = torch.where(n > 0, torch.bitwise_left_shift(torch.ones_like(n), (n - 1).clamp_min(0)), torch.zeros_like(n))
+    half = torch.bitwise_right_shift(torch.bitwise_left_shift(torch.ones_like(n), n), 1)  # 2^(n-1); 0 where n = 0
     if mode == "half_up":
         return torch.bitwise_right_shift(x + half, n)
-    q = torch.bitwise_right_shift(x, n)                       # floor
-    r = x - torch.bitwise_left_shift(q, n)                     # in [0, 2^n)
-    up = (r > half) | ((r == half) & (n > 0) & (torch.bitwise_and(q, 1) == 1))
-    return q + up.to(torch.int64)
+    add = half - 1 + torch.bitwise_and(torch.bitwise_right_shift(x, n), 1)
+    if not bool(positive.all()):
+        add = torch.where(positive, add, 0)
+    return torch.bitwise_right_shift(x + add, n)
 
 
 def requantize(t: torch.Tensor, m0: torch.Tensor, n: torch.Tensor, mode: str = "half_even") -> torch.Tensor:
