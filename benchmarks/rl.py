@@ -29,7 +29,8 @@ each round, and each network's best round kept (the least-disturbed measurement,
 advises); the target counts these rows (``docs/results/rl_engine.json``). The network timed is the
 saved student of the row the targets count when its run folder is here, else the same architecture
 and recipe quantized from the teacher's weights: the engine runs the same integer operations
-whatever the weights' values.
+whatever the weights' values. An Atari row times a W2A2 Nature-DQN network on ALE Pong's frames the same
+way (no Atari teacher is shipped: see :func:`atari_network`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from results_page import load_rows, store_row, write_section  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit.rl.distill import DistillConfig  # noqa: E402
 from lowbit.rl.dqn import DQNConfig  # noqa: E402
-from lowbit.rl.envs import MINATAR_GAMES  # noqa: E402
+from lowbit.rl.envs import MINATAR_GAMES, make_env  # noqa: E402
 from lowbit.rl.evaluate import TEST_SEED, VALIDATION_SEED, evaluate_policy, frames_per_second  # noqa: E402
 from lowbit.rl.students import (CALIB_FRAMES, PRECISIONS, STUDENT_DIR, build_student, distill_student,  # noqa: E402
                                 dqn_student, load_student, play_frames, student_recipe)
@@ -59,6 +60,7 @@ from lowbit.zoo.teachers import teacher_path  # noqa: E402
 ROWS = ROOT / "docs" / "results" / "rl.json"
 ENGINE_ROWS = ROOT / "docs" / "results" / "rl_engine.json"
 ENGINE_ROUNDS = 5
+ALE_ENGINE_GAME = "ale/pong"
 TEACHER_ROWS = ROOT / "docs" / "results" / "rl_teachers.json"
 ENGINE_PRECISIONS = ("2", "ternary")
 CONSOLE_FPS = 60
@@ -124,8 +126,19 @@ def engine_network(game: str, precision: str, rows: list[dict], runs) -> tuple[t
     return student.eval(), "teacher's weights, quantized"
 
 
+def atari_network(precision: str) -> torch.nn.Module:
+    """A Nature-DQN network on ALE Pong's 4x84x84 frames, seeded random weights quantized with the student
+    recipe and calibrated on random play: no Atari teacher is shipped (it needs more compute than this CPU
+    has), and the engine's speed does not depend on the weights' values."""
+    env = make_env(ALE_ENGINE_GAME, SEED)
+    calib = play_frames(ALE_ENGINE_GAME, 64, seed=SEED)
+    return build_student("nature", env.obs_shape, env.num_actions, student_recipe(precision), calib,
+                         obs_scale=env.obs_scale, seed=SEED).eval()
+
+
 def engine_speed(args) -> None:
-    """Time the integer engine of every game's W2A2 and ternary/binary network together (module docstring)."""
+    """Time the integer engine of every game's W2A2 and ternary/binary network together (module docstring),
+    and of a W2A2 Nature-DQN network on Atari frames (:func:`atari_network`)."""
     rows, engines = load_rows(ROWS), {}
     with tempfile.TemporaryDirectory() as tmp:
         for game in [g for g in args.games.split(",") if teacher_path(g).is_file()]:
@@ -134,13 +147,18 @@ def engine_speed(args) -> None:
                 folder = lowbit.export(net, Path(tmp) / f"{game}-{precision}")
                 frames = play_frames(game, 500, policy=net, seed=TEST_SEED).float()
                 engines[(game, precision)] = (lowbit.deploy.IntegerEngine.from_path(folder), frames, source)
+        net = atari_network("2")
+        folder = lowbit.export(net, Path(tmp) / "atari-2", arch="nature")
+        frames = play_frames(ALE_ENGINE_GAME, 30, seed=TEST_SEED).float() * make_env(ALE_ENGINE_GAME).obs_scale
+        engines[(ALE_ENGINE_GAME, "2")] = (lowbit.deploy.IntegerEngine.from_path(folder), frames,
+                                           "Nature DQN, random weights, quantized")
         best = {k: 0.0 for k in engines}
         for _ in range(ENGINE_ROUNDS):
             for k, (engine, frames, _) in engines.items():
                 best[k] = max(best[k], frames_per_second(engine, frames))
     for (game, precision), fps in best.items():
         store_row(ENGINE_ROWS, {"game": game, "precision": precision, "engine_fps": fps, "rounds": ENGINE_ROUNDS,
-                                "frames": 500, "network": engines[(game, precision)][2]},
+                                "frames": len(engines[(game, precision)][1]), "network": engines[(game, precision)][2]},
                   key=lambda r: (r["game"], r["precision"]))
         print(f"{game} {precision}: {fps:,.0f} decisions/s ({engines[(game, precision)][2]})", flush=True)
 
@@ -233,7 +251,8 @@ def table() -> str:
     timed = load_rows(ENGINE_ROWS)
     if timed:
         out += ["", f"The same engines timed together (`--engine-speed`: one run, every network interleaved in "
-                f"{ENGINE_ROUNDS} rounds of 500 frames, each network's best round; 1 torch thread, CPU time):", "",
+                f"{ENGINE_ROUNDS} rounds of 500 frames (30 Atari frames), each network's best round; 1 torch thread, CPU "
+                "time):", "",
                 "| game | precision | engine decisions/s | x 60 fps | network timed |", "|---|---|---|---|---|"]
         for r in timed:
             out.append(f"| {r['game']} | {names.get(r['precision'], r['precision'])} | {r['engine_fps']:,.0f} | "
@@ -248,13 +267,15 @@ def targets(rows: list[dict], timed: list[dict]) -> str:
                        and r["percent_of_teacher"] is not None and r["percent_of_teacher"] >= percent})
     measured = sorted({r["game"] for r in rows})
     w2, tb = games_over("2", 90.0), games_over("ternary", 75.0)
-    fast = [r for r in (timed or rows) if "engine_fps" in r and r["precision"] == "2"]
+    fast = [r for r in (timed or rows) if "engine_fps" in r and r["precision"] == "2" and r["game"] in MINATAR_GAMES]
+    atari = [r["engine_fps"] for r in timed if r["game"] == ALE_ENGINE_GAME]
     slowest = min((r["engine_fps"] for r in fast), default=None)
     return (f"Targets, on the {len(measured)} game(s) measured so far ({', '.join(measured) or 'none'}): "
             f"W2A2 by distillation >= 90 % of the teacher on {len(w2)} game(s) ({', '.join(w2) or 'none'}; target 4 "
             f"of 5); ternary/binary >= 75 % on {len(tb)} ({', '.join(tb) or 'none'}; target 3 of 5); integer engine "
             f"on the W2A2 students: slowest {fmt(slowest, ',.0f')} decisions/s"
-            f"{' timed together' if timed else ''} (target >= 1,000).")
+            f"{' timed together' if timed else ''} (target >= 1,000)"
+            + (f"; on Atari frames (Nature DQN, W2A2) {atari[0]:,.0f} decisions/s (target >= 60)." if atari else "."))
 
 
 def validate_stored(args) -> None:
