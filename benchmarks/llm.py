@@ -5,7 +5,7 @@ W4A8KV8 and W4A4KV4, one table per model.
     python benchmarks/llm.py --model smollm2-135m --steps 100 --batch-size 1 --methods silq --widths w4a8kv8
     python benchmarks/llm.py --model smollm2-135m --sweep --steps 30 --batch-size 1   # choices, on the calib split
     python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 2e-5:10,1e-4:10 --steps 30 --batch-size 1
-    python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 5e-5:10 --sweep-variant asymmetric-activations
+    python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 5e-5:10 --variant asymmetric-activations
     python benchmarks/llm.py --model smollm2-135m --speed                      # fine-tune step against the float step
     python benchmarks/llm.py --model smollm2-135m --speed --compile-quantizers # the same, fake-quant compiled
     python benchmarks/llm.py --methods ''                                      # rebuild the section from the rows
@@ -60,7 +60,7 @@ TEXT = {  # what each model is measured on
 SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
     (1e-5, 1.0), (1e-5, 10.0), (3e-5, 10.0), (1e-4, 10.0), (1e-5, 100.0),
 ]
-VARIANTS = {  # --sweep-variant: a change to the silq recipe tried on the calib split, by name
+VARIANTS = {  # --variant: a change to the silq recipe, by name, for the sweep (calib split) or a row of its own
     "asymmetric-activations": ("Linear inputs on an asymmetric grid (learned zero point)",
                                lambda r: {**r, "activations": {**r["activations"], "asymmetric": True}}),
 }
@@ -147,9 +147,11 @@ def run_methods(name: str, args) -> None:
             del qmodel
         if "silq" in methods:
             setting = chosen_setting(name) or (None, None)
-            row = run_silq(model, tokenizer, text, width, args, *setting)
-            save_row(f"{name}/silq/{width}/{args.steps}", {"model": name, "method": "silq", "width": width,
-                                                           "chosen_by_sweep": setting != (None, None), **row})
+            variant = args.variant or None
+            row = run_silq(model, tokenizer, text, width, args, *setting, variant=variant)
+            save_row(f"{name}/silq/{width}/{args.steps}" + (f"/{variant}" if variant else ""),
+                     {"model": name, "method": "silq", "width": width, "variant": variant,
+                      "chosen_by_sweep": setting != (None, None), **row})
 
 
 def run_sweep(name: str, args) -> None:
@@ -158,7 +160,7 @@ def run_sweep(name: str, args) -> None:
     model, tokenizer = load_model(name)
     settings = SWEEP if not args.sweep_settings else [tuple(float(v) for v in item.split(":"))
                                                       for item in args.sweep_settings.split(",")]
-    variant = args.sweep_variant or None
+    variant = args.variant or None
     for lr, mult in settings:
         row = run_silq(model, tokenizer, text, args.sweep_width, args, lr, mult, split_eval=False, variant=variant)
         save_row(f"{name}/sweep/{args.sweep_width}/{args.steps}/{lr:g}/{mult:g}" + (f"/{variant}" if variant else ""),
@@ -235,7 +237,8 @@ def model_table(rows: list[dict]) -> str:
         closed = ""
         if fp is not None and rtn is not None and r["method"] not in ("float", "rtn") and rtn["perplexity"] != fp:
             closed = f"{100 * (rtn['perplexity'] - r['perplexity']) / (rtn['perplexity'] - fp):.0f}%"
-        method = r["method"] + (" (best PTQ)" if best.get(r["width"]) is r else "")
+        method = (r["method"] + (f" + {VARIANTS[r['variant']][0]}" if r.get("variant") else "")
+                  + (" (best PTQ)" if best.get(r["width"]) is r else ""))
         lines.append(f"| {r['width']} | {method} | {r['perplexity']:.3f} | {_fmt(r.get('kl'), '.4f')} | "
                      f"{_fmt(r.get('agreement'), '.2f')} | {_fmt(r.get('calib_perplexity'), '.3f')} | "
                      f"{r.get('steps', 0)} | {r.get('tokens', 0):,} | {r.get('minutes', 0):.1f} | {closed} | "
@@ -263,15 +266,15 @@ def speed_lines(rows: list[dict]) -> str:
 
 def commands(model: str, rows: list[dict]) -> str:
     """The commands that rerun the fine-tuned rows of ``model`` (its PTQ and float rows come with them)."""
-    runs = sorted({(r["method"].startswith("torchao"), r["steps"], r.get("batch"), r["width"]) for r in rows
-                   if r.get("steps") and r["method"] in ("silq", "torchao-qat")})
+    runs = sorted({(r["method"].startswith("torchao"), r["steps"], r.get("batch"), r["width"], r.get("variant") or "")
+                   for r in rows if r.get("steps") and r["method"] in ("silq", "torchao-qat")})
     shown = []
-    for peer, steps, batch, width in runs:
+    for peer, steps, batch, width, variant in runs:
         if peer:
             shown.append(f"`.venv-torchao/bin/python benchmarks/torchao_peer.py --model {model} --steps {steps}`")
         else:
             shown.append(f"`python benchmarks/llm.py --model {model} --steps {steps} --batch-size {batch} "
-                         f"--widths {width}`")
+                         f"--widths {width}{f' --variant {variant}' if variant else ''}`")
     return ("Rows from " + ", ".join(dict.fromkeys(shown)) + ".") if shown else ""
 
 
@@ -291,7 +294,7 @@ def section(rows: dict[str, dict]) -> str:
                      f"{', '.join(text.get('corpora', []))}. {commands(m, mine)}\n\n" + model_table(mine))
         sweeps = [r for r in mine if r["method"] == "sweep"]
         if sweeps:
-            parts.append("Learning-rate choices (calib split only):\n\n" + sweep_table(sweeps))
+            parts.append("Choices: learning rates and recipe variants (calib split only):\n\n" + sweep_table(sweeps))
         speed = [r for r in mine if r["method"] == "speed"]
         if speed:
             parts.append("Speed:\n\n" + speed_lines(speed))
@@ -308,8 +311,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256, help="tokens per window")
     ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep (calib split) instead")
     ap.add_argument("--sweep-width", default="w4a8kv8")
-    ap.add_argument("--sweep-variant", default="", choices=["", *VARIANTS],
-                    help="try this change to the silq recipe at --sweep (rows kept apart; the recipe is not changed)")
+    ap.add_argument("--variant", default="", choices=["", *VARIANTS],
+                    help="this change to the silq recipe, at --sweep or for the silq rows (kept apart from the "
+                         "recipe's own rows)")
     ap.add_argument("--sweep-settings", default="",
                     help="LR:MULT,... (weights' learning rate : quantizer_lr_mult) instead of the default sweep")
     ap.add_argument("--speed", action="store_true", help="measure the step-cost ratio instead")
