@@ -8,6 +8,7 @@ W4A8KV8 and W4A4KV4, one table per model.
     python benchmarks/llm.py --model smollm2-135m --sweep --sweep-settings 5e-5:10 --variant asymmetric-activations
     python benchmarks/llm.py --model smollm2-135m --speed                      # fine-tune step against the float step
     python benchmarks/llm.py --model smollm2-135m --speed --compile-quantizers # the same, fake-quant compiled
+    python benchmarks/llm.py --model smollm2-135m --points                     # which quantization point costs most
     python benchmarks/llm.py --methods ''                                      # rebuild the section from the rows
 
 Protocol. Perplexity, KL(float || quantized) and next-token top-1 agreement with the float model on
@@ -42,7 +43,7 @@ from results_page import ROOT, load_keyed_rows, store_keyed_row, write_section  
 
 from lowbit.data.text import TokenWindows, load_text, tokenize  # noqa: E402
 from lowbit.llm.evaluate import logits_of  # noqa: E402
-from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm  # noqa: E402
+from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm, windows  # noqa: E402
 from lowbit.qat.config import FinetuneConfig  # noqa: E402
 from lowbit.quant.base import Quantizer  # noqa: E402
 from lowbit.recipe import load_recipe  # noqa: E402
@@ -167,6 +168,77 @@ def run_sweep(name: str, args) -> None:
                  {"model": name, "method": "sweep", "width": args.sweep_width, "variant": variant, **row})
 
 
+def _only(recipe: dict, keep: set[str], float_layers: tuple[str, ...] = ()) -> dict:
+    """``recipe`` with only the quantization points in ``keep`` (weights, activations, kv_cache, embeddings), and the
+    Linear inputs of the layers matching ``float_layers`` left float."""
+    out = {k: (v if k in keep else None) for k, v in recipe.items() if k in ("weights", "activations", "kv_cache",
+                                                                              "embeddings")}
+    layers = {pattern: {k: v for k, v in over.items() if k in keep} for pattern, over in recipe.get("layers", {}).items()}
+    layers = {pattern: over for pattern, over in layers.items() if over}
+    layers.update({pattern: {"activations": None} for pattern in float_layers})
+    return {**out, "name": recipe["name"] + " (points)", "layers": layers}
+
+
+POINTS = [  # (label, points kept, Linear inputs left float): --points
+    ("every point (the PTQ recipe)", {"weights", "activations", "kv_cache", "embeddings"}, ()),
+    ("weights of the Linear layers only", {"weights"}, ()),
+    ("Linear inputs only", {"activations"}, ()),
+    ("Linear inputs only, down_proj inputs float", {"activations"}, ("*.down_proj",)),
+    ("Linear inputs only, o_proj inputs float", {"activations"}, ("*.o_proj",)),
+    ("Linear inputs only, q/k/v inputs float", {"activations"}, ("*.q_proj", "*.k_proj", "*.v_proj")),
+    ("Linear inputs only, gate/up inputs float", {"activations"}, ("*.gate_proj", "*.up_proj")),
+    ("KV cache only", {"kv_cache"}, ()),
+    ("embedding table only", {"embeddings"}, ()),
+]
+
+
+def run_points(name: str, args) -> None:
+    """Which quantization point of ``ptq-<width>`` costs the most: each alone (or with some Linear inputs left
+    float), post-training, scored on the calib split; and the largest input of every down_proj against its RMS,
+    with the window positions where it occurs."""
+    text = TextSetup(**{**TEXT[name].__dict__, "length": args.length})
+    model, tokenizer = load_model(name)
+    recipe = load_recipe(f"ptq-{args.sweep_width}").to_dict()
+    for label, keep, float_layers in POINTS:
+        qmodel = quantize_lm(model, tokenizer, _only(recipe, keep, float_layers), text)
+        m = evaluate_lm(qmodel, tokenizer, text, teacher=model, split="calib")
+        save_row(f"{name}/points/{args.sweep_width}/{label}", {"model": name, "method": "points", "width":
+                 args.sweep_width, "label": label, "calib_perplexity": m["perplexity"], "kl": m["kl"],
+                 "agreement": m["agreement"]})
+    peaks = {}
+
+    def record(layer_name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])
+            per_token = x.abs().amax(1)
+            peaks[layer_name] = {"max": float(per_token.max()), "rms": float(x.pow(2).mean().sqrt()),
+                                 "position": int(per_token.argmax()) % args.length}
+        return hook
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n.endswith("down_proj")]
+    with torch.no_grad():
+        model(windows(tokenizer, text, "calib", text.calib_windows))
+    for h in handles:
+        h.remove()
+    save_row(f"{name}/points/down_proj_peaks", {"model": name, "method": "peaks", "width": "fp32", "peaks": peaks})
+
+
+def points_lines(rows: list[dict]) -> str:
+    fp = next((r["calib_perplexity"] for r in rows if r["method"] == "float"), None)
+    lines = [f"| quantized (post-training, {rows[0]['width']}) | calib perplexity | KL | agreement (%) |",
+             "|---|---:|---:|---:|"]
+    if fp is not None:
+        lines.append(f"| nothing (float) | {fp:.3f} |  |  |")
+    for r in [r for r in rows if r["method"] == "points"]:
+        lines.append(f"| {r['label']} | {r['calib_perplexity']:.3f} | {r['kl']:.4f} | {r['agreement']:.2f} |")
+    peaks = next((r["peaks"] for r in rows if r["method"] == "peaks"), None)
+    if peaks:
+        worst = sorted(peaks.items(), key=lambda kv: -kv[1]["max"] / kv[1]["rms"])[:6]
+        lines.append("\nLargest down_proj inputs (max |x| over RMS, calibration windows): " + "; ".join(
+            f"`{n}` {p['max']:,.0f} ({p['max'] / p['rms']:.0f}x RMS, window position {p['position']})"
+            for n, p in worst) + ".")
+    return "\n".join(lines)
+
+
 def run_speed(name: str, args) -> None:
     """Median time of one fine-tuning step (forward, KL to the teacher, backward, AdamW) of the float
     model and of the SiLQ W4A8KV8 model, same batch, measurements interleaved."""
@@ -288,13 +360,17 @@ def section(rows: dict[str, dict]) -> str:
              "`ptq-*`, `silq-*`."]
     for m in models:
         mine = [r for r in rows.values() if r["model"] == m]
-        text = mine[0]
+        text = next((r for r in mine if r.get("windows")), mine[0])
         parts.append(f"### {m}\n\n" + (NOTES.get(m, "") + "\n\n" if m in NOTES else "")
                      + f"Test windows: {text.get('windows')} x {text.get('length')} tokens of "
                      f"{', '.join(text.get('corpora', []))}. {commands(m, mine)}\n\n" + model_table(mine))
         sweeps = [r for r in mine if r["method"] == "sweep"]
         if sweeps:
             parts.append("Choices: learning rates and recipe variants (calib split only):\n\n" + sweep_table(sweeps))
+        points = [r for r in mine if r["method"] in ("points", "peaks")]
+        if points:
+            parts.append("Which quantization point costs the most (`--points`: each alone, post-training, calib "
+                         "split):\n\n" + points_lines([r for r in mine if r["method"] == "float"] + points))
         speed = [r for r in mine if r["method"] == "speed"]
         if speed:
             parts.append("Speed:\n\n" + speed_lines(speed))
@@ -316,6 +392,8 @@ def main() -> None:
                          "recipe's own rows)")
     ap.add_argument("--sweep-settings", default="",
                     help="LR:MULT,... (weights' learning rate : quantizer_lr_mult) instead of the default sweep")
+    ap.add_argument("--points", action="store_true",
+                    help="ablate the quantization points of ptq-<--sweep-width> one by one (calib split) instead")
     ap.add_argument("--speed", action="store_true", help="measure the step-cost ratio instead")
     ap.add_argument("--speed-steps", type=int, default=5)
     ap.add_argument("--compile-quantizers", action="store_true",
@@ -326,6 +404,8 @@ def main() -> None:
         run_sweep(args.model, args)
     elif args.speed:
         run_speed(args.model, args)
+    elif args.points:
+        run_points(args.model, args)
     elif args.methods:
         run_methods(args.model, args)
     write_section("llm", "Language models: SiLQ quantization-aware training", section(load_rows()), SEED)
