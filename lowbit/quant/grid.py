@@ -174,7 +174,8 @@ class _FakeQuant(torch.autograd.Function):
         shifted = bool(torch.any(zero_point != 0))
         kernels = _fused_kernels() if fused else None
         if kernels is not None:
-            bounds = (torch.as_tensor(qmin, dtype=x.dtype), torch.as_tensor(qmax, dtype=x.dtype))
+            bounds = (torch.as_tensor(qmin, dtype=x.dtype, device=x.device),
+                      torch.as_tensor(qmax, dtype=x.dtype, device=x.device))
             out = _run_fused(kernels[0], x, scale, zero_point, *bounds, round_mode == "half_up", shifted)
             if out is not None:
                 ctx.save_for_backward(x, scale, zero_point, *bounds)
@@ -191,7 +192,7 @@ class _FakeQuant(torch.autograd.Function):
         if hasattr(ctx, "fused"):  # the fused forward ran
             x, scale, zero_point, qmin, qmax = ctx.saved_tensors
             scale_grad, grad_scale, pass_through, shifted, half_up, kernel = ctx.fused
-            args = (grad.contiguous(), x, scale, zero_point, qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype),
+            args = (grad.contiguous(), x, scale, zero_point, qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype, device=x.device),
                     half_up, shifted, scale_grad if ctx.needs_input_grad[1] else None, pass_through,
                     ctx.needs_input_grad[2])
             grad_x, grad_s, grad_z = _run_fused(kernel, *args) or _fused_backward(*args)
