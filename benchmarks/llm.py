@@ -224,11 +224,13 @@ def run_points(name: str, args) -> None:
 
 def points_lines(rows: list[dict]) -> str:
     fp = next((r["calib_perplexity"] for r in rows if r["method"] == "float"), None)
-    lines = [f"| quantized (post-training, {rows[0]['width']}) | calib perplexity | KL | agreement (%) |",
+    order = [label for label, _, _ in POINTS]
+    points = sorted([r for r in rows if r["method"] == "points"], key=lambda r: order.index(r["label"]))
+    lines = [f"| quantized (post-training, {points[0]['width']}) | calib perplexity | KL | agreement (%) |",
              "|---|---:|---:|---:|"]
     if fp is not None:
         lines.append(f"| nothing (float) | {fp:.3f} |  |  |")
-    for r in [r for r in rows if r["method"] == "points"]:
+    for r in points:
         lines.append(f"| {r['label']} | {r['calib_perplexity']:.3f} | {r['kl']:.4f} | {r['agreement']:.2f} |")
     peaks = next((r["peaks"] for r in rows if r["method"] == "peaks"), None)
     if peaks:
@@ -370,7 +372,9 @@ def section(rows: dict[str, dict]) -> str:
         points = [r for r in mine if r["method"] in ("points", "peaks")]
         if points:
             parts.append("Which quantization point costs the most (`--points`: each alone, post-training, calib "
-                         "split):\n\n" + points_lines([r for r in mine if r["method"] == "float"] + points))
+                         "split). Where a window's first token carries the attention sink, a few down_proj inputs reach "
+                         "hundreds of times their RMS (last line): one static step per tensor must then either clip "
+                         "that token or round every other token coarsely.\n\n" + points_lines([r for r in mine if r["method"] == "float"] + points))
         speed = [r for r in mine if r["method"] == "speed"]
         if speed:
             parts.append("Speed:\n\n" + speed_lines(speed))
