@@ -249,11 +249,10 @@ RECOMPILE_LIMIT = 64  # kernel variants: grid flags x tensor ranks x step layout
 def _fused_kernels():
     """The compiled (forward, backward) pair, built once; None after a failed build."""
     if "kernels" not in _FUSED:
-        # torch._dynamo is imported here, not at the top: only compiled fake-quant needs it
-        import torch._dynamo.config as dynamo_config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         _FUSED["kernels"] = (torch.compile(_fused_forward, dynamic=True),
                              torch.compile(_fused_backward, dynamic=True))
+        config = torch._dynamo.config  # loaded by torch.compile above
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     return _FUSED["kernels"]
 
 
