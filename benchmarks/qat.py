@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning of the reference models at W8A8, W4A4, W3A3 and W2A2 with each method.
 
     python benchmarks/qat.py [--models resnet20] [--recipes faq-w8a8,faq-w4a4,lsq-w4a4,...]
-                             [--epochs N] [--distill]
+                             [--epochs N] [--distill] [--seeds 0,1,2]
     python benchmarks/qat.py --recipes ''      # rebuild the section from docs/results/qat.json
 
 Protocol (the comparison protocol of the project brief): start from the shipped FP
@@ -10,7 +10,11 @@ fine-tune on the train split with each recipe's ``qat:`` settings (``--epochs`` 
 no distillation unless ``--distill``; report Fashion-MNIST test top-1. ``minmax-w2a2`` is the
 naive baseline: min-max 2-bit quantizers fine-tuned with the same steps as ``lsq-w2a2``.
 
-Each run's rows are kept in ``docs/results/qat.json`` (keyed by model, recipe and distillation,
+``--seeds`` reruns each recipe with other seeds (the seed of the fine-tuning's batch order, augmentation
+and any random initialisation); where a recipe has rows of several seeds, both tables show their mean and
+standard deviation (``n`` seeds), and the best-recipe table ranks recipes by that mean.
+
+Each run's rows are kept in ``docs/results/qat.json`` (keyed by model, recipe, distillation and seed,
 with the commit that produced them), and the 'qat' section of docs/RESULTS.md and
 docs/qat_accuracy_vs_bits.png are rebuilt from every stored row: a run of some recipes (an hour of
 CPU for all of them) updates those rows and leaves the others as measured.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import tempfile
 import time
@@ -50,17 +55,45 @@ def model_order(rows: dict[str, dict]) -> list[str]:
     return sorted({r["model"] for r in rows.values()}, key=lambda m: (MODELS + [m]).index(m))
 
 
+def seed_groups(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
+    """The stored rows grouped by (model, recipe, distillation): one entry per seed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows.values():
+        groups.setdefault((r["model"], r["recipe"], r["distill"]), []).append(r)
+    return groups
+
+
+def top1_text(group: list[dict]) -> str:
+    """``mean`` of one seed, ``mean +- std (n)`` of several (sample standard deviation)."""
+    values = [r["test_top1"] for r in group]
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} ({len(values)})"
+
+
 def table(rows: dict[str, dict]) -> str:
     """Markdown table of the stored rows: models in MODELS order, recipes in RECIPES order."""
     models = model_order(rows)
     order = {r: i for i, r in enumerate(RECIPES)}
-    lines = ["| model | recipe | W/A bits | epochs | steps | LR (schedule) | distillation | test top-1 (%) | "
+    groups = seed_groups(rows)
+    lines = ["| model | recipe | W/A bits | epochs | steps | LR (schedule) | distillation | seed | test top-1 (%) | "
              "delta vs FP | fine-tune time (min) | threads | commit |",
-             "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|"]
-    for r in sorted(rows.values(), key=lambda r: (models.index(r["model"]), order.get(r["recipe"], 99), r["distill"])):
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows.values(), key=lambda r: (models.index(r["model"]), order.get(r["recipe"], 99), r["distill"],
+                                                  r.get("seed", SEED))):
         lines.append(f"| {r['model']} | {r['recipe']} | W{r['bits']}A{r['bits']} | {r['epochs']} | {r['steps']} | "
-                     f"{r['lr']:g} ({r['schedule']}) | {'yes' if r['distill'] else 'no'} | {r['test_top1']:.2f} | "
-                     f"{r['test_top1'] - r['fp_top1']:+.2f} | {r['minutes']:.1f} | {r.get('threads', 2)} | {r['commit']} |")
+                     f"{r['lr']:g} ({r['schedule']}) | {'yes' if r['distill'] else 'no'} | {r.get('seed', SEED)} | "
+                     f"{r['test_top1']:.2f} | {r['test_top1'] - r['fp_top1']:+.2f} | {r['minutes']:.1f} | "
+                     f"{r.get('threads', 2)} | {r['commit']} |")
+    several = {k: g for k, g in groups.items() if len(g) > 1}
+    if several:
+        lines += ["", "Recipes run with several seeds (mean +- sample standard deviation, number of seeds):", "",
+                  "| model | recipe | distillation | test top-1 (%) | delta vs FP (mean) |", "|---|---|---|---:|---:|"]
+        for (model, recipe, distill), g in sorted(several.items(), key=lambda kv: (models.index(kv[0][0]),
+                                                                                  order.get(kv[0][1], 99))):
+            mean = statistics.mean(r["test_top1"] for r in g)
+            lines.append(f"| {model} | {recipe} | {'yes' if distill else 'no'} | {top1_text(g)} | "
+                         f"{mean - g[0]['fp_top1']:+.2f} |")
     return "\n".join(lines)
 
 
@@ -69,14 +102,16 @@ def best_table(rows: dict[str, dict]) -> str:
     baseline excluded), with the best existing toolkits' figure where the project brief gives one."""
     lines = ["| model | W/A bits | best recipe | test top-1 (%) | delta vs FP | best existing toolkit | lowbit - peer |",
              "|---|---|---|---:|---:|---:|---:|"]
-    kept = [r for r in rows.values() if not r["distill"] and r["recipe"] != "minmax-w2a2"]
+    kept = {k: g for k, g in seed_groups(rows).items() if not k[2] and k[1] != "minmax-w2a2"}
     for model in model_order(rows):
-        for bits in sorted({r["bits"] for r in kept if r["model"] == model}, reverse=True):
-            best = max((r for r in kept if r["model"] == model and r["bits"] == bits), key=lambda r: r["test_top1"])
-            top1, peer = best["test_top1"], PEERS.get((model, bits))
+        for bits in sorted({g[0]["bits"] for k, g in kept.items() if k[0] == model}, reverse=True):
+            group = max((g for k, g in kept.items() if k[0] == model and g[0]["bits"] == bits),
+                        key=lambda g: statistics.mean(r["test_top1"] for r in g))
+            best, top1 = group[0], statistics.mean(r["test_top1"] for r in group)
+            peer = PEERS.get((model, bits))
             versus = ("", "") if peer is None else (f"{peer:.2f} ({peer - PEER_FP[model]:+.2f} vs their FP "
                                                     f"{PEER_FP[model]:.2f})", f"{top1 - peer:+.2f}")
-            lines.append(f"| {model} | W{bits}A{bits} | {best['recipe']} | {top1:.2f} | "
+            lines.append(f"| {model} | W{bits}A{bits} | {best['recipe']} | {top1_text(group)} | "
                          f"{top1 - best['fp_top1']:+.2f} | {versus[0]} | {versus[1]} |")
     return "\n".join(lines)
 
@@ -96,26 +131,28 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES), help="'' only rebuilds the section from the stored rows")
     ap.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     ap.add_argument("--distill", action="store_true", help="distil from the FP model (off in the protocol)")
+    ap.add_argument("--seeds", default=str(SEED), help="comma-separated seeds, one run of each recipe per seed")
     args = ap.parse_args()
     for name in args.models.split(",") if args.recipes else []:
         model = pretrained(name)
-        for recipe in [r for r in args.recipes.split(",") if r]:
+        for recipe, seed in [(r, int(s)) for r in args.recipes.split(",") if r for s in args.seeds.split(",")]:
             spec = minmax_w2a2() if recipe == "minmax-w2a2" else recipe
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
-                torch.manual_seed(SEED)
+                torch.manual_seed(seed)
                 result = run_qat(copy.deepcopy(model), model_name=name, dataset="fashion-mnist", recipe=spec,
-                                 checkpoint_dir=tmp, epochs=args.epochs, seed=SEED, distill=args.distill,
+                                 checkpoint_dir=tmp, epochs=args.epochs, seed=seed, distill=args.distill,
                                  progress=False, log=lambda s: None)
             cfg = result["config"]
             row = {"model": name, "recipe": recipe, "bits": BITS[recipe.rsplit("-", 1)[1]], "epochs": cfg["epochs"],
                    "steps": result["steps"], "lr": cfg["lr"], "schedule": cfg["schedule"],
-                   "distill": bool(args.distill), "test_top1": round(result["test_top1"], 2),
+                   "distill": bool(args.distill), "seed": seed, "test_top1": round(result["test_top1"], 2),
                    "fp_top1": round(result["fp_top1"], 2), "minutes": round((time.perf_counter() - start) / 60, 1)}
-            store_keyed_row(STORE, f"{name}/{recipe}" + ("/distill" if args.distill else ""), row)
+            store_keyed_row(STORE, f"{name}/{recipe}" + ("/distill" if args.distill else "")
+                            + (f"/seed{seed}" if seed != SEED else ""), row)
     rows = load_keyed_rows(STORE)
-    points = [(r["model"], r["recipe"], r["bits"], r["test_top1"], r["fp_top1"]) for r in rows.values()
-              if not r["distill"]]
+    points = [(model, recipe, g[0]["bits"], statistics.mean(r["test_top1"] for r in g), g[0]["fp_top1"])
+              for (model, recipe, distill), g in seed_groups(rows).items() if not distill]
     plot = write_plot(points, ROOT / "docs" / "qat_accuracy_vs_bits.png")
     body = ("Fashion-MNIST test top-1 after quantization-aware fine-tuning from the shipped FP checkpoints; "
             "first and last layers 8-bit, quantizers calibrated on 512 held-out training images; recipes in "
