@@ -43,6 +43,7 @@ from results_page import ROOT, load_keyed_rows, store_keyed_row, write_section  
 
 from lowbit.data.text import TokenWindows, load_text, tokenize  # noqa: E402
 from lowbit.llm.evaluate import logits_of  # noqa: E402
+from lowbit.llm.sink_prefix import attach_sink_prefix  # noqa: E402
 from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm, windows  # noqa: E402
 from lowbit.qat.config import FinetuneConfig  # noqa: E402
 from lowbit.quant.base import Quantizer  # noqa: E402
@@ -61,10 +62,34 @@ TEXT = {  # what each model is measured on
 SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
     (1e-5, 1.0), (1e-5, 10.0), (3e-5, 10.0), (1e-4, 10.0), (1e-5, 100.0),
 ]
-VARIANTS = {  # --variant: a change to the silq recipe, by name, for the sweep (calib split) or a row of its own
+VARIANTS = {  # --variant A[+B]: changes to a recipe, by name, for the sweep (calib split) or rows of their own
     "asymmetric-activations": ("Linear inputs on an asymmetric grid (learned zero point)",
-                               lambda r: {**r, "activations": {**r["activations"], "asymmetric": True}}),
+                               lambda r, tok: {**r, "activations": {**r["activations"], "asymmetric": True}}),
+    "sink-prefix": ("float sink prefix (BOS) in the cache",
+                    lambda r, tok: {**r, "kv_cache": {**r["kv_cache"], "sink_prefix": [tok.bos_token_id]}}),
 }
+
+
+def variant_parts(variant: str | None) -> list[str]:
+    parts = [p for p in (variant or "").split("+") if p]
+    unknown = [p for p in parts if p not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variant: unknown {unknown}; known: {sorted(VARIANTS)} (join several with +)")
+    return parts
+
+
+def with_variant(recipe, variant: str | None, tokenizer) -> dict:
+    """``recipe`` (a name or dict) with the changes of ``variant`` applied."""
+    recipe = load_recipe(recipe).to_dict()
+    for part in variant_parts(variant):
+        recipe = VARIANTS[part][1](recipe, tokenizer)
+    return recipe
+
+
+def variant_label(variant: str | None) -> str:
+    return "".join(f" + {VARIANTS[p][0]}" for p in variant_parts(variant))
+
+
 # rows of the recipes before weights and embeddings started from their min-max step (commit 8f5f5ed), kept
 # as measured then: the ablation behind that choice
 INIT_ABLATION = ("ptq, weights init: mse", "silq, weights init: mse")
@@ -118,8 +143,7 @@ def silq_config(width: str, args, lr: float | None, mult: float | None) -> Finet
 def run_silq(model, tokenizer, text, width, args, lr=None, mult=None, split_eval=True, variant=None) -> dict:
     cfg = silq_config(width, args, lr, mult)
     start = time.perf_counter()
-    recipe = load_recipe(f"silq-{width}").to_dict()
-    qmodel = quantize_lm(model, tokenizer, VARIANTS[variant][1](recipe) if variant else recipe, text)
+    qmodel = quantize_lm(model, tokenizer, with_variant(f"silq-{width}", variant, tokenizer), text)
     result = finetune_lm(qmodel, model, tokenizer, text, config=cfg, log=lambda s: print(s, flush=True))
     minutes = (time.perf_counter() - start) / 60
     row = {"steps": result["steps"], "tokens": result["tokens"], "batch": cfg.batch_size, "lr": cfg.lr,
@@ -134,21 +158,29 @@ def run_methods(name: str, args) -> None:
     text = TextSetup(**{**TEXT[name].__dict__, "length": args.length})
     model, tokenizer = load_model(name)
     methods = [m for m in args.methods.split(",") if m]
+    variant = args.variant or None
+    tail = f"/{variant}" if variant else ""
     if "float" in methods:
-        save_row(f"{name}/float", {"model": name, "method": "float", "width": "fp32", "steps": 0, "tokens": 0,
-                                   "minutes": 0.0, **measured(model, tokenizer, text, None)})
+        prefixed = "sink-prefix" in variant_parts(variant)
+        floating = model
+        if prefixed:  # the float model after the same prefix: what the prefix alone changes
+            floating = copy.deepcopy(model)
+            attach_sink_prefix(floating, with_variant("silq-w8a8kv8", "sink-prefix", tokenizer)["kv_cache"])
+        save_row(f"{name}/float" + ("/sink-prefix" if prefixed else ""), {
+            "model": name, "method": "float", "width": "fp32", "steps": 0, "tokens": 0, "minutes": 0.0,
+            "variant": "sink-prefix" if prefixed else None,
+            **measured(floating, tokenizer, text, model if prefixed else None)})
     for width in [w for w in args.widths.split(",") if w]:
         for method in [m for m in methods if m in PTQ_METHODS]:
             start = time.perf_counter()
-            qmodel = quantize_lm(model, tokenizer, f"{method}-{width}", text)
+            qmodel = quantize_lm(model, tokenizer, with_variant(f"{method}-{width}", variant, tokenizer), text)
             minutes = (time.perf_counter() - start) / 60
-            save_row(f"{name}/{method}/{width}", {"model": name, "method": method, "width": width, "steps": 0,
-                                                  "tokens": 0, "minutes": round(minutes, 1),
-                                                  **measured(qmodel, tokenizer, text, model)})
+            save_row(f"{name}/{method}/{width}{tail}", {"model": name, "method": method, "width": width, "steps": 0,
+                                                        "tokens": 0, "minutes": round(minutes, 1), "variant": variant,
+                                                        **measured(qmodel, tokenizer, text, model)})
             del qmodel
         if "silq" in methods:
             setting = chosen_setting(name) or (None, None)
-            variant = args.variant or None
             row = run_silq(model, tokenizer, text, width, args, *setting, variant=variant)
             save_row(f"{name}/silq/{width}/{args.steps}" + (f"/{variant}" if variant else ""),
                      {"model": name, "method": "silq", "width": width, "variant": variant,
@@ -293,7 +325,7 @@ def _fmt(v, spec):
 
 
 def model_table(rows: list[dict]) -> str:
-    floats = [r for r in rows if r["method"] == "float"]
+    floats = [r for r in rows if r["method"] == "float" and not r.get("variant")]
     fp = floats[0]["perplexity"] if floats else None
     lines = ["| width | method | perplexity (test) | KL | agreement (%) | calib perplexity | steps | tokens | "
              "minutes | gap closed vs RTN | commit |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -302,16 +334,18 @@ def model_table(rows: list[dict]) -> str:
     shown = [r for r in rows if r["method"] in order]
     best = {}
     for r in rows:
-        if r["method"] in PTQ_METHODS and (r["width"] not in best or
-                                           r["calib_perplexity"] < best[r["width"]]["calib_perplexity"]):
+        if r["method"] in PTQ_METHODS and not r.get("variant") and (
+                r["width"] not in best or r["calib_perplexity"] < best[r["width"]]["calib_perplexity"]):
             best[r["width"]] = r
     widths = ["fp32"] + WIDTHS + sorted({r["width"] for r in shown} - set(WIDTHS) - {"fp32"})
-    for r in sorted(shown, key=lambda r: (widths.index(r["width"]), order[r["method"]], r.get("steps", 0))):
-        rtn = next((x for x in rows if x["method"] == "rtn" and x["width"] == r["width"]), None)
+    for r in sorted(shown, key=lambda r: (widths.index(r["width"]), order[r["method"]], r.get("steps", 0),
+                                          r.get("variant") or "")):
+        rtn = next((x for x in rows if x["method"] == "rtn" and x["width"] == r["width"] and not x.get("variant")),
+                   None)
         closed = ""
         if fp is not None and rtn is not None and r["method"] not in ("float", "rtn") and rtn["perplexity"] != fp:
             closed = f"{100 * (rtn['perplexity'] - r['perplexity']) / (rtn['perplexity'] - fp):.0f}%"
-        method = (r["method"] + (f" + {VARIANTS[r['variant']][0]}" if r.get("variant") else "")
+        method = (r["method"] + variant_label(r.get("variant"))
                   + (" (best PTQ)" if best.get(r["width"]) is r else ""))
         lines.append(f"| {r['width']} | {method} | {r['perplexity']:.3f} | {_fmt(r.get('kl'), '.4f')} | "
                      f"{_fmt(r.get('agreement'), '.2f')} | {_fmt(r.get('calib_perplexity'), '.3f')} | "
@@ -324,7 +358,7 @@ def sweep_table(rows: list[dict]) -> str:
     lines = ["| width | recipe | steps | weights' lr | steps' lr multiplier | calib perplexity |",
              "|---|---|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["width"], r["steps"], r["calib_perplexity"])):
-        recipe = f"silq-{r['width']}" + (f" + {VARIANTS[r['variant']][0]}" if r.get("variant") else "")
+        recipe = f"silq-{r['width']}" + variant_label(r.get("variant"))
         lines.append(f"| {r['width']} | {recipe} | {r['steps']} | {r['lr']:g} | {r['quantizer_lr_mult']:g} | "
                      f"{r['calib_perplexity']:.3f} |")
     return "\n".join(lines)
@@ -391,9 +425,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=256, help="tokens per window")
     ap.add_argument("--sweep", action="store_true", help="run the learning-rate sweep (calib split) instead")
     ap.add_argument("--sweep-width", default="w4a8kv8")
-    ap.add_argument("--variant", default="", choices=["", *VARIANTS],
-                    help="this change to the silq recipe, at --sweep or for the silq rows (kept apart from the "
-                         "recipe's own rows)")
+    ap.add_argument("--variant", default="",
+                    help=f"changes to the recipes ({', '.join(VARIANTS)}; join several with +), at --sweep or for "
+                         "the rows of --methods (kept apart from the recipes' own rows)")
     ap.add_argument("--sweep-settings", default="",
                     help="LR:MULT,... (weights' learning rate : quantizer_lr_mult) instead of the default sweep")
     ap.add_argument("--points", action="store_true",
@@ -403,6 +437,7 @@ def main() -> None:
     ap.add_argument("--compile-quantizers", action="store_true",
                     help="fine-tune (and time) with the fake-quant kernels compiled (qat.compile_quantizers)")
     args = ap.parse_args()
+    variant_parts(args.variant)
     torch.manual_seed(SEED)
     if args.sweep:
         run_sweep(args.model, args)

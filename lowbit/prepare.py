@@ -175,6 +175,9 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
                 for name, module in swaps.items():
                     _swap(target, name, module, undo)
                 report.points[point] = list(swaps)
+        for point, change in _MODEL_CHANGES.items():
+            if getattr(recipe, point) is not None and (revert := change(target, getattr(recipe, point))):
+                undo.append(revert)
         for module, attr, value in _disable_fused_fast_paths(target):
             undo.append(functools.partial(setattr, module, attr, value))
         if calib_data is not None:
@@ -268,6 +271,21 @@ def register_points(section: str, replacements: Replacements) -> None:
         raise ValueError(f"register_points: {section!r} is not a pipeline's recipe section; those are "
                          f"{[p for p in POINTS if p != 'embeddings']}")
     _POINT_PROVIDERS[section] = replacements
+
+
+ModelChange = Callable[[nn.Module, dict], Callable[[], None] | None]
+_MODEL_CHANGES: dict[str, ModelChange] = {}
+
+
+def register_model_change(section: str, change: ModelChange) -> None:
+    """Let a pipeline change the model itself for a recipe section (:mod:`lowbit.llm` registers the
+    ``kv_cache`` section's sink prefix): ``change(model, spec)`` runs in place after the quantization
+    points were swapped in and before calibration, and returns how to undo it (or None when it
+    changed nothing), so that a later failure leaves the caller's model as it was."""
+    if section not in POINTS or section == "embeddings":
+        raise ValueError(f"register_model_change: {section!r} is not a pipeline's recipe section; those are "
+                         f"{[p for p in POINTS if p != 'embeddings']}")
+    _MODEL_CHANGES[section] = change
 
 
 def _disable_fused_fast_paths(model: nn.Module) -> list[tuple[nn.Module, str, object]]:

@@ -18,7 +18,8 @@ side float. ``embeddings`` quantizes the table of every ``nn.Embedding`` (one st
 per row with ``granularity: channel``: one step per token). ``kv_cache`` quantizes the keys (after
 the rotary embedding) and values of every attention block as they are written to the cache (one
 step per KV head with ``granularity: head``, or per tensor); it needs a model whose attention
-family :mod:`lowbit.llm` knows. Both are absent (float) unless given. Overrides merge over the defaults; an override that changes ``method`` drops the
+family :mod:`lowbit.llm` knows; its ``sink_prefix`` (token ids) puts those tokens' float keys and
+values in front of every sequence (:mod:`lowbit.llm.sink_prefix`). Both are absent (float) unless given. Overrides merge over the defaults; an override that changes ``method`` drops the
 default's method-specific options. Later patterns win over earlier ones. Other top-level
 sections (``calibration``, ``ptq``, ``qat``, ``mixed``, ``name``, ``description``) are kept for
 the pipelines that read them.
@@ -52,6 +53,7 @@ PIPELINE_SECTIONS = {"name", "description", "calibration", "ptq", "qat", "mixed"
 TEXT_SECTIONS = {"name", "description"}  # the others are mappings of settings
 POINTS = ("embeddings", "kv_cache")  # quantization points beyond the Conv/Linear layers
 POINT_GRANULARITIES = {"embeddings": ("tensor", "channel"), "kv_cache": ("head", "tensor")}
+MAX_SINK_PREFIX = 64  # tokens
 TOP_KEYS = set(SIDES) | {"layers", "skip"} | set(POINTS) | PIPELINE_SECTIONS
 FIRST, LAST = "@first", "@last"
 
@@ -188,8 +190,20 @@ def validate_point_spec(spec, point: str) -> dict:
     if granularity not in allowed:
         raise RecipeError(f"{point}: granularity must be one of {list(allowed)}, got {granularity!r}")
     role = "weights" if point == "embeddings" else "activations"
-    checked = validate_spec({k: v for k, v in spec.items() if k != "granularity"}, f"{point} ({role})", full=True)
+    own = {"granularity"} | ({"sink_prefix"} if point == "kv_cache" else set())
+    checked = validate_spec({k: v for k, v in spec.items() if k not in own}, f"{point} ({role})", full=True)
+    if "sink_prefix" in spec and point == "kv_cache":
+        checked["sink_prefix"] = _sink_prefix(spec["sink_prefix"])
     return {**checked, "granularity": granularity} if "granularity" in spec else checked
+
+
+def _sink_prefix(tokens) -> list[int]:
+    """``kv_cache.sink_prefix``: 1 to :data:`MAX_SINK_PREFIX` token ids."""
+    if (not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= MAX_SINK_PREFIX
+            or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)):
+        raise RecipeError(f"kv_cache.sink_prefix: a list of 1 to {MAX_SINK_PREFIX} token ids (for example [1], "
+                          f"the tokenizer's BOS), got {tokens!r}")
+    return list(tokens)
 
 
 def load_recipe(recipe) -> Recipe:

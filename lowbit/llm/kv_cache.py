@@ -104,8 +104,8 @@ def is_kv_quantized(module: nn.Module) -> bool:
 def kv_quantizer(spec: dict, name: str) -> Quantizer:
     """One cache quantizer from the recipe's ``kv_cache`` spec (signed unless the spec says otherwise)."""
     per_head = spec.get("granularity", "head") == "head"
-    spec = {**spec, "granularity": Granularity("channel", axis=1) if per_head else "tensor",
-            "signed": spec.get("signed", True)}
+    spec = {**{k: v for k, v in spec.items() if k != "sink_prefix"},  # the cache's content, not a quantizer's
+            "granularity": Granularity("channel", axis=1) if per_head else "tensor", "signed": spec.get("signed", True)}
     return build_quantizer(spec, "activation", name)
 
 

@@ -1,0 +1,123 @@
+"""The cache's float sink prefix (kv_cache.sink_prefix, PrefixQuant): the quantized model runs every
+sequence after the prefix's float keys and values, in forward, calibration, fine-tuning, generate()
+and save/load; bad settings are clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import lowbit  # noqa: E402
+from lowbit.errors import LowbitError, RecipeError  # noqa: E402
+from lowbit.llm import has_sink_prefix  # noqa: E402
+from lowbit.quant.base import Quantizer  # noqa: E402
+from tiny_lm import FAMILY_MODELS, VOCAB, tiny_lm, token_batch  # noqa: E402
+
+PREFIX = [3, 7]
+RECIPE = {"weights": {"method": "lsq", "bits": 4, "granularity": "channel", "init": "mse"},
+          "activations": {"method": "lsq", "bits": 8, "init": "mse"},
+          "kv_cache": {"method": "lsq", "bits": 8, "init": "mse", "sink_prefix": PREFIX}}
+
+
+def quantizers_off(model):
+    for m in model.modules():
+        if isinstance(m, Quantizer):
+            m.enabled = False
+    return model
+
+
+def prefixed(ids):
+    return torch.cat([torch.tensor(PREFIX).expand(ids.shape[0], -1), ids], 1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
+def test_forward_runs_after_the_float_prefix(family):
+    """With its quantizers off, the prefixed model's logits are the float model's on prefix + tokens,
+    the prefix's own positions dropped; the caller's float model is left as it was."""
+    model = tiny_lm(family)
+    q = lowbit.quantize(model, RECIPE, calib_data=[token_batch()])
+    assert has_sink_prefix(q) and not has_sink_prefix(model)
+    assert type(q).__name__ == f"SinkPrefixed{type(model).__name__}"
+    ids = token_batch(2, 10, seed=3)
+    with torch.no_grad():
+        want = model(prefixed(ids), use_cache=False).logits[:, len(PREFIX):]
+        got = quantizers_off(q)(input_ids=ids, use_cache=False).logits
+        masked = q(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    assert got.shape == (2, 10, VOCAB)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_keys_and_values_are_the_float_models():
+    model = tiny_lm()
+    q = lowbit.quantize(model, RECIPE, calib_data=[token_batch()])
+    with torch.no_grad():
+        out = model(torch.tensor([PREFIX]), use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    assert torch.equal(q.lowbit_sink_prefix.token_ids, torch.tensor(PREFIX))
+    for i, layer in enumerate(cache.layers):
+        torch.testing.assert_close(getattr(q.lowbit_sink_prefix, f"key_{i}"), layer.keys)
+        torch.testing.assert_close(getattr(q.lowbit_sink_prefix, f"value_{i}"), layer.values)
+
+
+def test_prefix_changes_the_quantized_model():
+    plain = lowbit.quantize(tiny_lm(), {**RECIPE, "kv_cache": {"method": "lsq", "bits": 8, "init": "mse"}},
+                            calib_data=[token_batch()])
+    q = lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()])
+    ids = token_batch(1, 8, seed=2)
+    with torch.no_grad():
+        assert (q(ids).logits - plain(ids).logits).abs().max() > 1e-3
+
+
+def test_generate_returns_the_callers_tokens_and_continues_after_the_prefix():
+    model = tiny_lm()
+    q = lowbit.quantize(model, RECIPE, calib_data=[token_batch()])
+    ids = token_batch(1, 5, seed=4)
+    out = q.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], ids)
+    float_out = quantizers_off(q).generate(ids, max_new_tokens=6, do_sample=False)
+    reference = model.generate(prefixed(ids), attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=6,
+                               do_sample=False)
+    assert torch.equal(float_out, reference[:, len(PREFIX):])
+
+
+def test_fine_tuning_and_save_load_keep_the_prefix(tmp_path):
+    q = lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()])
+    lowbit.finetune(q, [token_batch(2, 12, seed=s) for s in range(3)], teacher=tiny_lm(),
+                    config={"epochs": 1, "lr": 1e-3, "progress": False, "checkpoint_every": 0})
+    lowbit.save(q, tmp_path / "q")
+    back = lowbit.load(tmp_path / "q", model=tiny_lm(seed=5))
+    assert has_sink_prefix(back)
+    ids = token_batch(1, 9, seed=6)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, q.eval()(ids).logits)
+
+
+def test_gradient_checkpointing_with_a_prefix_is_refused():
+    q = lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()]).train()
+    (getattr(q, "activation_checkpointing_enable", None) or q.gradient_checkpointing_enable)()
+    with pytest.raises(LowbitError, match="gradient checkpointing"):
+        q(token_batch(1, 6), use_cache=False)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ([], "a list of 1 to 64 token ids"),
+    ([1, -2], "a list of 1 to 64 token ids"),
+    ("1", "a list of 1 to 64 token ids"),
+    ([True], "a list of 1 to 64 token ids"),
+])
+def test_bad_sink_prefix_is_a_recipe_error(tokens, message):
+    with pytest.raises(RecipeError, match=message):
+        lowbit.load_recipe({**RECIPE, "kv_cache": {**RECIPE["kv_cache"], "sink_prefix": tokens}})
+
+
+def test_token_outside_the_vocabulary_leaves_the_model_untouched():
+    model = tiny_lm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match=f"outside the model's vocabulary of {VOCAB}"):
+        lowbit.quantize(model, {**RECIPE, "kv_cache": {**RECIPE["kv_cache"], "sink_prefix": [VOCAB]}},
+                        calib_data=[token_batch()], inplace=True)
+    assert not has_sink_prefix(model) and not hasattr(model, "lowbit_sink_prefix")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
