@@ -64,10 +64,15 @@ SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
 ]
 VARIANTS = {  # --variant A[+B]: changes to a recipe, by name, for the sweep (calib split) or rows of their own
     "asymmetric-activations": ("Linear inputs on an asymmetric grid (learned zero point)",
-                               lambda r, tok: {**r, "activations": {**r["activations"], "asymmetric": True}}),
+                               lambda r, tok: {**r, "activations": asymmetric(r["activations"])}),
     "sink-prefix": ("float sink prefix (BOS) in the cache",
                     lambda r, tok: {**r, "kv_cache": {**r["kv_cache"], "sink_prefix": [tok.bos_token_id]}}),
 }
+
+
+def asymmetric(spec: dict) -> dict:
+    """``spec`` on an asymmetric grid: LSQ learns a zero point (``asymmetric``); min-max takes ``symmetric: false``."""
+    return {**spec, **({"asymmetric": True} if spec["method"] == "lsq" else {"symmetric": False})}
 
 
 def variant_parts(variant: str | None) -> list[str]:

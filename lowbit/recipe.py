@@ -193,11 +193,11 @@ def validate_point_spec(spec, point: str) -> dict:
     own = {"granularity"} | ({"sink_prefix"} if point == "kv_cache" else set())
     checked = validate_spec({k: v for k, v in spec.items() if k not in own}, f"{point} ({role})", full=True)
     if "sink_prefix" in spec and point == "kv_cache":
-        checked["sink_prefix"] = _sink_prefix(spec["sink_prefix"])
+        checked["sink_prefix"] = check_sink_prefix(spec["sink_prefix"])
     return {**checked, "granularity": granularity} if "granularity" in spec else checked
 
 
-def _sink_prefix(tokens) -> list[int]:
+def check_sink_prefix(tokens) -> list[int]:
     """``kv_cache.sink_prefix``: 1 to :data:`MAX_SINK_PREFIX` token ids."""
     if (not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= MAX_SINK_PREFIX
             or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)):

@@ -4,15 +4,20 @@ and save/load; bad settings are clear errors."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 import lowbit  # noqa: E402
+from lowbit.deploy import ExportFileError  # noqa: E402
+from lowbit.deploy.causal_lm import build_causal_lm, load_causal_lm, read_causal_lm  # noqa: E402
 from lowbit.errors import LowbitError, RecipeError  # noqa: E402
 from lowbit.llm import has_sink_prefix  # noqa: E402
 from lowbit.quant.base import Quantizer  # noqa: E402
+from tests.test_deploy_hostile import manifest_of, reseal  # noqa: E402
 from tiny_lm import FAMILY_MODELS, VOCAB, tiny_lm, token_batch  # noqa: E402
 
 PREFIX = [3, 7]
@@ -121,3 +126,42 @@ def test_token_outside_the_vocabulary_leaves_the_model_untouched():
                         calib_data=[token_batch()], inplace=True)
     assert not has_sink_prefix(model) and not hasattr(model, "lowbit_sink_prefix")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_export_round_trip_keeps_the_prefix(tmp_path):
+    """The export holds the prefix's tokens and float keys/values; the reloaded model (also packed) runs after it,
+    with the fake-quant model's logits."""
+    q = lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()])
+    lowbit.export(q, tmp_path / "e")
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert manifest["sink_prefix"]["tokens"] == PREFIX and len(manifest["sink_prefix"]["keys"]) == 2
+    assert manifest["architecture"]["name"].endswith(".LlamaForCausalLM")
+    back = lowbit.load_export(tmp_path / "e", model=tiny_lm(seed=3))
+    assert has_sink_prefix(back)
+    ids = token_batch(1, 9, seed=6)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, q.eval()(ids).logits)
+    out = back.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, q.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p.update(tokens=[1, "x"]), r"sink_prefix.tokens: .*token ids"),
+    (lambda p: p.update(values=p["values"][:1]), "as many keys as values"),
+    (lambda p: p["keys"][0].update(shape=[1, 2, 5, 8]), r"\[1, kv heads, 2 tokens, head dim\]"),
+])
+def test_damaged_export_prefix_is_a_clear_error(tmp_path, edit, message):
+    q = lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()])
+    lowbit.export(q, tmp_path / "e")
+    manifest = manifest_of(tmp_path / "e")
+    edit(manifest["sink_prefix"])
+    reseal(tmp_path / "e", manifest)  # as a forger would: the seal passes, the field checks must not
+    with pytest.raises(ExportFileError, match=message):
+        read_causal_lm(tmp_path / "e")
+
+
+def test_export_prefix_outside_the_vocabulary_is_refused():
+    exp = build_causal_lm(lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()]))
+    exp.sink_prefix.token_ids = torch.tensor([3, VOCAB + 5])  # a forged prefix the model cannot embed
+    with pytest.raises(ExportFileError, match=f"token {VOCAB + 5} is outside the model's vocabulary of {VOCAB}"):
+        load_causal_lm(exp, tiny_lm())

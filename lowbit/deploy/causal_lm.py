@@ -19,6 +19,9 @@ the reader applies the same checks (:mod:`lowbit.deploy.read`). Manifest fields 
                    input grid (the activation step), the bias; Linear layers left float hold float weights
     kv_cache       per attention block: its family, the cache's ``shape`` (kv heads, head dim) and the key
                    and value grids (steps per KV head in ``kv.scale``)
+    sink_prefix    (a model quantized with ``kv_cache.sink_prefix``) its ``tokens`` and, per attention block
+                   in order, the float ``keys`` and ``values`` ``{"shape": [1, kv heads, tokens, head dim],
+                   "data"}`` the cache starts with (:mod:`lowbit.llm.sink_prefix`)
     float_tensors  every other tensor of the state dict (norm weights ...): ``{name: {"shape", "data"}}``
 
 Loading rebuilds the quantized model from a copy of the float architecture handed in: each quantized
@@ -51,13 +54,17 @@ from lowbit.deploy.packed import check_plain_tables, packed_layers
 from lowbit.deploy.read import Fields, read_grid, read_layer, read_manifest, read_metadata, read_tensors
 from lowbit.deploy.rebuild import report_of
 from lowbit.deploy.write import Arena, layer_entry, manifest_of, reference_bytes, weight_bytes, write_files, write_grid
+from lowbit.errors import RecipeError
 from lowbit.llm.families import FAMILIES, check_attention, family_of
 from lowbit.llm.kv_cache import is_kv_quantized, kv_quant_class
 from lowbit.llm.objective import is_causal_lm
+from lowbit.llm.sink_prefix import SinkPrefix, has_sink_prefix, install_sink_prefix
 from lowbit.nn.modules import QuantLinear, QuantMixin, quant_embedding_class
 from lowbit.quant.base import Quantizer
+from lowbit.recipe import check_sink_prefix
 
 CAUSAL_LM = "causal-lm"
+SINK = "lowbit_sink_prefix"  # the child holding a sink prefix; exported in its own manifest field
 LAYER_KINDS = ("linear", "embedding")
 SUPPORTED = ("the weights and inputs of Linear layers, the weights of Embedding tables, and the keys and values "
              f"of the KV cache of the attention families {', '.join(FAMILIES)}")
@@ -91,6 +98,7 @@ class ExportedLM:
     recipe: dict | None = None
     left_float: dict[str, str] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)  # as read from disk (empty for a fresh build)
+    sink_prefix: SinkPrefix | None = None
 
 
 def _unsupported(name: str, what: str) -> ExportError:
@@ -152,7 +160,7 @@ def build_causal_lm(qmodel: nn.Module) -> ExportedLM:
         in_layers = _layer_tensors(layers)
         float_tensors = {}
         for key, t in qmodel.state_dict().items():
-            if key in in_layers or any(key.startswith(q + ".") for q in quantizer_names):
+            if key in in_layers or any(key.startswith(q + ".") for q in quantizer_names + [SINK]):
                 continue
             if not t.is_floating_point():
                 raise _unsupported(key.rpartition(".")[0], f"holds the non-float tensor {key!r} ({t.dtype})")
@@ -164,9 +172,12 @@ def build_causal_lm(qmodel: nn.Module) -> ExportedLM:
     left_float.update({n: "weights and input float" for n, layer in layers.items()
                        if layer.weight_grid is None and layer.input_grid is None and n not in left_float})
     config = json.loads(qmodel.config.to_json_string(use_diff=False))
-    arch = {"zoo": None, "name": f"{type(qmodel).__module__}.{type(qmodel).__qualname__}"}
+    prefixed = has_sink_prefix(qmodel)
+    cls = type(qmodel)._float_class if prefixed else type(qmodel)
+    arch = {"zoo": None, "name": f"{cls.__module__}.{cls.__qualname__}"}
     return ExportedLM(layers, kv, float_tensors, arch, config,
-                      report.recipe.to_dict() if report is not None else None, left_float)
+                      report.recipe.to_dict() if report is not None else None, left_float,
+                      sink_prefix=copy.deepcopy(qmodel.lowbit_sink_prefix).cpu().float() if prefixed else None)
 
 
 def family_of_class(attention: nn.Module) -> str:
@@ -182,8 +193,14 @@ def write_causal_lm(exp: ExportedLM, path: str | os.PathLike, *, float_bias: boo
                       "value": write_grid(arena, g.value, "kv")} for name, g in exp.kv_cache.items()}
     float_meta = {name: {"shape": list(t.shape), "data": arena.add("float.weight", t)}
                   for name, t in exp.float_tensors.items()}
+    extra = {}
+    if exp.sink_prefix is not None:
+        p = exp.sink_prefix
+        extra["sink_prefix"] = {"tokens": p.token_ids.tolist(), **{
+            side: [{"shape": list(t.shape), "data": arena.add("float.weight", t)}
+                   for t in (getattr(p, f"{side[:-1]}_{i}") for i in range(p.layers))] for side in ("keys", "values")}}
     manifest = manifest_of(exp, layers_meta, float_bias, model_kind=CAUSAL_LM, config=exp.config, kv_cache=kv_meta,
-                           float_tensors=float_meta,
+                           float_tensors=float_meta, **extra,
                            sizes={"weight_bytes": weight_bytes(layers_meta),
                                   "float_tensor_bytes": sum(reference_bytes(e["data"]) for e in float_meta.values())})
     return write_files(path, arena.tensors(), manifest)
@@ -232,7 +249,35 @@ def read_causal_lm(path: str | os.PathLike) -> ExportedLM:
         float_tensors[name] = f.finite(data, f"{where}.data").reshape(shape).clone()
     config = f.get(manifest, "config", "", dict)
     arch, _, recipe, left_float = read_metadata(f, manifest)
-    return ExportedLM(layers, kv, float_tensors, arch, config, recipe, left_float, manifest)
+    return ExportedLM(layers, kv, float_tensors, arch, config, recipe, left_float, manifest,
+                      _read_sink_prefix(f, manifest))
+
+
+def _read_sink_prefix(f: Fields, manifest: dict) -> SinkPrefix | None:
+    e = f.get(manifest, "sink_prefix", "", dict, optional=True)
+    if e is None:
+        return None
+    try:
+        tokens = check_sink_prefix(e.get("tokens"))
+    except RecipeError as err:
+        raise f.error("sink_prefix.tokens", str(err)) from None
+    sides = {}
+    for side in ("keys", "values"):
+        entries = e.get(side)
+        if not isinstance(entries, list) or not entries or (side == "values" and len(entries) != len(sides["keys"])):
+            raise f.error(f"sink_prefix.{side}", "a non-empty list of {shape, data}, one per attention block, as many "
+                                                 f"keys as values; got {type(entries).__name__}")
+        sides[side] = []
+        for i, t in enumerate(entries):
+            where = f"sink_prefix.{side}[{i}]"
+            if not isinstance(t, dict):
+                raise f.error(where, f"an object with shape and data, got {t!r}")
+            shape = f.shape(t.get("shape"), f"{where}.shape", (4,))
+            if shape[0] != 1 or shape[2] != len(tokens):
+                raise f.error(f"{where}.shape", f"[1, kv heads, {len(tokens)} tokens, head dim], got {list(shape)}")
+            data = f.ref(t, "data", where, "float.weight", math.prod(shape))
+            sides[side].append(f.finite(data, f"{where}.data").reshape(shape).clone())
+    return SinkPrefix(torch.tensor(tokens), sides["keys"], sides["values"])
 
 
 # ----- loading ------------------------------------------------------------------------------
@@ -284,6 +329,8 @@ def _check_fits(exp: ExportedLM, model: nn.Module, where) -> None:
     if exp.kv_cache and set(check_attention(model)) != set(exp.kv_cache):
         raise ExportFileError(f"{where}: the model's attention blocks {sorted(check_attention(model))} are not the "
                               f"exported {sorted(exp.kv_cache)}")
+    if exp.sink_prefix is not None:
+        _check_sink_prefix(exp.sink_prefix, model, where)
     for name, g in exp.kv_cache.items():
         attention = model.get_submodule(name)
         if family_of(attention) != g.family:
@@ -292,6 +339,24 @@ def _check_fits(exp: ExportedLM, model: nn.Module, where) -> None:
         if _kv_shape(model, attention) != g.shape:
             raise ExportFileError(f"{where}: {name!r} caches {_kv_shape(model, attention)} (kv heads, head dim), "
                                   f"the export {g.shape}")
+
+
+def _check_sink_prefix(prefix: SinkPrefix, model: nn.Module, where) -> None:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(prefix.token_ids.max()) >= vocab:
+        raise ExportFileError(f"{where}: sink prefix token {int(prefix.token_ids.max())} is outside the model's "
+                              f"vocabulary of {vocab}")
+    blocks = check_attention(model)
+    if prefix.layers != len(blocks):
+        raise ExportFileError(f"{where}: the sink prefix holds keys and values for {prefix.layers} attention blocks, "
+                              f"the model has {len(blocks)}")
+    for i, name in enumerate(blocks):
+        heads, dim = _kv_shape(model, model.get_submodule(name))
+        for side in ("key", "value"):
+            have = tuple(getattr(prefix, f"{side}_{i}").shape)
+            if have != (1, heads, prefix.length, dim):
+                raise ExportFileError(f"{where}: sink prefix {side}s of {name!r} have shape {have}, the model caches "
+                                      f"{(1, heads, prefix.length, dim)}")
 
 
 def _install_layer(model: nn.Module, layer: LayerData) -> None:
@@ -353,6 +418,8 @@ def load_causal_lm(source: str | os.PathLike | ExportedLM, model: nn.Module | No
             _install_layer(model, layer)
     for name, g in exp.kv_cache.items():
         _install_kv(model, name, g)
+    if exp.sink_prefix is not None:
+        install_sink_prefix(model, copy.deepcopy(exp.sink_prefix))
     model.lowbit_export = exp.manifest
     model.lowbit_report = report_of(exp)
     return model.eval()

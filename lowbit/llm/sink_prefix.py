@@ -86,6 +86,7 @@ class SinkPrefixMixin:
     """``forward`` and ``generate`` with the prefix in front (module docstring)."""
 
     _cache_argument: str
+    _float_class: type  # the model's own class (exports name it)
 
     def forward(self, *args, **kwargs):
         if kwargs.get(self._cache_argument) is None and not any(kwargs.get(n) is not None for n in CACHE_ARGUMENTS):
@@ -125,7 +126,8 @@ def sink_prefixed_class(base: type) -> type:
     """``SinkPrefixed<Base>``: the subclass of a causal LM class that runs with a sink prefix (made once)."""
     if base not in _CLASSES:
         _CLASSES[base] = type(f"SinkPrefixed{base.__name__}", (SinkPrefixMixin, base),
-                              {"_cache_argument": _cache_argument(base), "__module__": __name__})
+                              {"_cache_argument": _cache_argument(base), "_float_class": base,
+                               "__module__": __name__})
     return _CLASSES[base]
 
 
@@ -165,9 +167,14 @@ def attach_sink_prefix(model: nn.Module, spec: dict):
         for q, state in zip(quantizers, states):
             q.enabled = state
         model.train(mode)
+    return install_sink_prefix(model, SinkPrefix(ids[0], [layer.keys for layer in cache.layers],
+                                                 [layer.values for layer in cache.layers]))
+
+
+def install_sink_prefix(model: nn.Module, prefix: SinkPrefix):
+    """Give ``model`` (in place) ``prefix`` and the class that runs with it; returns the undo."""
     old_class = model.__class__
-    model.lowbit_sink_prefix = SinkPrefix(ids[0], [layer.keys for layer in cache.layers],
-                                          [layer.values for layer in cache.layers])
+    model.lowbit_sink_prefix = prefix
     model.__class__ = sink_prefixed_class(old_class)
 
     def undo():
