@@ -64,9 +64,9 @@ SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
 ]
 VARIANTS = {  # --variant A[+B]: changes to a recipe, by name, for the sweep (calib split) or rows of their own
     "asymmetric-activations": ("Linear inputs on an asymmetric grid (learned zero point)",
-                               lambda r, tok: {**r, "activations": asymmetric(r["activations"])}),
+                               lambda r: {**r, "activations": asymmetric(r["activations"])}),
     "sink-prefix": ("float sink prefix (BOS) in the cache",
-                    lambda r, tok: {**r, "kv_cache": {**r["kv_cache"], "sink_prefix": [tok.bos_token_id]}}),
+                    lambda r: {**r, "kv_cache": {**r["kv_cache"], "sink_prefix": "bos"}}),
 }
 
 
@@ -83,11 +83,11 @@ def variant_parts(variant: str | None) -> list[str]:
     return parts
 
 
-def with_variant(recipe, variant: str | None, tokenizer) -> dict:
+def with_variant(recipe, variant: str | None) -> dict:
     """``recipe`` (a name or dict) with the changes of ``variant`` applied."""
     recipe = load_recipe(recipe).to_dict()
     for part in variant_parts(variant):
-        recipe = VARIANTS[part][1](recipe, tokenizer)
+        recipe = VARIANTS[part][1](recipe)
     return recipe
 
 
@@ -148,7 +148,7 @@ def silq_config(width: str, args, lr: float | None, mult: float | None) -> Finet
 def run_silq(model, tokenizer, text, width, args, lr=None, mult=None, split_eval=True, variant=None) -> dict:
     cfg = silq_config(width, args, lr, mult)
     start = time.perf_counter()
-    qmodel = quantize_lm(model, tokenizer, with_variant(f"silq-{width}", variant, tokenizer), text)
+    qmodel = quantize_lm(model, tokenizer, with_variant(f"silq-{width}", variant), text)
     result = finetune_lm(qmodel, model, tokenizer, text, config=cfg, log=lambda s: print(s, flush=True))
     minutes = (time.perf_counter() - start) / 60
     row = {"steps": result["steps"], "tokens": result["tokens"], "batch": cfg.batch_size, "lr": cfg.lr,
@@ -170,7 +170,7 @@ def run_methods(name: str, args) -> None:
         floating = model
         if prefixed:  # the float model after the same prefix: what the prefix alone changes
             floating = copy.deepcopy(model)
-            attach_sink_prefix(floating, with_variant("silq-w8a8kv8", "sink-prefix", tokenizer)["kv_cache"])
+            attach_sink_prefix(floating, with_variant("silq-w8a8kv8", "sink-prefix")["kv_cache"])
         save_row(f"{name}/float" + ("/sink-prefix" if prefixed else ""), {
             "model": name, "method": "float", "width": "fp32", "steps": 0, "tokens": 0, "minutes": 0.0,
             "variant": "sink-prefix" if prefixed else None,
@@ -178,7 +178,7 @@ def run_methods(name: str, args) -> None:
     for width in [w for w in args.widths.split(",") if w]:
         for method in [m for m in methods if m in PTQ_METHODS]:
             start = time.perf_counter()
-            qmodel = quantize_lm(model, tokenizer, with_variant(f"{method}-{width}", variant, tokenizer), text)
+            qmodel = quantize_lm(model, tokenizer, with_variant(f"{method}-{width}", variant), text)
             minutes = (time.perf_counter() - start) / 60
             save_row(f"{name}/{method}/{width}{tail}", {"model": name, "method": method, "width": width, "steps": 0,
                                                         "tokens": 0, "minutes": round(minutes, 1), "variant": variant,

@@ -18,7 +18,7 @@ side float. ``embeddings`` quantizes the table of every ``nn.Embedding`` (one st
 per row with ``granularity: channel``: one step per token). ``kv_cache`` quantizes the keys (after
 the rotary embedding) and values of every attention block as they are written to the cache (one
 step per KV head with ``granularity: head``, or per tensor); it needs a model whose attention
-family :mod:`lowbit.llm` knows; its ``sink_prefix`` (token ids) puts those tokens' float keys and
+family :mod:`lowbit.llm` knows; its ``sink_prefix`` (token ids, or ``bos``) puts those tokens' float keys and
 values in front of every sequence (:mod:`lowbit.llm.sink_prefix`). Both are absent (float) unless given. Overrides merge over the defaults; an override that changes ``method`` drops the
 default's method-specific options. Later patterns win over earlier ones. Other top-level
 sections (``calibration``, ``ptq``, ``qat``, ``mixed``, ``name``, ``description``) are kept for
@@ -197,12 +197,14 @@ def validate_point_spec(spec, point: str) -> dict:
     return {**checked, "granularity": granularity} if "granularity" in spec else checked
 
 
-def check_sink_prefix(tokens) -> list[int]:
-    """``kv_cache.sink_prefix``: 1 to :data:`MAX_SINK_PREFIX` token ids."""
+def check_sink_prefix(tokens) -> list[int] | str:
+    """``kv_cache.sink_prefix``: 1 to :data:`MAX_SINK_PREFIX` token ids, or ``bos`` (the model config's BOS)."""
+    if tokens == "bos":
+        return tokens
     if (not isinstance(tokens, (list, tuple)) or not 1 <= len(tokens) <= MAX_SINK_PREFIX
             or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in tokens)):
-        raise RecipeError(f"kv_cache.sink_prefix: a list of 1 to {MAX_SINK_PREFIX} token ids (for example [1], "
-                          f"the tokenizer's BOS), got {tokens!r}")
+        raise RecipeError(f"kv_cache.sink_prefix: bos (the model's BOS token) or a list of 1 to {MAX_SINK_PREFIX} "
+                          f"token ids, got {tokens!r}")
     return list(tokens)
 
 

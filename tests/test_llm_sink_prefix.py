@@ -108,14 +108,24 @@ def test_gradient_checkpointing_with_a_prefix_is_refused():
 
 
 @pytest.mark.parametrize("tokens, message", [
-    ([], "a list of 1 to 64 token ids"),
+    ([], "bos .* or a list of 1 to 64 token ids"),
     ([1, -2], "a list of 1 to 64 token ids"),
     ("1", "a list of 1 to 64 token ids"),
     ([True], "a list of 1 to 64 token ids"),
+    (list(range(65)), "a list of 1 to 64 token ids"),
 ])
 def test_bad_sink_prefix_is_a_recipe_error(tokens, message):
     with pytest.raises(RecipeError, match=message):
         lowbit.load_recipe({**RECIPE, "kv_cache": {**RECIPE["kv_cache"], "sink_prefix": tokens}})
+
+
+def test_bos_is_the_configs_bos_token():
+    q = lowbit.quantize(tiny_lm(bos_token_id=5), {**RECIPE, "kv_cache": {**RECIPE["kv_cache"], "sink_prefix": "bos"}},
+                        calib_data=[token_batch()])
+    assert q.lowbit_sink_prefix.token_ids.tolist() == [5]
+    with pytest.raises(RecipeError, match="the model's config has no bos_token_id"):
+        lowbit.quantize(tiny_lm(bos_token_id=None), {**RECIPE, "kv_cache": {**RECIPE["kv_cache"], "sink_prefix": "bos"}},
+                        calib_data=[token_batch()])
 
 
 def test_token_outside_the_vocabulary_leaves_the_model_untouched():

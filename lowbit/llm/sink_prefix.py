@@ -7,9 +7,9 @@ then clip that token or round every other token coarsely. PrefixQuant's remedy: 
 token(s) in front of every sequence once, offline, keep their keys and values in the cache, and no
 later token becomes the sink, so the static quantizers never meet those values.
 
-    kv_cache: {method: lsq, bits: 8, granularity: head, sink_prefix: [1]}     # a recipe's cache section
+    kv_cache: {method: lsq, bits: 8, granularity: head, sink_prefix: bos}    # a recipe's cache section
 
-With ``sink_prefix`` (token ids) :func:`lowbit.quantize` runs those tokens through the model with
+With ``sink_prefix`` (token ids, or ``bos``: the model config's ``bos_token_id``) :func:`lowbit.quantize` runs those tokens through the model with
 every quantizer off (float keys and values: our choice, the cache's few prefix rows stay float
 like a system prompt computed once), stores them as buffers of a :class:`SinkPrefix` child named
 ``lowbit_sink_prefix`` (saved with the model), and gives the model a subclass of its own class
@@ -148,6 +148,12 @@ def attach_sink_prefix(model: nn.Module, spec: dict):
     if not hasattr(model, "generate") or not hasattr(getattr(model, "config", None), "vocab_size"):
         raise RecipeError(f"kv_cache.sink_prefix needs a Hugging Face causal language model, got "
                           f"{type(model).__name__}")
+    if tokens == "bos":
+        bos = getattr(model.config, "bos_token_id", None)
+        if not isinstance(bos, int):
+            raise RecipeError(f"kv_cache.sink_prefix: bos, but the model's config has no bos_token_id ({bos!r}); "
+                              "give the prefix as token ids, e.g. sink_prefix: [1]")
+        tokens = [bos]
     vocab = model.get_input_embeddings().weight.shape[0]
     if max(tokens) >= vocab:
         raise RecipeError(f"kv_cache.sink_prefix: token id {max(tokens)} is outside the model's vocabulary of "
