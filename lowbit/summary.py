@@ -95,6 +95,8 @@ class Summary:
         self.rows += _point_rows(model)
         report = getattr(model, "lowbit_report", None)
         self.left_float = dict(report.left_float) if report is not None else {}
+        prefix = getattr(model, "lowbit_sink_prefix", None)  # kv_cache.sink_prefix (lowbit.llm.sink_prefix)
+        self.sink_prefix = None if prefix is None else prefix.token_ids.tolist()
         quantizer_ids = _quantizer_tensor_ids(model)
         model_tensors = [t for t in list(model.parameters()) + list(model.buffers())
                          if t.is_floating_point() and id(t) not in quantizer_ids]
@@ -117,6 +119,8 @@ class Summary:
                      f"{self.float_bytes:,.0f} bytes")
         for name, why in self.left_float.items():
             lines.append(f"left float: {name or '<model>'}: {why}")
+        if self.sink_prefix is not None:
+            lines.append(f"sink prefix: tokens {self.sink_prefix}, their float keys and values first in every cache")
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -44,6 +44,7 @@ def test_forward_runs_after_the_float_prefix(family):
     model = tiny_lm(family)
     q = lowbit.quantize(model, RECIPE, calib_data=[token_batch()])
     assert has_sink_prefix(q) and not has_sink_prefix(model)
+    assert f"sink prefix: tokens {PREFIX}" in str(lowbit.summary(q))
     assert type(q).__name__ == f"SinkPrefixed{type(model).__name__}"
     ids = token_batch(2, 10, seed=3)
     with torch.no_grad():
