@@ -126,13 +126,14 @@ def measured(model, tokenizer, text: TextSetup, teacher) -> dict:
             "corpora": list(text.corpora)}
 
 
-def chosen_setting(model_name: str) -> tuple[float, float] | None:
-    """The (lr, quantizer_lr_mult) of the stored sweep row with the lowest calib perplexity."""
-    sweeps = [r for r in load_rows().values() if r["model"] == model_name and r["method"] == "sweep"
-              and not r.get("variant")]
-    if not sweeps:
+def chosen_setting(model_name: str, variant: str | None = None) -> tuple[float, float] | None:
+    """The (lr, quantizer_lr_mult) of the stored sweep row with the lowest calib perplexity: among the sweeps of
+    ``variant`` where there are any, else among those of the recipe itself."""
+    sweeps = [r for r in load_rows().values() if r["model"] == model_name and r["method"] == "sweep"]
+    mine = [r for r in sweeps if (r.get("variant") or None) == variant] or [r for r in sweeps if not r.get("variant")]
+    if not mine:
         return None
-    best = min(sweeps, key=lambda r: r["calib_perplexity"])
+    best = min(mine, key=lambda r: r["calib_perplexity"])
     return best["lr"], best["quantizer_lr_mult"]
 
 
@@ -185,7 +186,7 @@ def run_methods(name: str, args) -> None:
                                                         **measured(qmodel, tokenizer, text, model)})
             del qmodel
         if "silq" in methods:
-            setting = chosen_setting(name) or (None, None)
+            setting = chosen_setting(name, variant) or (None, None)
             row = run_silq(model, tokenizer, text, width, args, *setting, variant=variant)
             save_row(f"{name}/silq/{width}/{args.steps}" + (f"/{variant}" if variant else ""),
                      {"model": name, "method": "silq", "width": width, "variant": variant,
