@@ -65,6 +65,9 @@ SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
 VARIANTS = {  # --variant A[+B]: changes to a recipe, by name, for the sweep (calib split) or rows of their own
     "asymmetric-activations": ("Linear inputs on an asymmetric grid (learned zero point)",
                                lambda r: {**r, "activations": asymmetric(r["activations"])}),
+    "peer-points": ("embedding table and lm_head float (the torchao peer's points)",
+                    lambda r: {**{k: v for k, v in r.items() if k != "embeddings"},
+                               "skip": [*r.get("skip", []), "lm_head"]}),
     "sink-prefix": ("float sink prefix (BOS) in the cache",
                     lambda r: {**r, "kv_cache": {**r["kv_cache"], "sink_prefix": "bos"}}),
 }
