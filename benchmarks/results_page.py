@@ -6,7 +6,9 @@ suite rebuilds its section from scratch and leaves the others alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -18,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from lowbit.files import write_json_atomic
+from lowbit.files import write_json_atomic, write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "RESULTS.md"
+LOCK = ROOT / "runs" / ".results.lock"  # runs/ is ignored by git
 HEADER = ("# lowbit results\n\nEvery figure on this page is written by a script in `benchmarks/`; "
           "each section names the command that regenerates it, the seed, the git commit and the machine.\n")
 
@@ -31,12 +34,26 @@ def load_rows(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+@contextlib.contextmanager
+def results_lock():
+    """Hold the lock every writer of docs/results and docs/RESULTS.md takes for its read-modify-write, so that
+    suites running side by side never drop each other's rows or sections."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def store_row(path: Path, row: dict, key=lambda r: r["key"]) -> None:
     """Store ``row`` in ``path`` in place of any stored row with the same ``key(row)`` (default: its "key"
     field), written atomically, so that a suite killed at any moment keeps every row it finished."""
-    rows = [r for r in load_rows(path) if key(r) != key(row)] + [row]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, rows)
+    with results_lock():
+        rows = [r for r in load_rows(path) if key(r) != key(row)] + [row]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, rows)
 
 
 def load_keyed_rows(path: Path) -> dict[str, dict]:
@@ -48,10 +65,11 @@ def store_keyed_row(path: Path, key: str, row: dict) -> None:
     """Store ``row`` under ``key`` in ``path``'s ``{key: row}``, stamped with the commit and the thread count,
     and print it. The file is re-read first (another suite may have written to it meanwhile) and written
     atomically."""
-    rows = load_keyed_rows(path)
-    rows[key] = {**row, "commit": COMMIT, "threads": torch.get_num_threads()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, rows, sort_keys=True)
+    with results_lock():
+        rows = load_keyed_rows(path)
+        rows[key] = {**row, "commit": COMMIT, "threads": torch.get_num_threads()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, rows, sort_keys=True)
     print(json.dumps(rows[key], sort_keys=True), flush=True)
 
 
@@ -94,9 +112,10 @@ def stamp(seed: int) -> str:
 def write_section(name: str, title: str, body: str, seed: int) -> None:
     """Replace (or append) the section ``name`` of docs/RESULTS.md."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
     section = f"<!-- BEGIN {name} -->\n## {title}\n\n{stamp(seed)}\n\n{body.strip()}\n<!-- END {name} -->"
     pattern = re.compile(rf"<!-- BEGIN {re.escape(name)} -->.*?<!-- END {re.escape(name)} -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    with results_lock():  # another suite may be rewriting another section of the same page
+        text = RESULTS.read_text() if RESULTS.exists() else HEADER
+        text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+        write_text_atomic(RESULTS, text)
     print(f"updated section '{name}' of {RESULTS}")
