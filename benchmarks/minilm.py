@@ -37,6 +37,7 @@ SEED = 0
 ROWS = ROOT / "docs" / "results" / "minilm.json"
 RECIPES = ["ptq-w8a8", "ptq-w8a8-transformer", "ptq-w4a4-minmax", "ptq-w4a4-aciq", "lsq-w4a8-transformer"]
 FINETUNED = "lsq-w4a8-transformer"
+LR = lowbit.load_recipe(FINETUNED).sections["qat"]["lr"]  # the recipe's own rate; rows at another are kept apart
 
 
 def measure(model, qmodel, reference, test_batches, fp32_bytes) -> dict:
@@ -56,7 +57,8 @@ def write(rows: list[dict], meta: dict) -> None:
              "| recipe | fine-tuning | mean cosine | worst cosine | same neighbour | stored size | x smaller than fp32 "
              "| seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (RECIPES.index(r["recipe"]) if r["recipe"] in RECIPES else 99, r["key"])):
-        tune = f"{r['finetune_steps']} steps, distilled" if r.get("finetune_steps") else "none (post-training)"
+        tune = f"{r['finetune_steps']} steps, lr {r['lr']:g}, distilled" if r.get("finetune_steps") else \
+            "none (post-training)"
         lines.append(f"| `{r['recipe']}` | {tune} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | "
                      f"{100 * r['same_neighbour']:.1f} % | {r['stored_bytes'] / 1e6:.1f} MB | {r['times_smaller']:.2f} | "
                      f"{r['seconds']:.0f} |")
@@ -76,7 +78,7 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--train-sentences", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=LR, help="fine-tuning learning rate (choose by the calib cosine)")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(SEED)
@@ -100,7 +102,7 @@ def main() -> None:
         print(f"{recipe}: cosine {row['cosine_mean']:.4f} (worst {row['cosine_min']:.4f}), same neighbour "
               f"{100 * row['same_neighbour']:.1f} %, {row['times_smaller']:.2f}x smaller", flush=True)
         write(load_rows(ROWS), meta)
-    key = f"{FINETUNED}+finetune{args.finetune_steps}"
+    key = f"{FINETUNED}+finetune{args.finetune_steps}" + (f"+lr{args.lr:g}" if args.lr != LR else "")
     if args.finetune_steps and key not in done:
         start = time.perf_counter()
         qmodel = lowbit.quantize(model, FINETUNED, calib_data=calib)
