@@ -91,7 +91,7 @@ def main() -> None:
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     meta = {"fp32_bytes": fp32_bytes, "test": 472, "calib": 128}
     done = {r["key"] for r in load_rows(ROWS)}
-    for recipe in args.recipes.split(","):
+    for recipe in [r for r in args.recipes.split(",") if r]:
         if recipe in done:
             continue
         start = time.perf_counter()
