@@ -176,3 +176,15 @@ def test_export_prefix_outside_the_vocabulary_is_refused():
     exp.sink_prefix.token_ids = torch.tensor([3, VOCAB + 5])  # a forged prefix the model cannot embed
     with pytest.raises(ExportFileError, match=f"token {VOCAB + 5} is outside the model's vocabulary of {VOCAB}"):
         load_causal_lm(exp, tiny_lm())
+
+
+def test_shipped_sink_recipe_is_silq_w4a8kv8_with_the_measured_changes():
+    """silq-w4a8kv8-sink is what benchmarks/llm.py measured as silq-w4a8kv8 + asymmetric-activations + sink-prefix
+    (at the learning rates chosen on the calib split): nothing else differs."""
+    base = lowbit.load_recipe("silq-w4a8kv8").to_dict()
+    sink = lowbit.load_recipe("silq-w4a8kv8-sink").to_dict()
+    assert sink["activations"] == {**base["activations"], "asymmetric": True}
+    assert sink["kv_cache"] == {**base["kv_cache"], "sink_prefix": "bos"}
+    assert sink["qat"] == {**base["qat"], "lr": 5e-5, "quantizer_lr_mult": 3.0}
+    drop = {"name", "description", "activations", "kv_cache", "qat"}
+    assert {k: v for k, v in sink.items() if k not in drop} == {k: v for k, v in base.items() if k not in drop}
