@@ -141,7 +141,8 @@ def test_what_cannot_be_exported_is_refused_by_name(tmp_path):
 
 
 @pytest.mark.parametrize("recipe,kernel", [("silq-w4a8kv8", "int4"), ("rtn-w8a8kv8", "int4"),
-                                           ("rtn-w4a4kv4", "int4"), ("silq-w4a8kv8", "int8")])
+                                           ("rtn-w4a4kv4", "int4"), ("silq-w4a8kv8", "int8"),
+                                           ("silq-w4a8kv8-sink", "int4"), ("silq-w4a8kv8-sink", "int8")])
 def test_packed_linear_matches_the_fake_quant_linear(recipe, kernel):
     _, qmodel = quantized(recipe)
     packed = pack_model(qmodel, kernel)
@@ -157,7 +158,8 @@ def test_packed_linear_matches_the_fake_quant_linear(recipe, kernel):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         else:  # the int4 kernel returns bfloat16: the accumulator rounded to 8 significant bits
             codes = ref.weight_quantizer.quantize_int(ref.weight).float()
-            bound = 2.0**-8 * (m.input_codes(x.reshape(-1, 64)) @ codes.T).abs().reshape(got.shape) * m.output_step
+            q = m.input_codes(x.reshape(-1, 64), m.input_zero)
+            bound = 2.0**-8 * (q @ codes.T).abs().reshape(got.shape) * m.output_step
             assert bool(((got - want).abs() <= bound + 1e-6).all())
     assert {m.kernel for m in packed.modules() if isinstance(m, PackedLinear)} == \
         ({"int8"} if recipe.startswith("rtn-w8") or kernel == "int8" else {"int4", "int8"})  # lm_head: 8-bit
@@ -178,8 +180,9 @@ def test_packed_model_generates_like_the_fake_quant_model_and_leaves_it_alone():
     assert weights < float_weights / 4
 
 
-def test_the_int8_kernel_keeps_the_whole_model_on_the_fake_quant_logits():
-    _, qmodel = quantized("silq-w4a8kv8")
+@pytest.mark.parametrize("recipe", ["silq-w4a8kv8", "silq-w4a8kv8-sink"])  # -sink: asymmetric inputs, [0, 255]
+def test_the_int8_kernel_keeps_the_whole_model_on_the_fake_quant_logits(recipe):
+    _, qmodel = quantized(recipe)
     ids = token_batch(seed=4)
     with torch.no_grad():
         a, b = pack_model(qmodel, "int8")(ids).logits, qmodel(ids).logits

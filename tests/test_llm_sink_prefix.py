@@ -125,8 +125,8 @@ def test_bos_is_the_configs_bos_token():
                         calib_data=[token_batch()])
     assert q.lowbit_sink_prefix.token_ids.tolist() == [5]
     with pytest.raises(RecipeError, match="the model's config has no bos_token_id"):
-        lowbit.quantize(tiny_lm(bos_token_id=None), {**RECIPE, "kv_cache": {**RECIPE["kv_cache"], "sink_prefix": "bos"}},
-                        calib_data=[token_batch()])
+        lowbit.quantize(tiny_lm(bos_token_id=None),
+                        {**RECIPE, "kv_cache": {**RECIPE["kv_cache"], "sink_prefix": "bos"}}, calib_data=[token_batch()])
 
 
 def test_token_outside_the_vocabulary_leaves_the_model_untouched():

@@ -29,10 +29,12 @@ Two kernels:
   move later activation codes across rounding boundaries, so whole-model logits differ by more
   (RESULTS.md measures it); use the int8 kernel where exactness matters.
 - **int8** (codes in [-128, 127]: 8-bit weights, narrower weights whose shape the int4 kernel refuses,
-  and every layer with ``pack_model(..., kernel="int8")``; needs an input grid whose codes fit int8:
-  signed, zero point 0, at most 8 bits): ``torch._int_mm``
-  (int8 x int8 -> int32, exact), then ``acc * (s_x s_w[c])`` in float32: equal to the fake-quant layer up
-  to float32 rounding (the fake-quant one rounds each float product and partial sum; a relative ~1e-6).
+  and every layer with ``pack_model(..., kernel="int8")``; needs an input grid of at most 256 codes):
+  ``torch._int_mm`` (int8 x int8 -> int32, exact), then ``acc * (s_x s_w[c])`` in float32: equal to the
+  fake-quant layer up to float32 rounding (the fake-quant one rounds each float product and partial sum;
+  a relative ~1e-6). An input grid whose codes do not fit int8 (an asymmetric one, [0, 255] with zero
+  point z_x) runs shifted by ``o = qmin + 128``: ``acc[c] = sum_k (q_x[k] - o) q_w[c, k] - (z_x - o)
+  sum_k q_w[c, k]``, the second sum kept per output channel, still exact in int32.
 
 :class:`PackedEmbedding` keeps an int8 table (codes in [-128, 127]) and one step per row (or one step):
 ``table[ids] = q[ids] * s[ids]`` in float32, bit for bit the fake-quant table's rows.
@@ -58,7 +60,7 @@ INT4_GROUP = 32      # input features per step group in the int4 layout (the ker
 INT4_N_MULTIPLE = 16  # the int4 packing needs output features in multiples of 16
 KERNELS = ("int4", "int8")
 SUPPORTED = ("Linear layers with signed weights of at most 8 bits, zero point 0, one step per output channel or per "
-             "tensor, and a static per-tensor input grid of at most 8 bits with an integer zero point; Embedding "
+             "tensor, and a static per-tensor input grid of at most 256 codes with an integer zero point; Embedding "
              "tables with signed weights of at most 8 bits, zero point 0, per-row or per-tensor steps")
 
 
@@ -117,9 +119,11 @@ class PackedLinear(_PackedModule):
         self.kernel = "int4" if (kernel == "int4" and int(codes.min()) >= -8 and int(codes.max()) <= 7
                                  and self.out_features % INT4_N_MULTIPLE == 0
                                  and self.in_features % INT4_GROUP == 0) else "int8"
-        if self.kernel == "int8" and (self.input_zero != 0 or self.input_range[0] < -128 or self.input_range[1] > 127):
-            raise _unsupported(layer.name, f"the int8 kernel needs input codes in int8 with zero point 0, its input "
-                                           f"grid is [{g.qmin}, {g.qmax}] with zero point {self.input_zero:g}")
+        if self.kernel == "int8" and self.input_range[1] - self.input_range[0] > 255:
+            raise _unsupported(layer.name, f"the int8 kernel needs at most 256 input codes, its input grid is "
+                                           f"[{g.qmin}, {g.qmax}]")
+        fits = self.input_range[0] >= -128 and self.input_range[1] <= 127
+        self.input_offset = 0 if fits else self.input_range[0] + 128  # o: q_x - o fits int8 (module docstring)
         if self.kernel == "int4":
             self.register_buffer("weight_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 (codes + 8).to(torch.int32).contiguous(), 1))
@@ -129,24 +133,29 @@ class PackedLinear(_PackedModule):
             self.register_buffer("scales_and_zeros", scales_and_zeros)
         else:
             self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())
+            shift = round(self.input_zero) - self.input_offset  # (z_x - o) sum_k q_w[c, k], subtracted from acc
+            self.register_buffer("acc_correction", (shift * codes.to(torch.int32).sum(1)).to(torch.int32)
+                                 if shift else None)
         self.register_buffer("output_step", (w_step.double() * float(g.scale)).float())  # s_x s_w[c]
         self.register_buffer("bias", layer.bias.clone() if layer.bias is not None else None)
 
-    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """``q_x - z_x`` as float32 (the fake-quant input's integers): ``round(x / s_x + z_x)``, clamped."""
+    def input_codes(self, x: torch.Tensor, minus: float) -> torch.Tensor:
+        """``q_x - minus`` as float32, ``q_x = round(x / s_x + z_x)`` clamped (the fake-quant input's codes)."""
         u = x / self.input_step
         if self.input_zero:
             u = u + self.input_zero
         u = round_(u, self.round_mode).clamp_(*self.input_range)
-        return u - self.input_zero if self.input_zero else u
+        return u - minus if minus else u
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = self.input_codes(x.reshape(-1, self.in_features).float())
+        rows = x.reshape(-1, self.in_features).float()
         if self.kernel == "int4":
-            acc = torch.ops.aten._weight_int4pack_mm_for_cpu(codes.to(torch.bfloat16), self.weight_packed,
-                                                             INT4_GROUP, self.scales_and_zeros)
+            acc = torch.ops.aten._weight_int4pack_mm_for_cpu(self.input_codes(rows, self.input_zero).to(torch.bfloat16),
+                                                             self.weight_packed, INT4_GROUP, self.scales_and_zeros)
         else:
-            acc = torch._int_mm(codes.to(torch.int8), self.weight_int8.t())
+            acc = torch._int_mm(self.input_codes(rows, self.input_offset).to(torch.int8), self.weight_int8.t())
+            if self.acc_correction is not None:
+                acc = acc - self.acc_correction
         y = torch.mul(acc, self.output_step)  # bfloat16 / int32 promoted to float32
         if self.bias is not None:
             y = y + self.bias

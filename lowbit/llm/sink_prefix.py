@@ -9,7 +9,8 @@ later token becomes the sink, so the static quantizers never meet those values.
 
     kv_cache: {method: lsq, bits: 8, granularity: head, sink_prefix: bos}    # a recipe's cache section
 
-With ``sink_prefix`` (token ids, or ``bos``: the model config's ``bos_token_id``) :func:`lowbit.quantize` runs those tokens through the model with
+With ``sink_prefix`` (token ids, or ``bos``: the model config's ``bos_token_id``) :func:`lowbit.quantize`
+runs those tokens through the model with
 every quantizer off (float keys and values: our choice, the cache's few prefix rows stay float
 like a system prompt computed once), stores them as buffers of a :class:`SinkPrefix` child named
 ``lowbit_sink_prefix`` (saved with the model), and gives the model a subclass of its own class
