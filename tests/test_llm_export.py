@@ -226,8 +226,10 @@ def test_cli_export_then_generate_and_eval_packed(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("ROMEO.")
     assert main(["llm", "eval", "--model", "bytellama", "--export", str(out), "--packed", "--eval-windows", "1",
                  "--length", "64", "--json"]) == 0
-    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    metrics = json.loads(lines[-1])
     assert metrics["perplexity"] > 1 and metrics["agreement"] > 50  # against the float model
+    assert lines[-2].startswith("packed export: perplexity")
 
 
 @FUZZ

@@ -112,7 +112,9 @@ def cmd_eval(args) -> None:
     metrics = evaluate_lm(run, tokenizer, text, teacher=model if run is not model else None, split=args.split)
     print(f"{text.eval_windows} fixed windows of {text.length} tokens of the {args.split} split of "
           f"{', '.join(text.corpora)}")
-    print(_report("quantized" if args.quantized else "float", metrics))
+    label = ("packed export" if args.packed else "export") if args.export else \
+        "quantized" if args.quantized else "float"
+    print(_report(label, metrics))
     if args.json:
         print(json.dumps(metrics, sort_keys=True))
 
