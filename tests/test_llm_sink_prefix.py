@@ -87,6 +87,8 @@ def test_generate_returns_the_callers_tokens_and_continues_after_the_prefix():
     reference = model.generate(prefixed(ids), attention_mask=torch.ones(1, 7, dtype=torch.long), max_new_tokens=6,
                                do_sample=False)
     assert torch.equal(float_out, reference[:, len(PREFIX):])
+    as_dict = q.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(as_dict.sequences, float_out)
 
 
 def test_fine_tuning_and_save_load_keep_the_prefix(tmp_path):

@@ -38,6 +38,7 @@ from lowbit.errors import LowbitError, RecipeError
 from lowbit.llm.kv_cache import CACHE_ARGUMENTS
 from lowbit.quant.base import Quantizer
 
+
 class SinkPrefix(nn.Module):
     """The prefix's token ids and, per layer, its keys and values ``(1, kv heads, tokens, head dim)``."""
 
@@ -117,7 +118,10 @@ class SinkPrefixMixin:
         kwargs[self._cache_argument] = prefix.fill(_new_cache(self), batch)
         out = super().generate(torch.cat([head, input_ids], 1),
                                attention_mask=torch.cat([mask.new_ones(batch, prefix.length), mask], 1), **kwargs)
-        return out[:, prefix.length:]
+        if isinstance(out, torch.Tensor):
+            return out[:, prefix.length:]
+        out.sequences = out.sequences[:, prefix.length:]  # return_dict_in_generate: the cache keeps the prefix
+        return out
 
 
 _CLASSES: dict[type, type] = {}
