@@ -43,8 +43,8 @@ from results_page import ROOT, load_keyed_rows, store_keyed_row, write_section  
 
 from lowbit.data.text import TokenWindows, load_text, tokenize  # noqa: E402
 from lowbit.llm.evaluate import logits_of  # noqa: E402
-from lowbit.llm.sink_prefix import attach_sink_prefix  # noqa: E402
 from lowbit.llm.pipeline import TextSetup, evaluate_lm, finetune_lm, load_model, quantize_lm, windows  # noqa: E402
+from lowbit.llm.sink_prefix import attach_sink_prefix  # noqa: E402
 from lowbit.qat.config import FinetuneConfig  # noqa: E402
 from lowbit.quant.base import Quantizer  # noqa: E402
 from lowbit.recipe import load_recipe  # noqa: E402
@@ -62,6 +62,7 @@ TEXT = {  # what each model is measured on
 SWEEP = [  # (weights' lr, quantizer_lr_mult) tried at --sweep
     (1e-5, 1.0), (1e-5, 10.0), (3e-5, 10.0), (1e-4, 10.0), (1e-5, 100.0),
 ]
+SINK_PREFIX = {"sink_prefix": "bos"}  # the sink-prefix variant's kv_cache setting
 VARIANTS = {  # --variant A[+B]: changes to a recipe, by name, for the sweep (calib split) or rows of their own
     "asymmetric-activations": ("Linear inputs on an asymmetric grid (learned zero point)",
                                lambda r: {**r, "activations": asymmetric(r["activations"])}),
@@ -69,7 +70,7 @@ VARIANTS = {  # --variant A[+B]: changes to a recipe, by name, for the sweep (ca
                     lambda r: {**{k: v for k, v in r.items() if k != "embeddings"},
                                "skip": [*r.get("skip", []), "lm_head"]}),
     "sink-prefix": ("float sink prefix (BOS) in the cache",
-                    lambda r: {**r, "kv_cache": {**r["kv_cache"], "sink_prefix": "bos"}}),
+                    lambda r: {**r, "kv_cache": {**r["kv_cache"], **SINK_PREFIX}}),
 }
 
 
@@ -174,7 +175,7 @@ def run_methods(name: str, args) -> None:
         floating = model
         if prefixed:  # the float model after the same prefix: what the prefix alone changes
             floating = copy.deepcopy(model)
-            attach_sink_prefix(floating, with_variant("silq-w8a8kv8", "sink-prefix")["kv_cache"])
+            attach_sink_prefix(floating, SINK_PREFIX)
         save_row(f"{name}/float" + ("/sink-prefix" if prefixed else ""), {
             "model": name, "method": "float", "width": "fp32", "steps": 0, "tokens": 0, "minutes": 0.0,
             "variant": "sink-prefix" if prefixed else None,

@@ -267,9 +267,7 @@ def register_points(section: str, replacements: Replacements) -> None:
     :class:`~lowbit.errors.RecipeError` for a model it cannot quantize. Quantizers of data (not
     weights) have ``role = "activation"``, so calibration sets them with the layers' inputs.
     """
-    if section not in POINTS or section == "embeddings":
-        raise ValueError(f"register_points: {section!r} is not a pipeline's recipe section; those are "
-                         f"{[p for p in POINTS if p != 'embeddings']}")
+    _check_pipeline_section(section, "register_points")
     _POINT_PROVIDERS[section] = replacements
 
 
@@ -282,10 +280,14 @@ def register_model_change(section: str, change: ModelChange) -> None:
     ``kv_cache`` section's sink prefix): ``change(model, spec)`` runs in place after the quantization
     points were swapped in and before calibration, and returns how to undo it (or None when it
     changed nothing), so that a later failure leaves the caller's model as it was."""
-    if section not in POINTS or section == "embeddings":
-        raise ValueError(f"register_model_change: {section!r} is not a pipeline's recipe section; those are "
-                         f"{[p for p in POINTS if p != 'embeddings']}")
+    _check_pipeline_section(section, "register_model_change")
     _MODEL_CHANGES[section] = change
+
+
+def _check_pipeline_section(section: str, caller: str) -> None:
+    if section not in POINTS or section == "embeddings":
+        raise ValueError(f"{caller}: {section!r} is not a pipeline's recipe section; those are "
+                         f"{[p for p in POINTS if p != 'embeddings']}")
 
 
 def _disable_fused_fast_paths(model: nn.Module) -> list[tuple[nn.Module, str, object]]:

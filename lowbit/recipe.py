@@ -18,9 +18,10 @@ side float. ``embeddings`` quantizes the table of every ``nn.Embedding`` (one st
 per row with ``granularity: channel``: one step per token). ``kv_cache`` quantizes the keys (after
 the rotary embedding) and values of every attention block as they are written to the cache (one
 step per KV head with ``granularity: head``, or per tensor); it needs a model whose attention
-family :mod:`lowbit.llm` knows; its ``sink_prefix`` (token ids, or ``bos``) puts those tokens' float keys and
-values in front of every sequence (:mod:`lowbit.llm.sink_prefix`). Both are absent (float) unless given. Overrides merge over the defaults; an override that changes ``method`` drops the
-default's method-specific options. Later patterns win over earlier ones. Other top-level
+family :mod:`lowbit.llm` knows; its ``sink_prefix`` (token ids, or ``bos``) puts those tokens'
+float keys and values in front of every sequence (:mod:`lowbit.llm.sink_prefix`). Both are absent
+(float) unless given. Overrides merge over the defaults; an override that changes ``method`` drops
+the default's method-specific options. Later patterns win over earlier ones. Other top-level
 sections (``calibration``, ``ptq``, ``qat``, ``mixed``, ``name``, ``description``) are kept for
 the pipelines that read them.
 

@@ -197,8 +197,8 @@ def write_causal_lm(exp: ExportedLM, path: str | os.PathLike, *, float_bias: boo
     if exp.sink_prefix is not None:
         p = exp.sink_prefix
         extra["sink_prefix"] = {"tokens": p.token_ids.tolist(), **{
-            side: [{"shape": list(t.shape), "data": arena.add("float.weight", t)}
-                   for t in (getattr(p, f"{side[:-1]}_{i}") for i in range(p.layers))] for side in ("keys", "values")}}
+            f"{side}s": [{"shape": list(t.shape), "data": arena.add("float.weight", t)} for t in p.tensors(side)]
+            for side in ("key", "value")}}
     manifest = manifest_of(exp, layers_meta, float_bias, model_kind=CAUSAL_LM, config=exp.config, kv_cache=kv_meta,
                            float_tensors=float_meta, **extra,
                            sizes={"weight_bytes": weight_bytes(layers_meta),
@@ -350,10 +350,10 @@ def _check_sink_prefix(prefix: SinkPrefix, model: nn.Module, where) -> None:
     if prefix.layers != len(blocks):
         raise ExportFileError(f"{where}: the sink prefix holds keys and values for {prefix.layers} attention blocks, "
                               f"the model has {len(blocks)}")
-    for i, name in enumerate(blocks):
-        heads, dim = _kv_shape(model, model.get_submodule(name))
-        for side in ("key", "value"):
-            have = tuple(getattr(prefix, f"{side}_{i}").shape)
+    for side in ("key", "value"):
+        for name, t in zip(blocks, prefix.tensors(side)):
+            heads, dim = _kv_shape(model, model.get_submodule(name))
+            have = tuple(t.shape)
             if have != (1, heads, prefix.length, dim):
                 raise ExportFileError(f"{where}: sink prefix {side}s of {name!r} have shape {have}, the model caches "
                                       f"{(1, heads, prefix.length, dim)}")

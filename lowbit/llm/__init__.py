@@ -5,8 +5,9 @@
     qmodel = lowbit.quantize(hf_model, "silq-w4a8kv8", calib_data=windows)
 
 Importing this package registers the recipe's ``kv_cache`` section with :func:`lowbit.prepare.quantize`
-(and the cache's sink prefix, :mod:`lowbit.llm.sink_prefix`) and next-token distillation as the fine-tuning objective of causal LMs with :func:`lowbit.finetune`;
-it does not import transformers (the functions that need it import it when called).
+(and the cache's sink prefix, :mod:`lowbit.llm.sink_prefix`) and next-token distillation as the
+fine-tuning objective of causal LMs with :func:`lowbit.finetune`; it does not import transformers
+(the functions that need it import it when called).
 """
 
 from lowbit.llm.encoder import SentenceEncoder, embedding_agreement, is_encoder, sentence_embeddings

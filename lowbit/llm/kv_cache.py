@@ -83,16 +83,22 @@ class KVQuantMixin:
 _QUANT_CLASSES: dict[type, type] = {}
 
 
+def cache_argument(cls: type) -> tuple[str, int]:
+    """The name of ``cls.forward``'s cache argument and its position after ``self``."""
+    params = list(inspect.signature(cls.forward).parameters)
+    name = next((n for n in CACHE_ARGUMENTS if n in params), None)
+    if name is None:
+        raise RecipeError(f"{cls.__name__}.forward takes none of {CACHE_ARGUMENTS}; lowbit cannot reach its "
+                          "cache with this version of transformers")
+    return name, params.index(name) - 1
+
+
 def kv_quant_class(base: type) -> type:
     """``KVQuant<Base>``: the subclass of an attention class that quantizes its cache (made once)."""
     if base not in _QUANT_CLASSES:
-        params = list(inspect.signature(base.forward).parameters)
-        name = next((n for n in CACHE_ARGUMENTS if n in params), None)
-        if name is None:
-            raise RecipeError(f"{base.__name__}.forward takes none of {CACHE_ARGUMENTS}; lowbit cannot reach its "
-                              "cache with this version of transformers")
+        name, position = cache_argument(base)
         _QUANT_CLASSES[base] = type(f"KVQuant{base.__name__}", (KVQuantMixin, base),
-                                    {"_cache_argument": name, "_cache_position": params.index(name) - 1,
+                                    {"_cache_argument": name, "_cache_position": position,
                                      "_float_class": base, "__module__": __name__})
     return _QUANT_CLASSES[base]
 

@@ -10,11 +10,10 @@ later token becomes the sink, so the static quantizers never meet those values.
     kv_cache: {method: lsq, bits: 8, granularity: head, sink_prefix: bos}    # a recipe's cache section
 
 With ``sink_prefix`` (token ids, or ``bos``: the model config's ``bos_token_id``) :func:`lowbit.quantize`
-runs those tokens through the model with
-every quantizer off (float keys and values: our choice, the cache's few prefix rows stay float
-like a system prompt computed once), stores them as buffers of a :class:`SinkPrefix` child named
-``lowbit_sink_prefix`` (saved with the model), and gives the model a subclass of its own class
-(:func:`sink_prefixed_class`) whose
+runs those tokens through the model with every quantizer off (float keys and values: our choice, the
+cache's few prefix rows stay float like a system prompt computed once), stores them as buffers of a
+:class:`SinkPrefix` child named ``lowbit_sink_prefix`` (saved with the model), and gives the model a
+subclass of its own class (:func:`sink_prefixed_class`) whose
 
 - ``forward`` starts from a cache holding the prefix whenever the call brings no cache (evaluation,
   fine-tuning, calibration): the prefix is context, its positions come first, the logits are those
@@ -29,13 +28,11 @@ would write the cache twice, so the two are refused together.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from lowbit.errors import LowbitError, RecipeError
-from lowbit.llm.kv_cache import CACHE_ARGUMENTS
+from lowbit.llm.kv_cache import CACHE_ARGUMENTS, cache_argument
 from lowbit.quant.base import Quantizer
 
 
@@ -54,21 +51,15 @@ class SinkPrefix(nn.Module):
     def length(self) -> int:
         return int(self.token_ids.numel())
 
+    def tensors(self, side: str) -> list[torch.Tensor]:
+        """The ``"key"`` or ``"value"`` tensors, one per layer in order."""
+        return [getattr(self, f"{side}_{i}") for i in range(self.layers)]
+
     def fill(self, cache, batch: int):
         """Write the prefix, repeated for ``batch`` sequences, into an empty HF cache; returns it."""
-        for i in range(self.layers):
-            k, v = getattr(self, f"key_{i}"), getattr(self, f"value_{i}")
+        for i, (k, v) in enumerate(zip(self.tensors("key"), self.tensors("value"))):
             cache.update(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:]), i)
         return cache
-
-
-def _cache_argument(cls: type) -> str:
-    params = inspect.signature(cls.forward).parameters
-    name = next((n for n in CACHE_ARGUMENTS if n in params), None)
-    if name is None:
-        raise RecipeError(f"{cls.__name__}.forward takes none of {CACHE_ARGUMENTS}; lowbit cannot give it a sink "
-                          "prefix with this version of transformers")
-    return name
 
 
 def _new_cache(model: nn.Module):
@@ -91,7 +82,7 @@ class SinkPrefixMixin:
     _float_class: type  # the model's own class (exports name it)
 
     def forward(self, *args, **kwargs):
-        if kwargs.get(self._cache_argument) is None and not any(kwargs.get(n) is not None for n in CACHE_ARGUMENTS):
+        if all(kwargs.get(n) is None for n in CACHE_ARGUMENTS):  # the call brings no cache, under any name
             if self.training and _checkpointing(self):
                 raise LowbitError("a sink prefix (kv_cache.sink_prefix) and gradient checkpointing do not combine: "
                                   "checkpointing re-runs each layer, which would write the prefix cache twice; "
@@ -131,7 +122,7 @@ def sink_prefixed_class(base: type) -> type:
     """``SinkPrefixed<Base>``: the subclass of a causal LM class that runs with a sink prefix (made once)."""
     if base not in _CLASSES:
         _CLASSES[base] = type(f"SinkPrefixed{base.__name__}", (SinkPrefixMixin, base),
-                              {"_cache_argument": _cache_argument(base), "_float_class": base,
+                              {"_cache_argument": cache_argument(base)[0], "_float_class": base,
                                "__module__": __name__})
     return _CLASSES[base]
 
@@ -173,7 +164,7 @@ def attach_sink_prefix(model: nn.Module, spec: dict):
             q.enabled = False
         model.eval()
         cache = _new_cache(model)
-        model(input_ids=ids, **{_cache_argument(type(model)): cache}, use_cache=True)
+        model(input_ids=ids, **{cache_argument(type(model))[0]: cache}, use_cache=True)
     finally:
         for q, state in zip(quantizers, states):
             q.enabled = state
