@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 import lowbit  # noqa: E402
 from lowbit.deploy import ExportFileError  # noqa: E402
-from lowbit.deploy.causal_lm import build_causal_lm, load_causal_lm, read_causal_lm  # noqa: E402
+from lowbit.deploy.transformer import build_transformer, load_transformer, read_transformer  # noqa: E402
 from lowbit.errors import LowbitError, RecipeError  # noqa: E402
 from lowbit.llm import has_sink_prefix  # noqa: E402
 from lowbit.quant.base import Quantizer  # noqa: E402
@@ -170,14 +170,14 @@ def test_damaged_export_prefix_is_a_clear_error(tmp_path, edit, message):
     edit(manifest["sink_prefix"])
     reseal(tmp_path / "e", manifest)  # as a forger would: the seal passes, the field checks must not
     with pytest.raises(ExportFileError, match=message):
-        read_causal_lm(tmp_path / "e")
+        read_transformer(tmp_path / "e")
 
 
 def test_export_prefix_outside_the_vocabulary_is_refused():
-    exp = build_causal_lm(lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()]))
+    exp = build_transformer(lowbit.quantize(tiny_lm(), RECIPE, calib_data=[token_batch()]))
     exp.sink_prefix.token_ids = torch.tensor([3, VOCAB + 5])  # a forged prefix the model cannot embed
     with pytest.raises(ExportFileError, match=f"token {VOCAB + 5} is outside the model's vocabulary of {VOCAB}"):
-        load_causal_lm(exp, tiny_lm())
+        load_transformer(exp, tiny_lm())
 
 
 def test_shipped_sink_recipe_is_silq_w4a8kv8_with_the_measured_changes():

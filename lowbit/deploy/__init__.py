@@ -8,7 +8,7 @@
 
 This package knows only the model it is handed, and quant/nn below it: it never builds models.
 ``lowbit.export`` and ``lowbit.load_export`` (:mod:`lowbit.exports`) pick the model kind: a Hugging
-Face causal LM goes to :mod:`~lowbit.deploy.causal_lm` (no graph; loaded into the float model passed
+Face causal LM or encoder goes to :mod:`~lowbit.deploy.transformer` (no graph; loaded into the float model passed
 in), anything else to :func:`lowbit.deploy.export` / :func:`lowbit.deploy.load` (a zoo architecture is
 built by the name the manifest records). :mod:`~lowbit.deploy.packed` runs a quantized causal LM with
 its weights packed (int4 / int8 CPU kernels).
@@ -18,7 +18,7 @@ Modules: :mod:`~lowbit.deploy.format` (what the files hold, the digest binding t
 :mod:`~lowbit.deploy.read` (integrity and field checks), :mod:`~lowbit.deploy.rebuild` (``load``),
 :mod:`~lowbit.deploy.graph`, :mod:`~lowbit.deploy.layers`, :mod:`~lowbit.deploy.pack`,
 :mod:`~lowbit.deploy.engine`, :mod:`~lowbit.deploy.onnx`, :mod:`~lowbit.deploy.verify`,
-:mod:`~lowbit.deploy.sizes`, :mod:`~lowbit.deploy.causal_lm`, :mod:`~lowbit.deploy.packed`. See
+:mod:`~lowbit.deploy.sizes`, :mod:`~lowbit.deploy.transformer`, :mod:`~lowbit.deploy.packed`. See
 docs/DEPLOYMENT.md.
 """
 

@@ -375,8 +375,8 @@ def trace_graph(model: nn.Module) -> Graph:
         fx_graph = _Tracer().trace(model)
     except Exception as exc:  # torch.fx raises TraceError, TypeError, NotImplementedError...
         hint = ("; a Hugging Face transformer is not an exportable graph here (attention, LayerNorm and GELU have no "
-                "integer kernels in lowbit's engine): lowbit.export writes a causal LM without a graph "
-                "(lowbit.deploy.causal_lm); keep any other as a quantized checkpoint, lowbit.save / lowbit.load"
+                "integer kernels in lowbit's engine): lowbit.export writes a causal LM or an encoder without a "
+                "graph (lowbit.deploy.transformer); keep any other as a quantized checkpoint, lowbit.save / lowbit.load"
                 if hasattr(model, "config") and hasattr(model, "get_input_embeddings") else "")
         raise ExportError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {exc}); export "
                           f"needs a model whose forward has no data-dependent Python control flow{hint}") from exc

@@ -1,15 +1,17 @@
-"""Causal language models (Hugging Face transformers) in the deployment format.
+"""Hugging Face transformers (causal language models and encoders) in the deployment format.
 
     qmodel = lowbit.quantize(hf_model, "silq-w4a8kv8", calib_data=windows)
     lowbit.export(qmodel, "out/")                           # packed weights, activation and KV-cache steps
     qmodel2 = lowbit.load_export("out/", model=hf_float)    # the quantized model again (hf_float is not changed)
+
+An encoder (BERT-style, :func:`lowbit.llm.encoder.is_encoder`) goes the same way, without a cache.
 
 A transformer's forward is not a graph lowbit's engine runs (attention, norms, rotary embeddings), so
 this export holds no graph: it holds what the quantizers hold, in the same two sealed files, arenas
 and per-layer entries as a CNN export (:mod:`lowbit.deploy.format`, :mod:`lowbit.deploy.write`), and
 the reader applies the same checks (:mod:`lowbit.deploy.read`). Manifest fields beyond the common ones:
 
-    model_kind     "causal-lm" (a CNN export has none)
+    model_kind     "causal-lm" or "encoder" (a CNN export has none)
     architecture   {"zoo": null, "name": "<module>.<class>"} of the model, e.g. ...LlamaForCausalLM
     config         the transformers config (``config.to_dict()``), checked against the model handed to
                    load on the fields that change the computation (:data:`CONFIG_KEYS`)
@@ -57,13 +59,14 @@ from lowbit.deploy.write import Arena, layer_entry, manifest_of, reference_bytes
 from lowbit.errors import RecipeError
 from lowbit.llm.families import FAMILIES, check_attention, family_of
 from lowbit.llm.kv_cache import is_kv_quantized, kv_quant_class
+from lowbit.llm.encoder import is_encoder
 from lowbit.llm.objective import is_causal_lm
 from lowbit.llm.sink_prefix import SinkPrefix, has_sink_prefix, install_sink_prefix
 from lowbit.nn.modules import QuantLinear, QuantMixin, quant_embedding_class
 from lowbit.quant.base import Quantizer
 from lowbit.recipe import check_sink_prefix
 
-CAUSAL_LM = "causal-lm"
+CAUSAL_LM, ENCODER = "causal-lm", "encoder"
 SINK = "lowbit_sink_prefix"  # the child holding a sink prefix; exported in its own manifest field
 LAYER_KINDS = ("linear", "embedding")
 SUPPORTED = ("the weights and inputs of Linear layers, the weights of Embedding tables, and the keys and values "
@@ -73,7 +76,7 @@ CONFIG_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "
                "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps",
                "rope_theta", "rope_parameters", "rope_scaling", "tie_word_embeddings", "sliding_window",
                "attention_bias", "mlp_bias", "query_pre_attn_scalar", "final_logit_softcapping",
-               "attn_logit_softcapping")
+               "attn_logit_softcapping", "layer_norm_eps", "type_vocab_size", "position_embedding_type")
 
 
 @dataclass
@@ -87,8 +90,8 @@ class KVGrids:
 
 
 @dataclass
-class ExportedLM:
-    """A causal-LM export in memory (what the files hold)."""
+class ExportedTransformer:
+    """A transformer export in memory (what the files hold); ``kind``: :data:`CAUSAL_LM` or :data:`ENCODER`."""
 
     layers: dict[str, LayerData]
     kv_cache: dict[str, KVGrids]
@@ -99,10 +102,16 @@ class ExportedLM:
     left_float: dict[str, str] = field(default_factory=dict)
     manifest: dict = field(default_factory=dict)  # as read from disk (empty for a fresh build)
     sink_prefix: SinkPrefix | None = None
+    kind: str = CAUSAL_LM
+
+
+def kind_of(model: nn.Module) -> str | None:
+    """:data:`CAUSAL_LM` or :data:`ENCODER` for a Hugging Face model of either kind, else None."""
+    return CAUSAL_LM if is_causal_lm(model) else ENCODER if is_encoder(model) else None
 
 
 def _unsupported(name: str, what: str) -> ExportError:
-    return ExportError(f"module {name!r}: {what}; the causal-LM export holds {SUPPORTED}")
+    return ExportError(f"module {name!r}: {what}; the transformer export holds {SUPPORTED}")
 
 
 def _layer_tensors(layer_names) -> set[str]:
@@ -118,15 +127,17 @@ def _kv_shape(model: nn.Module, attention: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def build_causal_lm(qmodel: nn.Module) -> ExportedLM:
+def build_transformer(qmodel: nn.Module) -> ExportedTransformer:
     """Read ``qmodel``'s integer codes, grids and float tensors (the model is put back in its mode).
 
-    Raises :class:`~lowbit.deploy.errors.ExportError` for a model that is not a Hugging Face causal LM,
+    Raises :class:`~lowbit.deploy.errors.ExportError` for a model that is neither a Hugging Face causal LM nor an
+    encoder,
     one with nothing quantized, and naming the module for any quantizer the format cannot hold
     (:data:`SUPPORTED`): a query or attention-probability quantizer, a disabled half of a KV pair.
     """
-    if not is_causal_lm(qmodel):
-        raise ExportError(f"{type(qmodel).__name__} is not a Hugging Face causal language model")
+    kind = kind_of(qmodel)
+    if kind is None:
+        raise ExportError(f"{type(qmodel).__name__} is neither a Hugging Face causal language model nor an encoder")
     was_training = qmodel.training
     qmodel.eval()  # eval re-derives dynamic weight grids from the current weights, as evaluation uses
     try:
@@ -175,9 +186,10 @@ def build_causal_lm(qmodel: nn.Module) -> ExportedLM:
     prefixed = has_sink_prefix(qmodel)
     cls = type(qmodel)._float_class if prefixed else type(qmodel)
     arch = {"zoo": None, "name": f"{cls.__module__}.{cls.__qualname__}"}
-    return ExportedLM(layers, kv, float_tensors, arch, config,
+    return ExportedTransformer(layers, kv, float_tensors, arch, config,
                       report.recipe.to_dict() if report is not None else None, left_float,
-                      sink_prefix=copy.deepcopy(qmodel.lowbit_sink_prefix).cpu().float() if prefixed else None)
+                      sink_prefix=copy.deepcopy(qmodel.lowbit_sink_prefix).cpu().float() if prefixed else None,
+                      kind=kind)
 
 
 def family_of_class(attention: nn.Module) -> str:
@@ -185,7 +197,7 @@ def family_of_class(attention: nn.Module) -> str:
     return family_of(attention.to_float())
 
 
-def write_causal_lm(exp: ExportedLM, path: str | os.PathLike, *, float_bias: bool = True) -> Path:
+def write_transformer(exp: ExportedTransformer, path: str | os.PathLike, *, float_bias: bool = True) -> Path:
     """Write ``exp`` to the folder ``path`` (created) through :func:`~lowbit.deploy.write.write_files`."""
     arena = Arena()
     layers_meta = {name: layer_entry(arena, layer, float_bias) for name, layer in exp.layers.items()}
@@ -199,32 +211,32 @@ def write_causal_lm(exp: ExportedLM, path: str | os.PathLike, *, float_bias: boo
         extra["sink_prefix"] = {"tokens": p.token_ids.tolist(), **{
             f"{side}s": [{"shape": list(t.shape), "data": arena.add("float.weight", t)} for t in p.tensors(side)]
             for side in ("key", "value")}}
-    manifest = manifest_of(exp, layers_meta, float_bias, model_kind=CAUSAL_LM, config=exp.config, kv_cache=kv_meta,
+    manifest = manifest_of(exp, layers_meta, float_bias, model_kind=exp.kind, config=exp.config, kv_cache=kv_meta,
                            float_tensors=float_meta, **extra,
                            sizes={"weight_bytes": weight_bytes(layers_meta),
                                   "float_tensor_bytes": sum(reference_bytes(e["data"]) for e in float_meta.values())})
     return write_files(path, arena.tensors(), manifest)
 
 
-def export_causal_lm(qmodel: nn.Module, path: str | os.PathLike, *, float_bias: bool = True) -> Path:
-    """``lowbit.export`` for a quantized causal LM: the folder ``path`` (see the module docstring).
-    Raises :class:`~lowbit.deploy.errors.ExportError` as :func:`build_causal_lm` does; ``qmodel`` is only read."""
-    return write_causal_lm(build_causal_lm(qmodel), path, float_bias=float_bias)
+def export_transformer(qmodel: nn.Module, path: str | os.PathLike, *, float_bias: bool = True) -> Path:
+    """``lowbit.export`` for a quantized causal LM or encoder: the folder ``path`` (see the module docstring).
+    Raises :class:`~lowbit.deploy.errors.ExportError` as :func:`build_transformer` does; ``qmodel`` is only read."""
+    return write_transformer(build_transformer(qmodel), path, float_bias=float_bias)
 
 
 # ----- reading ------------------------------------------------------------------------------
-def is_causal_lm_manifest(manifest: dict) -> bool:
-    return manifest.get("model_kind") == CAUSAL_LM
+def is_transformer_manifest(manifest: dict) -> bool:
+    return manifest.get("model_kind") in (CAUSAL_LM, ENCODER)
 
 
-def read_causal_lm(path: str | os.PathLike) -> ExportedLM:
-    """Read and check a causal-LM export folder: the integrity checks of :mod:`lowbit.deploy.read` (seal, sizes
+def read_transformer(path: str | os.PathLike) -> ExportedTransformer:
+    """Read and check a transformer export folder: the integrity checks of :mod:`lowbit.deploy.read` (seal, sizes
     before reading, digests), then every field before use (element counts of every declared shape match the
     tensor slices actually present). Raises :class:`~lowbit.deploy.errors.ExportFileError` naming the field."""
     manifest = read_manifest(path)
     mpath = Path(path) / MANIFEST_FILE
-    if not is_causal_lm_manifest(manifest):
-        raise ExportFileError(f"{mpath}: not a causal-LM export (model_kind {manifest.get('model_kind')!r}); "
+    if not is_transformer_manifest(manifest):
+        raise ExportFileError(f"{mpath}: not a transformer export (model_kind {manifest.get('model_kind')!r}); "
                               "load it with lowbit.load_export(path)")
     f = Fields(mpath, read_tensors(path, manifest))
     layers = {}
@@ -249,8 +261,8 @@ def read_causal_lm(path: str | os.PathLike) -> ExportedLM:
         float_tensors[name] = f.finite(data, f"{where}.data").reshape(shape).clone()
     config = f.get(manifest, "config", "", dict)
     arch, _, recipe, left_float = read_metadata(f, manifest)
-    return ExportedLM(layers, kv, float_tensors, arch, config, recipe, left_float, manifest,
-                      _read_sink_prefix(f, manifest))
+    return ExportedTransformer(layers, kv, float_tensors, arch, config, recipe, left_float, manifest,
+                               _read_sink_prefix(f, manifest), manifest["model_kind"])
 
 
 def _read_sink_prefix(f: Fields, manifest: dict) -> SinkPrefix | None:
@@ -281,7 +293,7 @@ def _read_sink_prefix(f: Fields, manifest: dict) -> SinkPrefix | None:
 
 
 # ----- loading ------------------------------------------------------------------------------
-def _check_model(exp: ExportedLM, model: nn.Module, where) -> None:
+def _check_model(exp: ExportedTransformer, model: nn.Module, where) -> None:
     name = f"{type(model).__module__}.{type(model).__qualname__}"
     if name != exp.architecture.get("name"):
         raise ExportFileError(f"{where}: the export is of {exp.architecture.get('name')}, the model passed is a {name}")
@@ -304,7 +316,7 @@ def _module(model: nn.Module, name: str, where, kind: type) -> nn.Module:
     return m
 
 
-def _check_fits(exp: ExportedLM, model: nn.Module, where) -> None:
+def _check_fits(exp: ExportedTransformer, model: nn.Module, where) -> None:
     """Every difference between the export and the (float) ``model`` that would stop the rebuild: checked on
     the caller's model, read only, before anything is copied."""
     _check_model(exp, model, where)
@@ -382,9 +394,10 @@ def _install_kv(model: nn.Module, name: str, g: KVGrids) -> None:
     model.set_submodule(name, kv_quant_class(type(attention)).from_float(attention, key, value))
 
 
-def load_causal_lm(source: str | os.PathLike | ExportedLM, model: nn.Module | None, *,
+def load_transformer(source: str | os.PathLike | ExportedTransformer, model: nn.Module | None, *,
                    packed: str | None = None) -> nn.Module:
-    """The quantized causal LM of an export (a folder, or an :class:`ExportedLM` already read), in eval mode.
+    """The quantized causal LM or encoder of an export (a folder, or an :class:`ExportedTransformer` already read), in
+    eval mode.
 
     ``model``: the float Hugging Face model of the exported class and config; a copy is modified, yours is
     left alone, and every tensor of the copy comes from the export (module docstring). Logits equal the
@@ -396,10 +409,10 @@ def load_causal_lm(source: str | os.PathLike | ExportedLM, model: nn.Module | No
     difference), :class:`~lowbit.deploy.errors.ExportError` for a layer ``packed`` cannot run, all before
     anything is copied.
     """
-    exp = source if isinstance(source, ExportedLM) else read_causal_lm(source)
-    where = "the export" if isinstance(source, ExportedLM) else source
+    exp = source if isinstance(source, ExportedTransformer) else read_transformer(source)
+    where = "the export" if isinstance(source, ExportedTransformer) else source
     if model is None:
-        raise ExportFileError(f"{where}: a causal-LM export is loaded into its float architecture: "
+        raise ExportFileError(f"{where}: a transformer export is loaded into its float architecture: "
                               f"lowbit.load_export(path, model=<a float {exp.architecture.get('name')}>)")
     _check_fits(exp, model, where)
     if packed is not None:
