@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,20 +39,30 @@ ROWS = ROOT / "docs" / "results" / "minilm.json"
 RECIPES = ["ptq-w8a8", "ptq-w8a8-transformer", "ptq-w4a4-minmax", "ptq-w4a4-aciq", "lsq-w4a8-transformer"]
 FINETUNED = "lsq-w4a8-transformer"
 # alternatives to a shipped recipe's choices, measured beside it: (recipe, changes to its point specs)
-VARIANTS = {"ptq-w8a8-transformer+symmetric-activations": ("ptq-w8a8-transformer", {"activations": {"symmetric": True}}),
-            "lsq-w4a8-transformer+weights-group64": ("lsq-w4a8-transformer", {"weights": {"granularity": "group:64"}})}
+VARIANTS = {
+    "ptq-w8a8-transformer+symmetric-activations": ("ptq-w8a8-transformer", {"activations": {"symmetric": True}}),
+    "lsq-w4a8-transformer+weights-group64": ("lsq-w4a8-transformer", {"weights": {"granularity": "group:64"}}),
+}
 TRAIN_SENTENCES = 4096
 LR = lowbit.load_recipe(FINETUNED).sections["qat"]["lr"]  # the recipe's own rate; rows at another are kept apart
 
 
-def measure(qmodel, references: dict, fp32_bytes) -> dict:
+def measure(qmodel, model, references: dict, fp32_bytes) -> dict:
     """Agreement with the float model on the test sentences, and on the calib sentences (the validation split that
-    chooses between options) as ``val_*``; the stored size."""
-    got = embedding_agreement(references["test"][0], sentence_embeddings(qmodel, references["test"][1]))
+    chooses between options) as ``val_*``; the stored size; the export folder's size on disk and whether the model
+    reloaded from it (into the float ``model``) gives the same test embeddings bit for bit."""
+    embeddings = sentence_embeddings(qmodel, references["test"][1])
+    got = embedding_agreement(references["test"][0], embeddings)
     val = embedding_agreement(references["calib"][0], sentence_embeddings(qmodel, references["calib"][1]))
     size = lowbit.stored_size_bytes(qmodel)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = lowbit.export(qmodel, Path(tmp) / "export")
+        export_bytes = sum(f.stat().st_size for f in folder.iterdir())
+        reloaded = lowbit.load_export(folder, model=model)
+        identical = torch.equal(sentence_embeddings(reloaded, references["test"][1]), embeddings)
     return {**got, "val_cosine_mean": val["cosine_mean"], "val_same_neighbour": val["same_neighbour"],
-            "stored_bytes": size, "times_smaller": fp32_bytes / size}
+            "stored_bytes": size, "times_smaller": fp32_bytes / size, "export_bytes": export_bytes,
+            "export_identical": identical}
 
 
 def recipe_spec(key: str):
@@ -72,23 +83,29 @@ def write(rows: list[dict], meta: dict) -> None:
              "neighbour': the nearest other held-out sentence is the same as the float model's. Targets of issue "
              "#15: W8A8 cosine >= 0.998 with the same neighbour for >= 97 %; W4A8 >= 0.99 after fine-tuning with "
              "distillation; stored model >= 3.5x smaller than fp32 at W8 and >= 6x at W4. LayerNorm, GELU, softmax and "
-             "the attention products stay float in every row. *Validation*: the same measures on the 128 calib sentences, "
-             "which choose between options (rows named with a variant: an alternative to one of the recipe's choices).", "",
+             "the attention products stay float in every row. *Validation*: the same measures on the 128 calib "
+             "sentences, which choose between options (rows named with a variant: an alternative to one of the "
+             "recipe's choices).", "",
              "| recipe | fine-tuning | validation: mean cosine / same neighbour | mean cosine | worst cosine | same "
-             "neighbour | stored size | x smaller than fp32 | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+             "neighbour | stored size | x smaller than fp32 | export folder (reloaded = quantized) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (RECIPES.index(r["recipe"]) if r["recipe"] in RECIPES else 99, r["key"])):
         val = (f"{r['val_cosine_mean']:.4f} / {100 * r['val_same_neighbour']:.1f} %" if "val_cosine_mean" in r
                else f"{r['calib_cosine_after']:.4f} / not measured")
+        export = (f"{r['export_bytes'] / 1e6:.1f} MB ({'bit-identical' if r['export_identical'] else 'DIFFERS'})"
+                  if "export_bytes" in r else "not measured")
         tune = f"{r['finetune_steps']} steps, lr {r['lr']:g}, distilled" if r.get("finetune_steps") else \
             "none (post-training)"
-        lines.append(f"| `{r['key'] if r['key'] in VARIANTS else r.get('variant') or r['recipe']}` | {tune} | {val} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | "
-                     f"{100 * r['same_neighbour']:.1f} % | {r['stored_bytes'] / 1e6:.1f} MB | {r['times_smaller']:.2f} | "
-                     f"{r['seconds']:.0f} |")
+        name = r["key"] if r["key"] in VARIANTS else r.get("variant") or r["recipe"]
+        lines.append(f"| `{name}` | {tune} | {val} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | "
+                     f"{100 * r['same_neighbour']:.1f} % | {r['stored_bytes'] / 1e6:.1f} MB | "
+                     f"{r['times_smaller']:.2f} | {export} | {r['seconds']:.0f} |")
     tuned = [r for r in rows if r.get("finetune_steps")]
     for r in tuned:
         lines.append("")
-        lines.append(f"Fine-tuning of `{r.get('variant') or r['recipe']}`: {r['finetune_steps']} steps of {r['batch_size']} sentences "
-                     f"from {r['train_sentences']} train-document sentences, AdamW lr {r['lr']} cosine-decayed; "
+        lines.append(f"Fine-tuning of `{r.get('variant') or r['recipe']}`: {r['finetune_steps']} steps of "
+                     f"{r['batch_size']} sentences from {r['train_sentences']} train-document sentences, AdamW lr "
+                     f"{r['lr']} cosine-decayed; "
                      f"on the calib sentences the mean cosine went from {r['calib_cosine_before']:.4f} to "
                      f"{r['calib_cosine_after']:.4f}.")
     write_section("minilm", "MiniLM (BERT) sentence embeddings under quantization", "\n".join(lines), SEED)
@@ -121,8 +138,8 @@ def main() -> None:
             continue
         start = time.perf_counter()
         qmodel = lowbit.quantize(model, recipe_spec(recipe), calib_data=calib)
-        row = {"key": recipe, "recipe": VARIANTS.get(recipe, (recipe,))[0], **measure(qmodel, references, fp32_bytes),
-               "seconds": time.perf_counter() - start}
+        row = {"key": recipe, "recipe": VARIANTS.get(recipe, (recipe,))[0],
+               **measure(qmodel, model, references, fp32_bytes), "seconds": time.perf_counter() - start}
         store_row(ROWS, row)
         print(f"{recipe}: cosine {row['cosine_mean']:.4f} (worst {row['cosine_min']:.4f}), same neighbour "
               f"{100 * row['same_neighbour']:.1f} %, {row['times_smaller']:.2f}x smaller", flush=True)
@@ -140,7 +157,7 @@ def main() -> None:
                                 "max_steps": args.finetune_steps, "epochs": 100})
         after = embedding_agreement(calib_reference, sentence_embeddings(qmodel, calib))["cosine_mean"]
         row = {"key": key, "recipe": VARIANTS.get(tuned, (tuned,))[0], "variant": tuned if tuned in VARIANTS else None,
-               **measure(qmodel, references, fp32_bytes),
+               **measure(qmodel, model, references, fp32_bytes),
                "seconds": time.perf_counter() - start, "finetune_steps": args.finetune_steps,
                "batch_size": args.batch_size, "train_sentences": args.train_sentences, "lr": args.lr,
                "calib_cosine_before": before, "calib_cosine_after": after}

@@ -11,8 +11,8 @@ lowbit: 55,000 training images, the 5,000 held-out calibration images as the val
 also calibrate), the 10,000 test images reported for information.
 
 1. *FP transfer*: the published network with a new 10-class head (seeded), every layer fine-tuned for
-   ``--fp-steps`` steps of batch 64 (859: one epoch; SGD, Nesterov momentum 0.9, lr ``--fp-lr`` cosine with 50 warm-up steps, weight
-   decay 4e-5). Kept in ``runs/transfer/`` so a rerun of the quantized rows reuses it.
+   ``--fp-steps`` steps of batch 64 (859: one epoch; SGD, Nesterov momentum 0.9, lr ``--fp-lr`` cosine with 50
+   warm-up steps, weight decay 4e-5). Kept in ``runs/transfer/`` so a rerun of the quantized rows reuses it.
 2. *PTQ recipes*: calibrated on the 512 images, no training.
 3. *QAT recipes*: the recipe's ``qat:`` settings (optimizer, lr, schedule, quantizer settings), cut to
    ``--qat-steps`` steps of batch 64, with distillation from the FP transfer model (the recipe's weight and
@@ -104,9 +104,10 @@ def transferred(model_name: str, data: dict, args, log) -> tuple[nn.Module, dict
         model.load_state_dict(load_file(str(path)))
         log(f"FP transfer model read from {path}")
     else:
-        config = lowbit.FinetuneConfig(epochs=1 + args.fp_steps // len(data["train"]), max_steps=args.fp_steps, batch_size=BATCH, optimizer="sgd", lr=args.fp_lr,
-                                       nesterov=True, weight_decay=4e-5, warmup_steps=50, seed=args.seed,
-                                       log_every=50, tensorboard=False)
+        config = lowbit.FinetuneConfig(epochs=1 + args.fp_steps // len(data["train"]), max_steps=args.fp_steps,
+                                       batch_size=BATCH, optimizer="sgd", lr=args.fp_lr, nesterov=True,
+                                       weight_decay=4e-5, warmup_steps=50, seed=args.seed, log_every=50,
+                                       tensorboard=False)
         lowbit.finetune(model, data["train"], config=config, log=log)
         CACHE.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), str(path))
