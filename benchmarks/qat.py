@@ -10,6 +10,12 @@ fine-tune on the train split with each recipe's ``qat:`` settings (``--epochs`` 
 no distillation unless ``--distill``; report Fashion-MNIST test top-1. ``minmax-w2a2`` is the
 naive baseline: min-max 2-bit quantizers fine-tuned with the same steps as ``lsq-w2a2``.
 
+Two protocols are tabled apart. *Peer protocol*: each recipe's own epochs, no distillation (the like-for-like
+comparison with other toolkits). *lowbit's best*: anything lowbit offers within 10 epochs (distillation,
+``--epochs``); per model and bit width the configuration with the highest mean **validation** top-1 (the final
+evaluation on the 5,000 held-out training images) is chosen, and its test top-1 reported. Rows stored before
+validation was recorded cannot be chosen there.
+
 ``--seeds`` reruns each recipe with other seeds (the seed of the fine-tuning's batch order, augmentation
 and any random initialisation); where a recipe has rows of several seeds, both tables show their mean and
 standard deviation (``n`` seeds), and the best-recipe table ranks recipes by that mean.
@@ -49,6 +55,10 @@ STORE = ROOT / "docs" / "results" / "qat.json"
 # last layers 8-bit, 3 epochs SGD cosine, no distillation), as the project brief reports them.
 PEERS = {("resnet20", 4): 93.70, ("resnet20", 2): 92.80}
 PEER_FP = {"resnet20": 93.95}  # their full-precision ResNet-20
+BEST_BUDGET_EPOCHS = 10  # lowbit's best protocol: at most this many fine-tuning epochs per model and bit width
+# issue #14's targets for lowbit's best, as top-1 minus FP per bit width (MobileNet-style model: W2A2 -2.0)
+TARGETS = {8: 0.0, 4: 0.0, 3: -0.2, 2: -0.5}
+TARGETS_MODEL = {("mobilenet", 2): -2.0}
 
 
 def model_order(rows: dict[str, dict]) -> list[str]:
@@ -56,11 +66,25 @@ def model_order(rows: dict[str, dict]) -> list[str]:
 
 
 def seed_groups(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
-    """The stored rows grouped by (model, recipe, distillation): one entry per seed."""
+    """The stored rows grouped by (model, recipe, distillation, epochs): one entry per seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows.values():
-        groups.setdefault((r["model"], r["recipe"], r["distill"]), []).append(r)
+        groups.setdefault((r["model"], r["recipe"], r["distill"], r["epochs"]), []).append(r)
     return groups
+
+
+def recipe_epochs(recipe: str) -> int:
+    spec = minmax_w2a2() if recipe == "minmax-w2a2" else load_recipe(recipe).to_dict()
+    return int(spec["qat"]["epochs"])
+
+
+def is_peer_protocol(row: dict) -> bool:
+    """The recipe's own epochs without distillation."""
+    return not row["distill"] and row["epochs"] == recipe_epochs(row["recipe"])
+
+
+def mean_of(group: list[dict], key: str = "test_top1") -> float:
+    return statistics.mean(r[key] for r in group)
 
 
 def top1_text(group: list[dict]) -> str:
@@ -76,43 +100,64 @@ def table(rows: dict[str, dict]) -> str:
     models = model_order(rows)
     order = {r: i for i, r in enumerate(RECIPES)}
     groups = seed_groups(rows)
-    lines = ["| model | recipe | W/A bits | epochs | steps | LR (schedule) | distillation | seed | test top-1 (%) | "
-             "delta vs FP | fine-tune time (min) | threads | commit |",
-             "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(rows.values(), key=lambda r: (models.index(r["model"]), order.get(r["recipe"], 99), r["distill"],
-                                                  r.get("seed", SEED))):
+    lines = ["| model | recipe | W/A bits | epochs | steps | LR (schedule) | distillation | seed | "
+             "validation top-1 (%) | test top-1 (%) | delta vs FP | fine-tune time (min) | threads | commit |",
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows.values(), key=lambda r: (models.index(r["model"]), order.get(r["recipe"], 99),
+                                                  r["distill"], r["epochs"], r.get("seed", SEED))):
         lines.append(f"| {r['model']} | {r['recipe']} | W{r['bits']}A{r['bits']} | {r['epochs']} | {r['steps']} | "
                      f"{r['lr']:g} ({r['schedule']}) | {'yes' if r['distill'] else 'no'} | {r.get('seed', SEED)} | "
-                     f"{r['test_top1']:.2f} | {r['test_top1'] - r['fp_top1']:+.2f} | {r['minutes']:.1f} | "
-                     f"{r.get('threads', 2)} | {r['commit']} |")
+                     f"{r['val_top1'] if 'val_top1' in r else ''} | {r['test_top1']:.2f} | "
+                     f"{r['test_top1'] - r['fp_top1']:+.2f} | {r['minutes']:.1f} | {r.get('threads', 2)} | "
+                     f"{r['commit']} |")
     several = {k: g for k, g in groups.items() if len(g) > 1}
     if several:
         lines += ["", "Recipes run with several seeds (mean +- sample standard deviation, number of seeds):", "",
-                  "| model | recipe | distillation | test top-1 (%) | delta vs FP (mean) |", "|---|---|---|---:|---:|"]
-        for (model, recipe, distill), g in sorted(several.items(), key=lambda kv: (models.index(kv[0][0]),
-                                                                                  order.get(kv[0][1], 99))):
-            mean = statistics.mean(r["test_top1"] for r in g)
-            lines.append(f"| {model} | {recipe} | {'yes' if distill else 'no'} | {top1_text(g)} | "
-                         f"{mean - g[0]['fp_top1']:+.2f} |")
+                  "| model | recipe | distillation | epochs | test top-1 (%) | delta vs FP (mean) |",
+                  "|---|---|---|---:|---:|---:|"]
+        for (model, recipe, distill, epochs), g in sorted(
+                several.items(), key=lambda kv: (models.index(kv[0][0]), order.get(kv[0][1], 99))):
+            lines.append(f"| {model} | {recipe} | {'yes' if distill else 'no'} | {epochs} | {top1_text(g)} | "
+                         f"{mean_of(g) - g[0]['fp_top1']:+.2f} |")
     return "\n".join(lines)
 
 
 def best_table(rows: dict[str, dict]) -> str:
-    """Per model and bit width, the best lowbit recipe without distillation (the min-max
-    baseline excluded), with the best existing toolkits' figure where the project brief gives one."""
-    lines = ["| model | W/A bits | best recipe | test top-1 (%) | delta vs FP | best existing toolkit | lowbit - peer |",
+    """Peer protocol: per model and bit width, the best lowbit recipe (the min-max baseline excluded), with the
+    best existing toolkits' figure where the project brief gives one."""
+    lines = ["| model | W/A bits | best recipe | test top-1 (%) | delta vs FP | best existing toolkit | "
+             "lowbit - peer |",
              "|---|---|---|---:|---:|---:|---:|"]
-    kept = {k: g for k, g in seed_groups(rows).items() if not k[2] and k[1] != "minmax-w2a2"}
+    kept = {k: g for k, g in seed_groups(rows).items() if is_peer_protocol(g[0]) and k[1] != "minmax-w2a2"}
     for model in model_order(rows):
         for bits in sorted({g[0]["bits"] for k, g in kept.items() if k[0] == model}, reverse=True):
-            group = max((g for k, g in kept.items() if k[0] == model and g[0]["bits"] == bits),
-                        key=lambda g: statistics.mean(r["test_top1"] for r in g))
-            best, top1 = group[0], statistics.mean(r["test_top1"] for r in group)
+            group = max((g for k, g in kept.items() if k[0] == model and g[0]["bits"] == bits), key=mean_of)
+            best, top1 = group[0], mean_of(group)
             peer = PEERS.get((model, bits))
             versus = ("", "") if peer is None else (f"{peer:.2f} ({peer - PEER_FP[model]:+.2f} vs their FP "
                                                     f"{PEER_FP[model]:.2f})", f"{top1 - peer:+.2f}")
             lines.append(f"| {model} | W{bits}A{bits} | {best['recipe']} | {top1_text(group)} | "
                          f"{top1 - best['fp_top1']:+.2f} | {versus[0]} | {versus[1]} |")
+    return "\n".join(lines)
+
+
+def lowbits_best_table(rows: dict[str, dict]) -> str:
+    """lowbit's best protocol: per model and bit width, the configuration (recipe, distillation, epochs <= the
+    budget) with the highest mean validation top-1, its test top-1 and the issue's target."""
+    lines = ["| model | W/A bits | chosen on validation | seeds | validation top-1 (%) | test top-1 (%) | delta vs FP "
+             "| target | met | candidates |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+    kept = {k: g for k, g in seed_groups(rows).items()
+            if k[1] != "minmax-w2a2" and k[3] <= BEST_BUDGET_EPOCHS and all("val_top1" in r for r in g)}
+    for model in model_order(rows):
+        for bits in sorted({g[0]["bits"] for k, g in kept.items() if k[0] == model}, reverse=True):
+            candidates = [g for k, g in kept.items() if k[0] == model and g[0]["bits"] == bits]
+            group = max(candidates, key=lambda g: mean_of(g, "val_top1"))
+            best, delta = group[0], mean_of(group) - group[0]["fp_top1"]
+            target = TARGETS_MODEL.get((model, bits), TARGETS[bits])
+            config = f"{best['recipe']}, {best['epochs']} epochs{', distilled' if best['distill'] else ''}"
+            lines.append(f"| {model} | W{bits}A{bits} | {config} | {len(group)} | {mean_of(group, 'val_top1'):.2f} | "
+                         f"{top1_text(group)} | {delta:+.2f} | {target:+.1f} | {'yes' if delta >= target else 'no'} | "
+                         f"{len(candidates)} |")
     return "\n".join(lines)
 
 
@@ -147,12 +192,14 @@ def main() -> None:
             row = {"model": name, "recipe": recipe, "bits": BITS[recipe.rsplit("-", 1)[1]], "epochs": cfg["epochs"],
                    "steps": result["steps"], "lr": cfg["lr"], "schedule": cfg["schedule"],
                    "distill": bool(args.distill), "seed": seed, "test_top1": round(result["test_top1"], 2),
+                   "val_top1": round(result["metrics"]["val_top1"], 2),
                    "fp_top1": round(result["fp_top1"], 2), "minutes": round((time.perf_counter() - start) / 60, 1)}
             store_keyed_row(STORE, f"{name}/{recipe}" + ("/distill" if args.distill else "")
+                            + (f"/e{cfg['epochs']}" if cfg["epochs"] != recipe_epochs(recipe) else "")
                             + (f"/seed{seed}" if seed != SEED else ""), row)
     rows = load_keyed_rows(STORE)
     points = [(model, recipe, g[0]["bits"], statistics.mean(r["test_top1"] for r in g), g[0]["fp_top1"])
-              for (model, recipe, distill), g in seed_groups(rows).items() if not distill]
+              for (model, recipe, _, _), g in seed_groups(rows).items() if is_peer_protocol(g[0])]
     plot = write_plot(points, ROOT / "docs" / "qat_accuracy_vs_bits.png")
     body = ("Fashion-MNIST test top-1 after quantization-aware fine-tuning from the shipped FP checkpoints; "
             "first and last layers 8-bit, quantizers calibrated on 512 held-out training images; recipes in "
@@ -160,9 +207,12 @@ def main() -> None:
             "Rows come from `docs/results/qat.json`, each with the commit that produced it; the time column "
             "includes calibration and the test evaluations; `threads` is torch's thread count in that run (runs with "
             "one thread shared the 2 cores with other suites, so their times are upper bounds, and float sums "
-            "in another thread count can move a result by a few hundredths).\n\nBest recipe per model and bit "
-            "width:\n\n"
-            + best_table(rows) + "\n\nEvery row:\n\n" + table(rows)
+            "in another thread count can move a result by a few hundredths).\n\n**Peer protocol** (each recipe's own "
+            "epochs, no distillation), best recipe per model and bit width:\n\n" + best_table(rows)
+            + f"\n\n**lowbit's best** (at most {BEST_BUDGET_EPOCHS} epochs, distillation and longer schedules "
+            "allowed; chosen by mean validation top-1 over the configurations run with validation recorded; "
+            "target: issue #14's bound on test top-1 minus FP):\n\n" + lowbits_best_table(rows)
+            + "\n\nEvery row:\n\n" + table(rows)
             + ("\n\n![accuracy vs bits, no distillation](qat_accuracy_vs_bits.png)" if plot else ""))
     write_section("qat", "Quantization-aware fine-tuning", body, SEED)
 
