@@ -74,6 +74,11 @@ def quantizable_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str
     return ok, refused
 
 
+def embedding_tables(model: nn.Module) -> list[str]:
+    """Names of the float ``nn.Embedding`` tables (and subclasses) the ``embeddings`` point quantizes."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and not isinstance(m, QuantMixin)]
+
+
 def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict | None, dict | None]], dict[str, str]]:
     """``{layer name: (weight spec, activation spec)}`` for every layer to quantize, plus layers left float."""
     layers, left_float = quantizable_layers(model)
@@ -88,10 +93,12 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict
             return [aliases[pattern]]
         return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
+    tables = embedding_tables(model) if recipe.embeddings is not None else []
     for pattern in list(recipe.layers) + recipe.skip:
-        if not matches(pattern):
+        if not matches(pattern) and (pattern in recipe.skip or not fnmatch.filter(tables, pattern)):
             shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-            raise RecipeError(f"recipe pattern {pattern!r} matches no quantizable layer; layers are: {shown}")
+            raise RecipeError(f"recipe pattern {pattern!r} matches no quantizable layer; layers are: {shown}"
+                              + (f"; embedding tables: {', '.join(tables)}" if tables else ""))
     skipped = {n for p in recipe.skip for n in matches(p)}
     plan = {}
     for name in names:
@@ -168,7 +175,7 @@ def quantize(model: nn.Module, recipe=None, calib_data: Iterable | None = None, 
             _swap(target, name, QUANT_MODULES[type(layer)].from_float(layer, wq, aq), undo)
             report.quantized[name] = {"weights": w_spec, "activations": a_spec}
         if recipe.embeddings is not None:
-            _quantize_embeddings(target, recipe.embeddings, report, undo)
+            _quantize_embeddings(target, recipe, report, undo)
         for point, replacements in _POINT_PROVIDERS.items():
             if getattr(recipe, point) is not None:
                 swaps = replacements(target, getattr(recipe, point))
@@ -223,14 +230,21 @@ def _swap(root: nn.Module, name: str, module: nn.Module, undo: list) -> None:
     _set_submodule(root, name, module)
 
 
-def _quantize_embeddings(model: nn.Module, spec: dict, report: QuantReport, undo: list) -> None:
+def _quantize_embeddings(model: nn.Module, recipe: Recipe, report: QuantReport, undo: list) -> None:
     """Swap every ``nn.Embedding`` (or subclass: :func:`~lowbit.nn.modules.quant_embedding_class`) for a
-    quantized table (weights only; per-row steps with ``granularity: channel``). A model without one has
-    nothing to quantize there (the shipped recipes carry an ``embeddings`` section for the language models
-    they meet). Raises :class:`RecipeError` for a subclass whose forward does not read the quantized table."""
-    tables = [(name, m) for name, m in model.named_modules()
-              if isinstance(m, nn.Embedding) and not isinstance(m, QuantMixin)]
-    for name, table in tables:
+    quantized table (weights only; per-row steps with ``granularity: channel``), with the recipe's ``embeddings``
+    spec merged with the ``weights`` of any ``layers`` pattern naming the table (``weights: null`` leaves it
+    float). A model without one has nothing to quantize there (the shipped recipes carry an ``embeddings``
+    section for the language models they meet). Raises :class:`RecipeError` for a subclass whose forward does
+    not read the quantized table."""
+    modules = dict(model.named_modules())
+    for name in embedding_tables(model):
+        table = modules[name]
+        spec = recipe.spec_for(name, "weights", [p for p in recipe.layers if fnmatch.fnmatchcase(name, p)],
+                               point="embeddings")
+        if spec is None:
+            report.left_float[name] = "embedding table set to float by the recipe"
+            continue
         wq = build_quantizer(spec, "weight", name, table)
         quantized = quant_embedding_class(type(table)).from_float(table, wq, None)
         if type(table) is not nn.Embedding and not _reads_quantized_table(quantized):

@@ -15,11 +15,13 @@ A quantizer spec takes ``method``, ``bits``, ``granularity`` (``tensor``, ``chan
 ``group:SIZE``), ``signed`` (``auto``/true/false) and the method's own options (e.g.
 ``percentile``, ``prior``, ``convention``). ``weights: null`` or ``activations: null`` keeps that
 side float. ``embeddings`` quantizes the table of every ``nn.Embedding`` (one step per table, or
-per row with ``granularity: channel``: one step per token). ``kv_cache`` quantizes the keys (after
-the rotary embedding) and values of every attention block as they are written to the cache (one
-step per KV head with ``granularity: head``, or per tensor); it needs a model whose attention
-family :mod:`lowbit.llm` knows; its ``sink_prefix`` (token ids, or ``bos``) puts those tokens'
-float keys and values in front of every sequence (:mod:`lowbit.llm.sink_prefix`). Both are absent
+per row with ``granularity: channel``: one step per token); a ``layers`` pattern that names a table
+overrides its ``weights`` there (``{weights: {bits: 8}}``, or ``{weights: null}`` to keep it float).
+``kv_cache`` quantizes the keys (after the rotary embedding) and values of every attention block as
+they are written to the cache (one step per KV head with ``granularity: head``, or per tensor); it
+needs a model whose attention family :mod:`lowbit.llm` knows; its ``sink_prefix`` (token ids, or
+``bos``) puts those tokens' float keys and values in front of every sequence
+(:mod:`lowbit.llm.sink_prefix`). Both are absent
 (float) unless given. Overrides merge over the defaults; an override that changes ``method`` drops
 the default's method-specific options. Later patterns win over earlier ones. Other top-level
 sections (``calibration``, ``ptq``, ``qat``, ``mixed``, ``name``, ``description``) are kept for
@@ -129,9 +131,10 @@ class Recipe:
         """Write the recipe as YAML (atomically: a temporary file moved into place)."""
         write_text_atomic(path, self.to_yaml())
 
-    def spec_for(self, name: str, side: str, matched_patterns: list[str]) -> dict | None:
-        """The merged spec of one layer's ``side`` given the override patterns that match it."""
-        spec = copy.deepcopy(getattr(self, side))
+    def spec_for(self, name: str, side: str, matched_patterns: list[str], *, point: str | None = None) -> dict | None:
+        """The merged spec of one layer's ``side`` given the override patterns that match it; ``point``
+        (``embeddings``): start from that point's spec instead (an embedding table's weights)."""
+        spec = copy.deepcopy(getattr(self, point or side))
         for pattern in matched_patterns:
             override = self.layers[pattern]
             if side not in override:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.errors import CalibrationError
+from lowbit.errors import CalibrationError, RecipeError
 from lowbit.llm.encoder import (SentenceEncoder, embedding_agreement, is_encoder, nearest_neighbours, pack,
                                 sentence_embeddings, unpack)
 from lowbit.nn.modules import QuantEmbedding, QuantLinear
@@ -159,3 +159,18 @@ def test_a_quantized_encoder_saves_and_loads_as_a_checkpoint(tmp_path):
     batch = token_batches(1, 3)[0]
     with torch.no_grad():
         assert torch.equal(again.eval()(**batch).last_hidden_state, qmodel.eval()(**batch).last_hidden_state)
+
+
+def test_layer_patterns_override_single_embedding_tables():
+    """A ``layers`` pattern naming a table overrides the embeddings point's weights there: 8 bits, or float."""
+    recipe = lowbit.load_recipe("lsq-w4a8-transformer").to_dict()
+    recipe["layers"] = {"*position_embeddings": {"weights": {"bits": 8}}, "*token_type_embeddings": {"weights": None}}
+    qmodel = lowbit.quantize(tiny_bert(), recipe, calib_data=token_batches(1, 1))
+    tables = qmodel.embeddings
+    assert tables.word_embeddings.weight_quantizer.bits == 4
+    assert tables.position_embeddings.weight_quantizer.bits == 8
+    assert not hasattr(tables.token_type_embeddings, "weight_quantizer")
+    assert "embeddings.token_type_embeddings" in qmodel.lowbit_report.left_float
+    with pytest.raises(RecipeError, match=r"'\*nowhere_embeddings' matches no.*embedding tables: embeddings\.word"):
+        lowbit.quantize(tiny_bert(), {**recipe, "layers": {"*nowhere_embeddings": {"weights": {"bits": 8}}}},
+                        calib_data=token_batches(1, 1))
