@@ -42,6 +42,10 @@ FINETUNED = "lsq-w4a8-transformer"
 VARIANTS = {
     "ptq-w8a8-transformer+symmetric-activations": ("ptq-w8a8-transformer", {"activations": {"symmetric": True}}),
     "lsq-w4a8-transformer+weights-group64": ("lsq-w4a8-transformer", {"weights": {"granularity": "group:64"}}),
+    "lsq-w4a8-transformer+weights-group64+position-tables-8bit": ("lsq-w4a8-transformer", {
+        "weights": {"granularity": "group:64"},
+        "layers": {"*position_embeddings": {"weights": {"bits": 8}},
+                   "*token_type_embeddings": {"weights": {"bits": 8}}}}),
 }
 TRAIN_SENTENCES = 4096
 LR = lowbit.load_recipe(FINETUNED).sections["qat"]["lr"]  # the recipe's own rate; rows at another are kept apart
@@ -72,7 +76,7 @@ def recipe_spec(key: str):
     name, changes = VARIANTS[key]
     spec = lowbit.load_recipe(name).to_dict()
     for point, change in changes.items():
-        spec[point] = {**spec[point], **change}
+        spec[point] = {**(spec.get(point) or {}), **change}
     return {**spec, "name": key}
 
 
