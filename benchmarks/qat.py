@@ -66,10 +66,11 @@ def model_order(rows: dict[str, dict]) -> list[str]:
 
 
 def seed_groups(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
-    """The stored rows grouped by (model, recipe, distillation, epochs): one entry per seed."""
+    """The stored rows grouped by (model, recipe, distillation, epochs, progressive stages): one entry per seed."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows.values():
-        groups.setdefault((r["model"], r["recipe"], r["distill"], r["epochs"]), []).append(r)
+        groups.setdefault((r["model"], r["recipe"], r["distill"], r["epochs"], tuple(r.get("progressive", ()))),
+                          []).append(r)
     return groups
 
 
@@ -79,8 +80,22 @@ def recipe_epochs(recipe: str) -> int:
 
 
 def is_peer_protocol(row: dict) -> bool:
-    """The recipe's own epochs without distillation."""
-    return not row["distill"] and row["epochs"] == recipe_epochs(row["recipe"])
+    """The recipe's own epochs without distillation or stages."""
+    return not row["distill"] and row["epochs"] == recipe_epochs(row["recipe"]) and not row.get("progressive")
+
+
+def total_epochs(row: dict) -> int:
+    """Epochs over all stages (progressive lowering runs the recipe's epochs once per stage)."""
+    return row["epochs"] * (1 + len(row.get("progressive", ())))
+
+
+def stages_and_recipe(row: dict) -> str:
+    """``W4 -> lsq-w2a2`` for a progressive run, the recipe's name otherwise."""
+    return "".join(f"W{b} -> " for b in row.get("progressive", ())) + row["recipe"]
+
+
+def configuration(row: dict) -> str:
+    return f"{stages_and_recipe(row)}, {total_epochs(row)} epochs" + (", distilled" if row["distill"] else "")
 
 
 def mean_of(group: list[dict], key: str = "test_top1") -> float:
@@ -104,8 +119,9 @@ def table(rows: dict[str, dict]) -> str:
              "validation top-1 (%) | test top-1 (%) | delta vs FP | fine-tune time (min) | threads | commit |",
              "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows.values(), key=lambda r: (models.index(r["model"]), order.get(r["recipe"], 99),
-                                                  r["distill"], r["epochs"], r.get("seed", SEED))):
-        lines.append(f"| {r['model']} | {r['recipe']} | W{r['bits']}A{r['bits']} | {r['epochs']} | {r['steps']} | "
+                                                  r["distill"], total_epochs(r), r.get("seed", SEED))):
+        lines.append(f"| {r['model']} | {stages_and_recipe(r)} | W{r['bits']}A{r['bits']} | {total_epochs(r)} | "
+                     f"{r['steps']} | "
                      f"{r['lr']:g} ({r['schedule']}) | {'yes' if r['distill'] else 'no'} | {r.get('seed', SEED)} | "
                      f"{r['val_top1'] if 'val_top1' in r else ''} | {r['test_top1']:.2f} | "
                      f"{r['test_top1'] - r['fp_top1']:+.2f} | {r['minutes']:.1f} | {r.get('threads', 2)} | "
@@ -115,9 +131,11 @@ def table(rows: dict[str, dict]) -> str:
         lines += ["", "Recipes run with several seeds (mean +- sample standard deviation, number of seeds):", "",
                   "| model | recipe | distillation | epochs | test top-1 (%) | delta vs FP (mean) |",
                   "|---|---|---|---:|---:|---:|"]
-        for (model, recipe, distill, epochs), g in sorted(
+        for (model, recipe, distill, _, _), g in sorted(
                 several.items(), key=lambda kv: (models.index(kv[0][0]), order.get(kv[0][1], 99))):
-            lines.append(f"| {model} | {recipe} | {'yes' if distill else 'no'} | {epochs} | {top1_text(g)} | "
+            lines.append(f"| {model} | {stages_and_recipe(g[0])} | {'yes' if distill else 'no'} | "
+                         f"{total_epochs(g[0])} | "
+                         f"{top1_text(g)} | "
                          f"{mean_of(g) - g[0]['fp_top1']:+.2f} |")
     return "\n".join(lines)
 
@@ -147,15 +165,15 @@ def lowbits_best_table(rows: dict[str, dict]) -> str:
     lines = ["| model | W/A bits | chosen on validation | seeds | validation top-1 (%) | test top-1 (%) | delta vs FP "
              "| target | met | candidates |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
     kept = {k: g for k, g in seed_groups(rows).items()
-            if k[1] != "minmax-w2a2" and k[3] <= BEST_BUDGET_EPOCHS and all("val_top1" in r for r in g)}
+            if k[1] != "minmax-w2a2" and total_epochs(g[0]) <= BEST_BUDGET_EPOCHS and all("val_top1" in r for r in g)}
     for model in model_order(rows):
         for bits in sorted({g[0]["bits"] for k, g in kept.items() if k[0] == model}, reverse=True):
             candidates = [g for k, g in kept.items() if k[0] == model and g[0]["bits"] == bits]
             group = max(candidates, key=lambda g: mean_of(g, "val_top1"))
             best, delta = group[0], mean_of(group) - group[0]["fp_top1"]
             target = TARGETS_MODEL.get((model, bits), TARGETS[bits])
-            config = f"{best['recipe']}, {best['epochs']} epochs{', distilled' if best['distill'] else ''}"
-            lines.append(f"| {model} | W{bits}A{bits} | {config} | {len(group)} | {mean_of(group, 'val_top1'):.2f} | "
+            lines.append(f"| {model} | W{bits}A{bits} | {configuration(best)} | {len(group)} | "
+                         f"{mean_of(group, 'val_top1'):.2f} | "
                          f"{top1_text(group)} | {delta:+.2f} | {target:+.1f} | {'yes' if delta >= target else 'no'} | "
                          f"{len(candidates)} |")
     return "\n".join(lines)
@@ -177,7 +195,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override every recipe's epochs")
     ap.add_argument("--distill", action="store_true", help="distil from the FP model (off in the protocol)")
     ap.add_argument("--seeds", default=str(SEED), help="comma-separated seeds, one run of each recipe per seed")
+    ap.add_argument("--progressive", default="", help="stage widths fine-tuned first, e.g. 4 (lowbit.qat.progressive)")
     args = ap.parse_args()
+    stages = [int(b) for b in args.progressive.split(",") if b]
     for name in args.models.split(",") if args.recipes else []:
         model = pretrained(name)
         for recipe, seed in [(r, int(s)) for r in args.recipes.split(",") if r for s in args.seeds.split(",")]:
@@ -187,19 +207,20 @@ def main() -> None:
                 torch.manual_seed(seed)
                 result = run_qat(copy.deepcopy(model), model_name=name, dataset="fashion-mnist", recipe=spec,
                                  checkpoint_dir=tmp, epochs=args.epochs, seed=seed, distill=args.distill,
-                                 progress=False, log=lambda s: None)
+                                 progress=False, log=lambda s: None, progressive=stages or None)
             cfg = result["config"]
             row = {"model": name, "recipe": recipe, "bits": BITS[recipe.rsplit("-", 1)[1]], "epochs": cfg["epochs"],
                    "steps": result["steps"], "lr": cfg["lr"], "schedule": cfg["schedule"],
                    "distill": bool(args.distill), "seed": seed, "test_top1": round(result["test_top1"], 2),
-                   "val_top1": round(result["metrics"]["val_top1"], 2),
+                   "val_top1": round(result["metrics"]["val_top1"], 2), "progressive": list(stages),
                    "fp_top1": round(result["fp_top1"], 2), "minutes": round((time.perf_counter() - start) / 60, 1)}
             store_keyed_row(STORE, f"{name}/{recipe}" + ("/distill" if args.distill else "")
                             + (f"/e{cfg['epochs']}" if cfg["epochs"] != recipe_epochs(recipe) else "")
+                            + "".join(f"/from-w{b}" for b in stages)
                             + (f"/seed{seed}" if seed != SEED else ""), row)
     rows = load_keyed_rows(STORE)
     points = [(model, recipe, g[0]["bits"], statistics.mean(r["test_top1"] for r in g), g[0]["fp_top1"])
-              for (model, recipe, _, _), g in seed_groups(rows).items() if is_peer_protocol(g[0])]
+              for (model, recipe, _, _, _), g in seed_groups(rows).items() if is_peer_protocol(g[0])]
     plot = write_plot(points, ROOT / "docs" / "qat_accuracy_vs_bits.png")
     body = ("Fashion-MNIST test top-1 after quantization-aware fine-tuning from the shipped FP checkpoints; "
             "first and last layers 8-bit, quantizers calibrated on 512 held-out training images; recipes in "

@@ -102,7 +102,7 @@ def cmd_qat(args) -> None:
             batch_size=args.batch_size, max_steps=args.max_steps, seed=args.seed, distill=args.distill,
             checkpoint_dir=args.checkpoint_dir, resume=args.resume,
             calib_images=args.calib_images, data_dir=args.data_dir,
-            augment=True if args.augment is None and args.weights else args.augment)
+            augment=True if args.augment is None and args.weights else args.augment, progressive=args.progressive)
 
 
 def cmd_mixed(args) -> None:
@@ -176,6 +176,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint-dir", help="checkpoints, metrics.jsonl and the fine-tuned model "
                     "(default: lowbit-qat/MODEL-RECIPE)")
     sp.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    sp.add_argument("--progressive", type=lambda text: [int(b) for b in text.split(",")], default=None,
+                    metavar="BITS[,BITS]", help="progressive lowering: fine-tune at these widths first, each stage "
+                    "with the recipe's settings (e.g. 4 before a W2A2 recipe; lowbit.qat.progressive)")
     sp.add_argument("--calib-images", type=int, default=512, help="held-out training images to calibrate on")
     data_dir_arg(sp)
     sp.set_defaults(func=cmd_qat)
