@@ -73,6 +73,7 @@ def run_qat(model: nn.Module, *, model_name: str, dataset: str, recipe: str, che
         f"({result['seconds']:.0f} s)")
     folder = save(qmodel, checkpoint_dir, model_name=model_name, dataset=dataset,
                             extra={"recipe_name": name, "qat": cfg.to_dict(), "steps": result["steps"],
+                                   "progressive": list(progressive or []),
                                    "fp_top1": fp, "test_top1": q})
     log(f"saved {folder} (model.safetensors, recipe.yaml, lowbit.json; reload with lowbit.load)")
     return result
