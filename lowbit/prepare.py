@@ -129,6 +129,12 @@ def build_quantizer(spec: dict | None, role: str, name: str, layer: nn.Module | 
                            granularity=granularity, **opts)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"layer {name!r} {role}s: {exc}") from None
+    size = q.granularity.group_size if q.granularity.kind == "group" else None
+    weight = getattr(layer, "weight", None)
+    if size is not None and weight is not None and weight[0].numel() % size:
+        raise RecipeError(f"layer {name!r} weights: group:{size} needs a multiple of {size} weights per output "
+                          f"channel, and it has {weight[0].numel()}; give that layer another group size or "
+                          f"granularity: channel (layers: {{{name!r}: {{weights: {{granularity: channel}}}}}})")
     q.name = f"{name}.{'weight' if role == 'weight' else 'input'}"
     return q
 

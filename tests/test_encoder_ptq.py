@@ -174,3 +174,15 @@ def test_layer_patterns_override_single_embedding_tables():
     with pytest.raises(RecipeError, match=r"'\*nowhere_embeddings' matches no.*embedding tables: embeddings\.word"):
         lowbit.quantize(tiny_bert(), {**recipe, "layers": {"*nowhere_embeddings": {"weights": {"bits": 8}}}},
                         calib_data=token_batches(1, 1))
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_at_quantize_time():
+    """Group-wise steps need whole groups in every output channel: named before any data flows, model untouched."""
+    model = tiny_bert()  # hidden size 16
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = {**lowbit.load_recipe("lsq-w4a8-transformer").to_dict(),
+              "weights": {"method": "lsq", "bits": 4, "granularity": "group:64", "init": "mse"}}
+    with pytest.raises(RecipeError, match=r"'encoder\.layer\.0\.attention\.self\.query' weights: group:64 needs a "
+                                          r"multiple of 64 .* it has 16"):
+        lowbit.quantize(model, recipe, calib_data=token_batches(1, 1))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
