@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_agreement import CALIB_PHOTOS  # noqa: E402
+from transfer import FP_LR, FP_STEPS, SIZE, loaders, measure, transferred  # noqa: E402
 from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -104,25 +105,21 @@ class TransferredMobileNetV2:
     metric = "test top-1 (%)"
 
     def __init__(self, steps: int):
-        from transfer import loaders, transferred  # the transfer benchmark's data and FP model
-
-        defaults = {"size": 64, "fp_steps": 859, "fp_lr": 0.02, "seed": SEED}
-        self.data = loaders("mobilenetv2", defaults["size"], SEED)
-        self.model, _ = transferred("mobilenetv2", self.data, argparse.Namespace(**defaults), print)
+        defaults = argparse.Namespace(size=SIZE, fp_steps=FP_STEPS, fp_lr=FP_LR, seed=SEED)
+        self.data = loaders("mobilenetv2", SIZE, SEED)
+        self.model, _ = transferred("mobilenetv2", self.data, defaults, print)
         self.calib = [x for x, _ in self.data["calib"]]
         self.example = self.calib[0][:1]
         self.steps = steps
 
     def score(self, recipe) -> dict:
-        from lowbit.evaluate import evaluate
-
         qmodel = lowbit.quantize(self.model, recipe, calib_data=self.calib)
         if self.steps:
             config = lowbit.FinetuneConfig.from_recipe(BASE["mobilenetv2-fmnist"], max_steps=self.steps,
                                                        batch_size=64, seed=SEED, progress=False, tensorboard=False)
             lowbit.finetune(qmodel, self.data["train"], teacher=self.model, config=config, log=lambda _m: None)
-        return {"score": evaluate(qmodel, self.data["test"])["top1"],
-                "val_top1": evaluate(qmodel, self.data["val"])["top1"]}
+        top1 = measure(qmodel, self.data)
+        return {"score": top1["test_top1"], "val_top1": top1["val_top1"]}
 
 
 def write(rows: list[dict]) -> None:

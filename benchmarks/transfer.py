@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from imagenet_agreement import depthwise_at_8_bits  # noqa: E402
+from imagenet_agreement import recipe_for  # noqa: E402
 from results_page import ROOT, git_commit, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -52,6 +52,7 @@ QAT = ["lsq-w4a4", "lsq-w3a3", "lsq-w2a2"]
 HEADS = {"mobilenetv2": "classifier.1", "efficientnet-lite0": "_fc"}
 BATCH = 64
 CALIB_IMAGES = 512
+SIZE, FP_STEPS, FP_LR = 64, 859, 0.02  # the FP transfer's defaults (859 steps of batch 64: one epoch)
 
 
 class Upsampled:
@@ -120,9 +121,8 @@ def measure(model: nn.Module, data: dict) -> dict:
 
 
 def quantized_row(fp: nn.Module, recipe_name: str, data: dict, args, log) -> dict:
-    recipe = depthwise_at_8_bits(fp) if recipe_name == "ptq-w4a4-aciq-dw8" else recipe_name
     start = time.perf_counter()
-    qmodel = lowbit.quantize(fp, recipe, calib_data=[x for x, _ in data["calib"]])
+    qmodel = lowbit.quantize(fp, recipe_for(recipe_name, fp), calib_data=[x for x, _ in data["calib"]])
     row = {"kind": "PTQ", "steps": 0, "distill": False}
     if recipe_name in QAT:
         config = lowbit.FinetuneConfig.from_recipe(recipe_name, max_steps=args.qat_steps, batch_size=BATCH,
@@ -164,9 +164,9 @@ def write(rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mobilenetv2,efficientnet-lite0")
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--fp-steps", type=int, default=859)
-    ap.add_argument("--fp-lr", type=float, default=0.02)
+    ap.add_argument("--size", type=int, default=SIZE)
+    ap.add_argument("--fp-steps", type=int, default=FP_STEPS)
+    ap.add_argument("--fp-lr", type=float, default=FP_LR)
     ap.add_argument("--recipes", default=",".join(PTQ + QAT))
     ap.add_argument("--qat-steps", type=int, default=430)
     ap.add_argument("--no-distill", action="store_true")

@@ -74,9 +74,10 @@ def quantizable_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str
     return ok, refused
 
 
-def embedding_tables(model: nn.Module) -> list[str]:
-    """Names of the float ``nn.Embedding`` tables (and subclasses) the ``embeddings`` point quantizes."""
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and not isinstance(m, QuantMixin)]
+def embedding_tables(model: nn.Module) -> dict[str, nn.Embedding]:
+    """The float ``nn.Embedding`` tables (and subclasses) the ``embeddings`` point quantizes, by name."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Embedding) and not isinstance(m, QuantMixin)}
 
 
 def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict | None, dict | None]], dict[str, str]]:
@@ -93,9 +94,10 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict
             return [aliases[pattern]]
         return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
-    tables = embedding_tables(model) if recipe.embeddings is not None else []
+    tables = list(embedding_tables(model)) if recipe.embeddings is not None else []
     for pattern in list(recipe.layers) + recipe.skip:
-        if not matches(pattern) and (pattern in recipe.skip or not fnmatch.filter(tables, pattern)):
+        names_table = pattern not in recipe.skip and any(fnmatch.fnmatchcase(t, pattern) for t in tables)
+        if not matches(pattern) and not names_table:
             shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
             raise RecipeError(f"recipe pattern {pattern!r} matches no quantizable layer; layers are: {shown}"
                               + (f"; embedding tables: {', '.join(tables)}" if tables else ""))
@@ -243,9 +245,7 @@ def _quantize_embeddings(model: nn.Module, recipe: Recipe, report: QuantReport, 
     float). A model without one has nothing to quantize there (the shipped recipes carry an ``embeddings``
     section for the language models they meet). Raises :class:`RecipeError` for a subclass whose forward does
     not read the quantized table."""
-    modules = dict(model.named_modules())
-    for name in embedding_tables(model):
-        table = modules[name]
+    for name, table in embedding_tables(model).items():
         spec = recipe.spec_for(name, "weights", [p for p in recipe.layers if fnmatch.fnmatchcase(name, p)],
                                point="embeddings")
         if spec is None:

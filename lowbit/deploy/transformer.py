@@ -57,9 +57,9 @@ from lowbit.deploy.read import Fields, read_grid, read_layer, read_manifest, rea
 from lowbit.deploy.rebuild import report_of
 from lowbit.deploy.write import Arena, layer_entry, manifest_of, reference_bytes, weight_bytes, write_files, write_grid
 from lowbit.errors import RecipeError
+from lowbit.llm.encoder import is_encoder
 from lowbit.llm.families import FAMILIES, check_attention, family_of
 from lowbit.llm.kv_cache import is_kv_quantized, kv_quant_class
-from lowbit.llm.encoder import is_encoder
 from lowbit.llm.objective import is_causal_lm
 from lowbit.llm.sink_prefix import SinkPrefix, has_sink_prefix, install_sink_prefix
 from lowbit.nn.modules import QuantLinear, QuantMixin, quant_embedding_class
@@ -131,8 +131,7 @@ def build_transformer(qmodel: nn.Module) -> ExportedTransformer:
     """Read ``qmodel``'s integer codes, grids and float tensors (the model is put back in its mode).
 
     Raises :class:`~lowbit.deploy.errors.ExportError` for a model that is neither a Hugging Face causal LM nor an
-    encoder,
-    one with nothing quantized, and naming the module for any quantizer the format cannot hold
+    encoder, one with nothing quantized, and naming the module for any quantizer the format cannot hold
     (:data:`SUPPORTED`): a query or attention-probability quantizer, a disabled half of a KV pair.
     """
     kind = kind_of(qmodel)
@@ -187,9 +186,9 @@ def build_transformer(qmodel: nn.Module) -> ExportedTransformer:
     cls = type(qmodel)._float_class if prefixed else type(qmodel)
     arch = {"zoo": None, "name": f"{cls.__module__}.{cls.__qualname__}"}
     return ExportedTransformer(layers, kv, float_tensors, arch, config,
-                      report.recipe.to_dict() if report is not None else None, left_float,
-                      sink_prefix=copy.deepcopy(qmodel.lowbit_sink_prefix).cpu().float() if prefixed else None,
-                      kind=kind)
+                               report.recipe.to_dict() if report is not None else None, left_float,
+                               sink_prefix=copy.deepcopy(qmodel.lowbit_sink_prefix).cpu().float() if prefixed
+                               else None, kind=kind)
 
 
 def family_of_class(attention: nn.Module) -> str:
@@ -395,7 +394,7 @@ def _install_kv(model: nn.Module, name: str, g: KVGrids) -> None:
 
 
 def load_transformer(source: str | os.PathLike | ExportedTransformer, model: nn.Module | None, *,
-                   packed: str | None = None) -> nn.Module:
+                     packed: str | None = None) -> nn.Module:
     """The quantized causal LM or encoder of an export (a folder, or an :class:`ExportedTransformer` already read), in
     eval mode.
 
