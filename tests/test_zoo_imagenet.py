@@ -253,6 +253,29 @@ def test_onnx_runs_clip_and_pad_like_the_fake_quant_model(tiny):
     assert torch.allclose(got, expected, atol=1e-4)
 
 
+def test_relu6_saturated_by_the_next_grid_is_left_to_quantizelinear(tiny, tmp_path):
+    """A ReLU6 whose readers' grids already map 0 and 6 to their end codes (through zero padding too) is left out of
+    the ONNX graph, exactly; the one feeding the float identity addition stays. Without those Clips (and with every
+    activation in uint8), onnxruntime fuses the speed export's convs into QLinearConv, all but the two whose output
+    goes to a float op first (the stem's, into the kept Clip; block2's expansion, into the Pad)."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    qmodel = lowbit.quantize(tiny, "ptq-w8a8", calib_data=_batches(2, 4))
+    model = lowbit.deploy.to_onnx(qmodel)
+    assert [n.name for n in model.graph.node if n.op_type == "Clip"] == ["stem_2_Clip"]
+    x = torch.cat(_batches(1, 5))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), qmodel(x), atol=1e-4)
+    speed = lowbit.deploy.to_onnx(qmodel, input_shape=[1, 3, 16, 16], quantize_residual=True,
+                                  calib_data=_batches(2, 4))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(speed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 8 and fused.count("Conv") + fused.count("FusedConv") == 2
+
+
 def test_every_offline_photo_loads_as_rgb():
     pytest.importorskip("sklearn")
     pytest.importorskip("skimage")

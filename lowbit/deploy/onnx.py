@@ -18,14 +18,17 @@ QDQ layout (the "QDQ format" onnxruntime fuses into ``QLinearConv`` / ``QGemm`` 
 * everything the fake-quant model keeps in float (conv outputs, residual sums, pooling,
   logits) stays float, so onnxruntime computes what lowbit's fake-quant model computes.
 
-Below 8 bits the codes live in int8 (signed grids) or uint8 (unsigned) containers.
-``QuantizeLinear`` saturates to the container, not to the narrower grid, so a narrowed input
-grid first clips the float input to ``[(qmin - z) s, (qmax - z) s]`` (``Clip``, or ``Min``/``Max``
-against per-channel bounds). Weight codes below 8 bits are written multiplied by ``2^k``, the
-largest power of two that keeps them in int8 (in [-64, 63] when the layer's input codes exceed
-127, so that u8 x s8 pair sums stay inside int16 in AVX2 kernels), with the step divided by
-``2^k``: the same weights, and an integer accumulator ``2^k`` times finer. onnxruntime's 4-bit
-types are not used: its CPU kernels run 4-bit only in weight-only MatMul, not in QDQ Conv.
+Activation codes live in uint8: a signed grid is written shifted by 128 (codes ``q + 128``, zero point ``z + 128``:
+the same values), because onnxruntime fuses a Conv into ``QLinearConv`` only when its input and output codes share a
+type. A clamp (ReLU6) whose readers' grids already map its bounds to their end codes is left out: ``QuantizeLinear``
+saturates to the same codes, and a Conv followed by a ``Clip`` would first be fused into a float ``FusedConv``.
+Below 8 bits the codes live in the same containers. ``QuantizeLinear`` saturates to the container, not to the
+narrower grid, so a narrowed input grid first clips the float input to ``[(qmin - z) s, (qmax - z) s]`` (``Clip``,
+or ``Min``/``Max`` against per-channel bounds). Weight codes below 8 bits are written multiplied by ``2^k``, the
+largest power of two that keeps them in int8 (in [-64, 63] when the layer's input codes exceed 127, so that u8 x s8
+pair sums stay inside int16 in AVX2 kernels), with the step divided by ``2^k``: the same weights, and an integer
+accumulator ``2^k`` times finer. onnxruntime's 4-bit types are not used: its CPU kernels run 4-bit only in
+weight-only MatMul, not in QDQ Conv.
 
 Weight zero points. ONNX zero points are integers. SAWB's half-integer zero point is made
 exact by doubling the codes (``(q - z) s = (2q - 2z)(s / 2)``). Any other fractional zero point
@@ -119,23 +122,35 @@ class _Builder:
         return out
 
     # ----- activations --------------------------------------------------------------------
-    def qdq(self, value: str, g: GridData, ndim: int, where: str) -> str:
+    def qdq(self, value: str, g: GridData, ndim: int, where: str, own_dq: bool = False) -> str:
+        """``value`` through ``QuantizeLinear -> DequantizeLinear`` on grid ``g``: one pair per tensor and grid,
+        shared by its readers; ``own_dq`` gives this reader a DequantizeLinear of its own on the shared
+        QuantizeLinear (onnxruntime fuses a Conv into QLinearConv only when no other node reads its input's
+        DequantizeLinear, so a float Add reading the same codes needs its own)."""
         key = (value, g.scale.numpy().tobytes(), g.zero_point.numpy().tobytes(), str(g.qmin), str(g.qmax))
         if key in self.qdq_cache:
-            return self.qdq_cache[key]
+            dq = self.qdq_cache[key]
+            if not own_dq:
+                return dq
+            node = next(n for n in self.nodes if n.output[0] == dq)
+            return self.node("DequantizeLinear", list(node.input), value + "_dq",
+                             **{a.name: a.i for a in node.attribute})
         lo, hi = g.qrange_tensors()
         z = g.zero_point.double()
         if not torch.equal(z, torch.round(z)):
             raise ExportError(f"{where}: a fractional activation zero point cannot be written as ONNX QDQ")
-        cont = _container(int(lo.min()), int(hi.max()))
-        if cont is None or int(z.min()) < int(lo.min()) or int(z.max()) > int(hi.max()):
+        # activation codes go in uint8 (a signed grid shifted by 128: q + 128 with zero point z + 128, the same
+        # values): onnxruntime fuses a Conv into QLinearConv only when its input and output codes share a type
+        offset = 128 if int(lo.min()) < 0 else 0
+        if int(lo.min()) + offset < 0 or int(hi.max()) + offset > 255 or int(z.min()) < int(lo.min()) \
+                or int(z.max()) > int(hi.max()):
             raise ExportError(f"{where}: activation range [{int(lo.min())}, {int(hi.max())}] fits no 8-bit container")
-        dtype, cmin, cmax = cont
+        dtype, cmin, cmax = np.uint8, 0, 255
         per_channel = g.scale.dim() > 0
         scale = g.scale.numpy().astype(np.float32)
-        zp = z.numpy().astype(dtype)
+        zp = (z + offset).numpy().astype(dtype)
         x = value
-        narrowed = bool((lo > cmin).any() or (hi < cmax).any())
+        narrowed = bool((lo + offset > cmin).any() or (hi + offset < cmax).any())
         if narrowed:
             s = g.scale.double()
             low = ((lo.double() - z) * s).float().numpy()
@@ -158,9 +173,10 @@ class _Builder:
         self.qdq_cache[key] = dq
         return dq
 
-    def qdq_int8(self, value: str, scale: float, zero: int, dtype=np.int8) -> str:
+    def qdq_int8(self, value: str, scale: float) -> str:
+        """``value`` through a signed 8-bit grid of step ``scale`` (zero point 0), written in uint8 (codes + 128)."""
         s = self.const(value + "_rscale", np.array(scale, np.float32))
-        z = self.const(value + "_rzero", np.array(zero, dtype))
+        z = self.const(value + "_rzero", np.array(128, np.uint8))
         q = self.node("QuantizeLinear", [value, s, z], value + "_rq")
         return self.node("DequantizeLinear", [q, s, z], value + "_rdq")
 
@@ -342,6 +358,30 @@ def _calibrate_residual(exp: Exported, model, calib_data, batches: int) -> dict[
     return {t: max(v, 1e-8) / 127.0 for t, v in amax.items()}
 
 
+def _clamp_is_saturation(node, users: dict, exp: Exported) -> bool:
+    """True when every reader of the clamp ``node`` (through zero padding, when 0 lies within the bounds) is a layer
+    whose input grid already maps the clamp's bounds to its end codes, ``Q(lo) = qmin`` and ``Q(hi) = qmax`` for
+    every channel (``Q(v) = round(v / s) + z`` in float32, as QuantizeLinear computes it): rounding is monotone and
+    ``Q`` saturates, so ``Q(clamp(x, lo, hi)) = Q(x)`` for every ``x`` and the clamp can be left out exactly. ReLU6
+    before an unsigned grid calibrated within [0, 6] is the case that matters: onnxruntime fuses a Conv with the
+    Clip after it into a float ``FusedConv`` first, which stops the Conv becoming ``QLinearConv``."""
+    lo, hi = node.attrs["min"], node.attrs["max"]
+    readers = list(users[node.name])
+    while any(u.op == "pad" for u in readers) and lo <= 0.0 <= hi:
+        readers = [r for u in readers for r in (users[u.name] if u.op == "pad" else [u])]
+    if not readers:
+        return False
+    for u in readers:
+        g = exp.layers[u.layer].input_grid if u.op in LAYER_OPS else None
+        if g is None or g.kind == "group":
+            return False
+        qmin, qmax = g.qrange_tensors()
+        code = lambda v: torch.round(torch.tensor(v, dtype=torch.float32) / g.scale.float()) + g.zero_point.float()
+        if bool((code(lo) > qmin).any() or (code(hi) < qmax).any()):
+            return False
+    return True
+
+
 def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
     from onnx import TensorProto, helper  # deferred: onnx is an optional dependency
 
@@ -386,10 +426,12 @@ def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
                 bias_const = b.const(n.name + "_bias", layer.bias.numpy().reshape(shape).astype(np.float32))
                 out = b.node("Add", [out, bias_const], n.name + "_biased")
             if n.name in residual_scales:
-                out = b.qdq_int8(out, residual_scales[n.name], 0)
+                out = b.qdq_int8(out, residual_scales[n.name])
             vals[n.name], ndim[n.name] = out, nd
         elif n.op == "relu":
             vals[n.name], ndim[n.name] = b.node("Relu", src, n.name), ndim[n.inputs[0]]
+        elif n.op == "clamp" and _clamp_is_saturation(n, users, exp):
+            vals[n.name], ndim[n.name] = src[0], ndim[n.inputs[0]]
         elif n.op == "clamp":
             bounds = [b.const(f"{n.name}_{k}", np.array(n.attrs[k], np.float32)) for k in ("min", "max")]
             vals[n.name], ndim[n.name] = b.node("Clip", src + bounds, n.name), ndim[n.inputs[0]]
