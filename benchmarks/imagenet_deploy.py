@@ -2,16 +2,21 @@
 integer engine and ONNX against the fake-quant model, and onnxruntime int8 speed against fp32.
 
     python benchmarks/imagenet_deploy.py [--models mobilenetv2,efficientnet-lite0] [--recipes ptq-w8a8,ptq-w4a4-aciq]
-                                         [--engine-views 140] [--rounds 5] [--threads 1]
+                                         [--data photos,fmnist] [--engine-images 10000] [--no-speed]
+                                         [--rounds 5] [--threads 1]
 
-Images: the offline photos' views as in benchmarks/imagenet_agreement.py (the calibration photos' views
-calibrate; the others' are compared). Per model and recipe: top-1 of the integer engine read from the export
-folder (depthwise convolutions, ReLU6 as a clamp on codes, TensorFlow padding, inverted-residual additions in
-int64) and of the faithful ONNX QDQ model in onnxruntime, each against the fake-quant model, on the same views;
-the export's size. Speed (``ptq-w8a8`` only): onnxruntime on the int8 graph (``quantize_residual=True``, so
-onnxruntime fuses QLinearConv) against the fp32 model through the same writer, batch 1 and 32, ``--threads``
-intra-op threads, variants interleaved, median of ``--rounds``. The machine is shared with other jobs: the
-ratios mean more than the milliseconds.
+Data: *photos*, the ImageNet classifier on the offline photos' views as in benchmarks/imagenet_agreement.py (the
+calibration photos' views calibrate; the others' are compared, unlabelled); *fmnist*, the network transferred to
+Fashion-MNIST by benchmarks/transfer.py (read from its cache in runs/transfer/, or trained) on the 10,000 test
+images, labelled. Per model, data and recipe: top-1 agreement with the fake-quant model of the integer engine read
+from the export folder (depthwise convolutions, ReLU6 as a clamp on codes, TensorFlow padding, inverted-residual
+additions in int64) and of the faithful ONNX QDQ model in onnxruntime; the agreement of the engine with the same
+fake-quant model evaluated in float64, and of the float32 fake-quant model with its float64 self (its own rounding
+noise: rounding-boundary differences of one code grow through these 50-layer networks); the export's size.
+Speed (``ptq-w8a8`` only): onnxruntime on the int8 graph (``quantize_residual=True``, so onnxruntime fuses
+QLinearConv) against the fp32 model through the same writer, batch 1 and 32, ``--threads`` intra-op threads,
+variants interleaved, median of ``--rounds``. The machine is shared with other jobs: the ratios mean more than the
+milliseconds.
 
 Rows go to docs/results/imagenet_deploy.json as they finish; the section "imagenet-deploy" of docs/RESULTS.md is
 rewritten from all rows.
@@ -20,6 +25,7 @@ rewritten from all rows.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -31,8 +37,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_speed import session, time_variants  # noqa: E402
-from imagenet_agreement import CALIB_PHOTOS  # noqa: E402
+from imagenet_agreement import CALIB_PHOTOS, recipe_for  # noqa: E402
 from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
+from transfer import FP_LR, FP_STEPS, SIZE, loaders, transferred  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.data.photos import PHOTOS, load_photo, photo_views  # noqa: E402
@@ -51,26 +58,36 @@ def folder_bytes(folder: Path) -> int:
 
 
 @torch.no_grad()
-def fidelity(model_name: str, recipe: str, calib, views, engine_views: int) -> dict:
-    model = pretrained(model_name)
-    qmodel = lowbit.quantize(model, recipe, calib_data=list(calib.split(10))).eval()
+def fidelity(model: torch.nn.Module, recipe: str, calib: list, batches: list, engine_images: int) -> dict:
+    """Top-1 agreement of the integer engine and the ONNX QDQ model with the fake-quant model (float32, and the
+    same model evaluated in float64: the fake-quant model's own rounding noise) on ``batches`` of ``(x, y)``
+    (``y`` None for unlabelled photo views); labelled batches also give each one's accuracy."""
+    qmodel = lowbit.quantize(model, recipe_for(recipe, model), calib_data=calib).eval()
+    q64 = copy.deepcopy(qmodel).double()
     folder = Path(tempfile.mkdtemp(prefix="lowbit-imagenet-"))
-    lowbit.export(qmodel, folder, input_shape=SHAPE)
-    reference = torch.cat([qmodel(v) for v in views.split(10)]).argmax(1)
+    lowbit.export(qmodel, folder, input_shape=[1, *batches[0][0].shape[1:]])
     engine = IntegerEngine.from_path(folder)
+    sess = session(to_onnx(folder), 1)
+    x_all = torch.cat([x for x, _ in batches])
+    labels = None if batches[0][1] is None else torch.cat([y for _, y in batches])
+    fq = torch.cat([qmodel(x) for x, _ in batches]).argmax(1)
+    fq64 = torch.cat([q64(x.double()) for x, _ in batches]).argmax(1)
+    onnx_logits = np.concatenate([sess.run(None, {"input": x.numpy()})[0] for x, _ in batches])
+    onnx_top1 = torch.from_numpy(onnx_logits).argmax(1)
+    n = min(engine_images, len(x_all))
     start = time.perf_counter()
-    engine_top1 = torch.cat([engine.predict(v) for v in views[:engine_views].split(10)])
-    engine_seconds = (time.perf_counter() - start) / engine_views
-    onnx_model = to_onnx(folder)
-    sess = session(onnx_model, 1)
-    onnx_top1 = torch.from_numpy(np.concatenate([sess.run(None, {"input": v.numpy()})[0]
-                                                 for v in views.split(10)])).argmax(1)
-    row = {"key": f"{model_name}/{recipe}", "model": model_name, "recipe": recipe, "views": len(views),
-           "engine_views": engine_views,
-           "engine_same": int((engine_top1 == reference[:engine_views]).sum()),
+    engine_top1 = torch.cat([engine.predict(x) for x in x_all[:n].split(50)])
+    engine_seconds = (time.perf_counter() - start) / n
+    row = {"images": len(x_all), "engine_images": n,
+           "engine_same": int((engine_top1 == fq[:n]).sum()), "engine_same_f64": int((engine_top1 == fq64[:n]).sum()),
+           "f32_same_f64": int((fq[:n] == fq64[:n]).sum()),
            "engine_saturated": engine.stats["saturated"], "engine_seconds_per_image": engine_seconds,
-           "onnx_same": int((onnx_top1 == reference).sum()), "export_bytes": folder_bytes(folder),
+           "onnx_same": int((onnx_top1 == fq).sum()), "export_bytes": folder_bytes(folder),
            "fp32_bytes": 4 * sum(p.numel() for p in model.parameters())}
+    if labels is not None:
+        row.update(fake_quant_top1=100 * (fq == labels).float().mean().item(),
+                   engine_top1=100 * (engine_top1 == labels[:n]).float().mean().item(),
+                   onnx_top1=100 * (onnx_top1 == labels).float().mean().item())
     for p in folder.iterdir():
         p.unlink()
     folder.rmdir()
@@ -103,16 +120,28 @@ def speed(model_name: str, calib, rounds: int, threads: int) -> dict:
 
 
 def write(rows: list[dict], meta: dict) -> None:
-    lines = ["Fidelity of the deployment artefacts against the fake-quant model on the offline photos' held-out views "
-             f"({meta['eval_photos']} photos x 20 views; calibration on {', '.join(meta['calib_names'])}).", "",
-             "| model | recipe | integer engine = fake-quant (top-1) | engine saturations | engine s / image | "
-             "ONNX QDQ = fake-quant (top-1) | export size | fp32 parameters |", "|---|---|---|---|---|---|---|---|"]
+    pct = lambda k, n: f"{100 * k / n:.2f} %"
+    lines = ["Top-1 agreement of the deployment artefacts with the fake-quant model. *photos*: the offline photos' "
+             f"held-out views ({meta['eval_photos']} photos x 20 views, 224x224; calibration on "
+             f"{', '.join(meta['calib_names'])}), the ImageNet classifier. *fmnist*: the 10,000 Fashion-MNIST test "
+             f"images at {SIZE}x{SIZE}, the model transferred by `benchmarks/transfer.py` (calibration on its 512 "
+             "images), with labelled top-1. *f64*: the same fake-quant model evaluated in float64; *f32 = f64* is the "
+             "fake-quant model's own float32 rounding noise, the floor under any agreement with it.", "",
+             "| model | data | recipe | engine = fake-quant | engine = f64 | f32 = f64 | ONNX QDQ = fake-quant | "
+             "top-1 fake-quant / engine / ONNX | engine s / image | export size | fp32 parameters |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted((r for r in rows if "recipe" in r), key=lambda r: r["key"]):
-        lines.append(f"| {r['model']} | `{r['recipe']}` | {r['engine_same']} / {r['engine_views']} "
-                     f"({100 * r['engine_same'] / r['engine_views']:.1f} %) | {r['engine_saturated']} | "
-                     f"{r['engine_seconds_per_image']:.2f} | {r['onnx_same']} / {r['views']} "
-                     f"({100 * r['onnx_same'] / r['views']:.1f} %) | {r['export_bytes'] / 1e6:.2f} MB | "
-                     f"{r['fp32_bytes'] / 1e6:.2f} MB |")
+        n = r["engine_images"]
+        top1 = (f"{r['fake_quant_top1']:.2f} / {r['engine_top1']:.2f} / {r['onnx_top1']:.2f}"
+                if "engine_top1" in r else "(unlabelled)")
+        lines.append(f"| {r['model']} | {r['data']} | `{r['recipe']}` | {pct(r['engine_same'], n)} | "
+                     f"{pct(r['engine_same_f64'], n)} | {pct(r['f32_same_f64'], n)} | "
+                     f"{pct(r['onnx_same'], r['images'])} | {top1} | {r['engine_seconds_per_image']:.3f} | "
+                     f"{r['export_bytes'] / 1e6:.2f} MB | {r['fp32_bytes'] / 1e6:.2f} MB |")
+    lines += ["", "Images compared: photos " + ", ".join(sorted({f"{r['images']}" for r in rows
+                                                              if r.get("data") == "photos"})) +
+              "; fmnist " + ", ".join(sorted({f"{r['engine_images']}" for r in rows if r.get("data") == "fmnist"})) +
+              ". Saturated engine values: " + str(sum(r["engine_saturated"] for r in rows if "recipe" in r)) + "."]
     speeds = [r for r in rows if r["key"].endswith("/speed")]
     if speeds:
         lines += ["", "onnxruntime, `ptq-w8a8` exported with 8-bit residual grids (`quantize_residual=True`) against the "
@@ -132,7 +161,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mobilenetv2,efficientnet-lite0")
     ap.add_argument("--recipes", default="ptq-w8a8,ptq-w4a4-aciq")
-    ap.add_argument("--engine-views", type=int, default=140)
+    ap.add_argument("--data", default="photos,fmnist", help="photos (ImageNet classifier) and/or fmnist "
+                    "(the transferred model, labelled)")
+    ap.add_argument("--engine-images", type=int, default=10_000, help="images the integer engine runs per row")
+    ap.add_argument("--no-speed", dest="speed", action="store_false")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -142,21 +174,30 @@ def main() -> None:
     eval_names = [p for p in PHOTOS if p not in calib_names]
     meta = {"calib_names": calib_names, "eval_photos": len(eval_names)}
     done = {r["key"] for r in load_rows(ROWS)}
+    transfer_args = argparse.Namespace(size=SIZE, fp_steps=FP_STEPS, fp_lr=FP_LR, seed=SEED)
     for model_name in args.models.split(","):
         prep = PREPROCESSING[model_name]
-        calib = photo_views([load_photo(p) for p in calib_names], prep)
-        views = photo_views([load_photo(p) for p in eval_names], prep)
-        for recipe in args.recipes.split(","):
-            if f"{model_name}/{recipe}" in done:
-                continue
-            row = fidelity(model_name, recipe, calib, views, min(args.engine_views, len(views)))
-            store_row(ROWS, row)
-            print(row, flush=True)
+        calib_views = photo_views([load_photo(p) for p in calib_names], prep)
+        for data_name in args.data.split(","):
+            if data_name == "photos":
+                model, calib = pretrained(model_name), list(calib_views.split(10))
+                batches = [(v, None) for v in photo_views([load_photo(p) for p in eval_names], prep).split(10)]
+            else:
+                data = loaders(model_name, SIZE, SEED)
+                model, _ = transferred(model_name, data, transfer_args, print)
+                calib, batches = [x for x, _ in data["calib"]], list(data["test"])
+            for recipe in filter(None, args.recipes.split(",")):
+                key = f"{model_name}/{data_name}/{recipe}"
+                if key in done:
+                    continue
+                row = {"key": key, "model": model_name, "data": data_name, "recipe": recipe,
+                       **fidelity(model, recipe, calib, batches, args.engine_images)}
+                store_row(ROWS, row)
+                print(row, flush=True)
+                write(load_rows(ROWS), meta)
+        if f"{model_name}/speed" not in done and args.speed:
+            store_row(ROWS, speed(model_name, calib_views, args.rounds, args.threads))
             write(load_rows(ROWS), meta)
-        if f"{model_name}/speed" not in done:
-            store_row(ROWS, speed(model_name, calib, args.rounds, args.threads))
-            write(load_rows(ROWS), meta)
-
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
-"""EAGL mixed precision on models with published weights: all-MiniLM-L6-v2 (BERT) and MobileNetV2, against random
-assignments of the same bit-operations.
+"""EAGL and ALPS mixed precision on models with published weights: all-MiniLM-L6-v2 (BERT) and MobileNetV2, against
+random assignments of the same bit-operations.
 
-    python benchmarks/mixed_pretrained.py [--model minilm|mobilenetv2] [--budgets 0.5,0.75] [--steps 60]
-                                          [--random-draws 2]
+    python benchmarks/mixed_pretrained.py [--model minilm|mobilenetv2|mobilenetv2-fmnist] [--budgets 0.5,0.75]
+                                          [--steps 60] [--random-draws 2] [--methods eagl,alps]
+                                          [--alps-steps 50] [--alps-eval-images 2048]
 
 Search spaces (lowbit.mixed): every quantized layer but the first and last (kept at 8 bits) is a candidate.
 
@@ -15,15 +16,20 @@ Search spaces (lowbit.mixed): every quantized layer but the first and last (kept
   with the float model on the offline photos' held-out views, after calibration only (there is no ImageNet
   data to fine-tune on here), so its rows show what the selection keeps before any fine-tuning.
 
-Budgets are fractions of the all-highest-precision bit-operations; EAGL's assignment, ``--random-draws`` random
-assignments at the cost EAGL used, and the uniform models. EAGL's time (entropy of each layer's 4-bit codes +
-the knapsack) is reported. Rows go to docs/results/mixed_pretrained.json as they finish; the section
-"mixed-pretrained" of docs/RESULTS.md is rewritten from all rows.
+Budgets are fractions of the all-highest-precision bit-operations; EAGL's (and ALPS's) assignment,
+``--random-draws`` random assignments at the cost EAGL used, and the uniform models. EAGL's time (entropy of each
+layer's 4-bit codes + the knapsack) is reported. ALPS (``--methods eagl,alps``; mobilenetv2-fmnist only, since it
+ranks layers by labelled accuracy) lowers one candidate layer at a time from the uniform W4A4 model, fine-tunes each
+copy ``--alps-steps`` distilled steps and measures the drop on the first ``--alps-eval-images`` validation images
+(never the test set); its runs are cached in runs/alps-cache/, and its time is the whole of that. Rows go to
+docs/results/mixed_pretrained.json as they finish; the section "mixed-pretrained" of docs/RESULTS.md is rewritten
+from all rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +43,7 @@ from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.mixed import build_space, random_assignment, select  # noqa: E402
+from lowbit.mixed.alps import ALPS  # noqa: E402
 from lowbit.mixed.cost import precision_label  # noqa: E402
 
 SEED = 0
@@ -121,9 +128,27 @@ class TransferredMobileNetV2:
         top1 = measure(qmodel, self.data)
         return {"score": top1["test_top1"], "val_top1": top1["val_top1"]}
 
+    def alps(self, space, steps: int, images: int) -> ALPS:
+        config = lowbit.FinetuneConfig.from_recipe(BASE["mobilenetv2-fmnist"], batch_size=64)
+        return ALPS(self.model, space, self.data["train"], self.data["val"], steps=steps, calib_data=self.calib,
+                    seed=SEED, cache_dir=ROOT / "runs" / "alps-cache", config=config,
+                    eval_batches=-(-images // 64))
+
+
+def alps_noise(result, images: int) -> dict:
+    """ALPS's single-layer drops against their noise: the standard deviation of a difference of two accuracies
+    ``p`` measured on ``n`` images, at most ``sqrt(2 p (1 - p) / n)`` (independent binomial errors; the runs share
+    the images, so the true spread is smaller)."""
+    drops = result.drops()
+    p = result.base_accuracy / 100
+    sigma = 100 * math.sqrt(2 * p * (1 - p) / images)
+    return {"alps_drops": drops, "alps_sigma": sigma, "alps_base_accuracy": result.base_accuracy,
+            "alps_above_2sigma": sum(d > 2 * sigma for d in drops.values())}
+
 
 def write(rows: list[dict]) -> None:
-    lines = ["EAGL (entropy of each layer's 4-bit weight codes, then the exact knapsack on bit-operations) against "
+    lines = ["EAGL (entropy of each layer's 4-bit weight codes, then the exact knapsack on bit-operations) and ALPS "
+             "(each layer's accuracy drop when lowered alone after a short fine-tune, then the same knapsack) against "
              "random assignments of the same cost, on models with published weights. MiniLM: mean sentence-embedding "
              "cosine to the float model on 472 held-out sentences after a short distillation fine-tune (steps in the "
              "table); MobileNetV2: top-1 agreement with the float model on the offline photos' held-out views, "
@@ -133,7 +158,7 @@ def write(rows: list[dict]) -> None:
              "Cost: fraction of the all-highest-precision bit-operations (first and last layers at 8 bits in every "
              "row).", "",
              "| model | candidates | budget | assignment | cost | mean weight bits | score | fine-tune steps | "
-             "EAGL selection time |", "|---|---|---|---|---|---|---|---|---|"]
+             "selection time |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["space"], r.get("budget") or 9, r["kind"])):
         score = f"{r['score']:.4f}" if r["model"] == "minilm" else f"{r['score']:.2f} %"
         if "val_top1" in r:
@@ -143,7 +168,13 @@ def write(rows: list[dict]) -> None:
         lines.append(f"| {r['model']} | {r['space']} | {r.get('budget') or '-'} | {r['label']} | {r['fraction']:.3f} | "
                      f"{r['mean_w_bits']:.2f} | {score} | {r['steps']} | "
                      f"{'%.2f s' % r['select_seconds'] if r.get('select_seconds') is not None else '-'} |")
-    write_section("mixed-pretrained", "Mixed precision (EAGL) on MiniLM and MobileNetV2", "\n".join(lines), SEED)
+    for r in sorted((r for r in rows if "alps_drops" in r), key=lambda r: r["key"]):
+        drops = sorted(r["alps_drops"].values(), reverse=True)
+        lines += ["", f"ALPS ({r['key']}): {len(drops)} single-layer drops measured against the W4A4 base "
+                  f"({r['alps_base_accuracy']:.2f} % on the validation images); noise sigma <= {r['alps_sigma']:.2f} "
+                  f"points; {r['alps_above_2sigma']} drops above 2 sigma; largest "
+                  + ", ".join(f"{d:.2f}" for d in drops[:5]) + "; median " + f"{drops[len(drops) // 2]:.2f}."]
+    write_section("mixed-pretrained", "Mixed precision (EAGL, ALPS) on MiniLM and MobileNetV2", "\n".join(lines), SEED)
 
 
 def main() -> None:
@@ -154,7 +185,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60,
                     help="distillation steps per assignment (MiniLM and mobilenetv2-fmnist)")
     ap.add_argument("--random-draws", type=int, default=2)
+    ap.add_argument("--methods", default="eagl", help="eagl and/or alps (alps: mobilenetv2-fmnist only)")
+    ap.add_argument("--alps-steps", type=int, default=50, help="distilled fine-tuning steps of each ALPS run")
+    ap.add_argument("--alps-eval-images", type=int, default=2048, help="validation images ALPS measures drops on")
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    if set(methods) - {"eagl", "alps"} or ("alps" in methods and args.model != "mobilenetv2-fmnist"):
+        raise SystemExit(f"--methods takes eagl and/or alps (alps with --model mobilenetv2-fmnist), got {methods}")
     torch.manual_seed(SEED)
     steps = 0 if args.model == "mobilenetv2" else args.steps
     benches = {"minilm": MiniLM, "mobilenetv2": MobileNetV2, "mobilenetv2-fmnist": TransferredMobileNetV2}
@@ -180,17 +217,25 @@ def main() -> None:
             run(f"{args.model}/{space_name}/uniform-{precision_label(p)}", space.recipe_for(a),
                 {**info, "kind": "uniform", "label": f"uniform {precision_label(p)}", "fraction": space.fraction(a),
                  "mean_w_bits": space.totals(a)["mean_w_bits"]})
+        alps = bench.alps(space, args.alps_steps, args.alps_eval_images) if "alps" in methods else None
         for budget in (float(b) for b in args.budgets.split(",")):
-            sel = select(space, budget, "eagl", model=bench.model)
-            run(f"{args.model}/{space_name}/{budget}/eagl", space.recipe_for(sel.assignment),
-                {**info, "budget": budget, "kind": "eagl", "label": "EAGL", "fraction": sel.fraction,
-                 "mean_w_bits": space.totals(sel.assignment)["mean_w_bits"], "select_seconds": sel.seconds})
+            costs = {}
+            for method in methods:
+                sel = select(space, budget, method, model=bench.model, alps=alps)
+                costs[method] = sel.cost
+                extra = {"select_seconds": sel.seconds}
+                if method == "alps":
+                    extra = {"select_seconds": sel.info["alps_seconds_total"] + sel.seconds,
+                             **alps_noise(alps.run(), args.alps_eval_images)}
+                tag = method if method == "eagl" else f"alps-{args.alps_steps}x{args.alps_eval_images}"
+                run(f"{args.model}/{space_name}/{budget}/{tag}", space.recipe_for(sel.assignment),
+                    {**info, "budget": budget, "kind": method, "label": method.upper(), "fraction": sel.fraction,
+                     "mean_w_bits": space.totals(sel.assignment)["mean_w_bits"], **extra})
             for d in range(args.random_draws):
-                a = random_assignment(space, sel.cost, seed=SEED + 1000 * d + 1, absolute=True)
+                a = random_assignment(space, costs[methods[0]], seed=SEED + 1000 * d + 1, absolute=True)
                 run(f"{args.model}/{space_name}/{budget}/random{d}", space.recipe_for(a),
                     {**info, "budget": budget, "kind": f"random{d}", "label": f"random draw {d}",
                      "fraction": space.fraction(a), "mean_w_bits": space.totals(a)["mean_w_bits"]})
-
 
 if __name__ == "__main__":
     main()
