@@ -41,6 +41,11 @@ FINETUNED = "lsq-w4a8-transformer"
 # alternatives to a shipped recipe's choices, measured beside it: (recipe, changes to its point specs)
 VARIANTS = {
     "ptq-w8a8-transformer+symmetric-activations": ("ptq-w8a8-transformer", {"activations": {"symmetric": True}}),
+    # each feature's range clipped at a percentile of each calibration batch, averaged over batches
+    "ptq-w8a8-transformer+percentile-99.9": ("ptq-w8a8-transformer", {"activations": {"method": "percentile",
+                                                                                       "percentile": 99.9}}),
+    "ptq-w8a8-transformer+percentile-99.99": ("ptq-w8a8-transformer", {"activations": {"method": "percentile",
+                                                                                        "percentile": 99.99}}),
     "lsq-w4a8-transformer+weights-group64": ("lsq-w4a8-transformer", {"weights": {"granularity": "group:64"}}),
     "lsq-w4a8-transformer+weights-group64+position-tables-8bit": ("lsq-w4a8-transformer", {
         "weights": {"granularity": "group:64"},

@@ -185,3 +185,21 @@ def test_alps_from_a_quantized_base(tmp_path, data, trained):
     res = alps.run()
     assert res.complete and set(res.gains) == {"conv_a", "conv_b"}
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_score_replaces_top1_and_enters_the_key(tmp_path, data, trained):
+    """An encoder has no labels: ALPS measures each run with the caller's score(model, eval_data) instead."""
+    space = build_space(trained, "lsq-w4a4", example_input=EXAMPLE)
+    seen = []
+
+    def lowered_layers(model, batches):  # higher is better: fewer 2-bit weight quantizers
+        seen.append(len(batches))
+        return -float(sum(m.weight_quantizer.bits == 2 for m in model.modules()
+                          if getattr(m, "weight_quantizer", None) is not None))
+
+    kw = dict(steps=0, calib_data=data["calib"], cache_dir=tmp_path, log=quiet)
+    alps = ALPS(trained, space, data["train"], data["calib"], score=lowered_layers, **kw)
+    assert alps.key() != ALPS(trained, space, data["train"], data["calib"], **kw).key()
+    result = alps.run()
+    assert result.base_accuracy == 0.0 and set(result.drops().values()) == {1.0}
+    assert seen == [len(data["calib"])] * (1 + len(space.candidates))

@@ -14,7 +14,10 @@ that the fine-tuning's own improvement cancels out:
 (two precisions: ``gain_l(high) = drop_l(low)``, the accuracy lost by lowering ``l``).
 ``base``: a quantized model at the high precision (e.g. LSQ fine-tuned) or, by default, the
 float model quantized with the space's all-high recipe. Accuracy is measured on ``eval_data``
-(use held-out training images, e.g. the ``calib`` split, never the test set).
+(use held-out training images, e.g. the ``calib`` split, never the test set): top-1 by default,
+or ``score(model, eval_data)`` for a model without labels (an encoder: the mean cosine of its
+sentence embeddings to the float model's, as ``benchmarks/mixed_pretrained.py`` does for MiniLM;
+higher is better, in any unit).
 
 The paper fine-tunes one epoch per layer; here ``steps`` sets the budget (the cost is
 ``(1 + L (P - 1)) * steps`` fine-tuning steps for L candidates and P precisions).
@@ -35,7 +38,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +86,7 @@ def _hash_tensors(h, tensors: dict) -> None:
 
 def data_fingerprint(data) -> str:
     """A short hash of a loader: its images, labels and settings for a TensorLoader, else its
-    length and first batch."""
+    length and first batch (tensors, tuples of them, or a tokenizer's dict of them)."""
     if data is None:
         return "none"
     h = hashlib.blake2b(digest_size=12)
@@ -96,7 +99,8 @@ def data_fingerprint(data) -> str:
         h.update(str(len(data) if hasattr(data, "__len__") else "?").encode())
         first = next(iter(data))
         parts = first if isinstance(first, (tuple, list)) else [first]
-        _hash_tensors(h, {str(i): t for i, t in enumerate(parts)})
+        for i, part in enumerate(parts):  # a tokenizer's batch is a dict of tensors
+            _hash_tensors(h, {f"{i}.{k}": t for k, t in part.items()} if isinstance(part, dict) else {str(i): part})
     return h.hexdigest()
 
 
@@ -138,12 +142,13 @@ class ALPS:
     def __init__(self, model: nn.Module, space, train_data, eval_data: Iterable, *, steps: int = 100,
                  calib_data: Iterable | None = None, base_model: nn.Module | None = None,
                  cache_dir: str | os.PathLike | None | bool = None, config=None, seed: int = 0,
-                 eval_batches: int | None = None, calib_batches: int = 4, log=print):
+                 eval_batches: int | None = None, calib_batches: int = 4,
+                 score: Callable[[nn.Module, Iterable], float] | None = None, log=print):
         if steps < 0:
             raise RecipeError(f"ALPS steps must be >= 0, got {steps}")
         self.model, self.space, self.train_data, self.eval_data = model, space, train_data, eval_data
         self.steps, self.calib_data, self.base_model, self.seed = steps, calib_data, base_model, seed
-        self.eval_batches, self.calib_batches, self.log = eval_batches, calib_batches, log
+        self.eval_batches, self.calib_batches, self.score, self.log = eval_batches, calib_batches, score, log
         self.config = step_config(space.recipe, max(1, steps), train_data, config=config, seed=seed)
         self._base_q = None
         self._teacher = None
@@ -156,11 +161,13 @@ class ALPS:
     # ----- cache ---------------------------------------------------------------------------
     def key(self) -> str:
         h = hashlib.blake2b(digest_size=10)
+        score = {"score": getattr(self.score, "__qualname__", repr(self.score))} if self.score else {}
         h.update(json.dumps({"model": model_fingerprint(self.model), "base": model_fingerprint(self.base_model),
                              "space": self.space.fingerprint(), "steps": self.steps,
                              "config": self.config.to_dict(), "seed": self.seed, "eval_batches": self.eval_batches,
                              "calib_batches": self.calib_batches, "train": data_fingerprint(self.train_data),
-                             "eval": data_fingerprint(self.eval_data), "calib": data_fingerprint(self.calib_data)},
+                             "eval": data_fingerprint(self.eval_data), "calib": data_fingerprint(self.calib_data),
+                             **score},
                             sort_keys=True, default=str).encode())
         return h.hexdigest()
 
@@ -257,7 +264,8 @@ class ALPS:
         qm = self.lowered_model(lowered)
         result = short_finetune(qm, self.train_data, self.steps, recipe=self.space.recipe, teacher=self.teacher(),
                                 config=self.config, seed=self.seed)
-        acc = evaluate(qm, self.eval_data, max_batches=self.eval_batches)["top1"]
+        acc = (evaluate(qm, self.eval_data, max_batches=self.eval_batches)["top1"] if self.score is None
+               else float(self.score(qm, self.eval_data)))
         entry = {"task": name, "accuracy": acc, "steps": int(result.get("steps", 0)),
                  "seconds": round(time.perf_counter() - start, 3), "trained": True}
         self._store(name, entry)
