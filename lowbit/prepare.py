@@ -366,7 +366,8 @@ def _inputs(batch):
                            f"got {type(batch).__name__}")
 
 
-def _forward(model: nn.Module, batch) -> None:
+def forward_batch(model: nn.Module, batch) -> None:
+    """Run ``model`` on a calibration batch of any accepted form (tensor, ``(input, target)``, tokenizer dict)."""
     inputs = _inputs(batch)
     if isinstance(inputs, dict):
         check_token_ids(model, inputs)
@@ -421,7 +422,7 @@ def calibrate(model: nn.Module, data: Iterable, *, max_batches: int | None = Non
         for batch in data:
             if max_batches is not None and seen >= max_batches:
                 break
-            _forward(model, batch)
+            forward_batch(model, batch)
             seen += 1
     finally:
         for q in quantizers.values():

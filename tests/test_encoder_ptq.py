@@ -186,3 +186,23 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused_at_quantize_time()
                                           r"multiple of 64 .* it has 16"):
         lowbit.quantize(model, recipe, calib_data=token_batches(1, 1))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_alps_ranks_an_encoders_layers_by_a_score_on_tokenizer_batches(tmp_path):
+    """ALPS on a BERT: tokenizer dict batches for calibration, fine-tuning and the score (embedding cosine to the
+    float model, as benchmarks/mixed_pretrained.py does for MiniLM), one drop per candidate Linear layer."""
+    from lowbit.mixed import ALPS, build_space
+
+    model = tiny_bert(seed=1)
+    held_out = token_batches(2, 9)
+    reference = sentence_embeddings(model, held_out)
+
+    def cosine(qmodel, batches):
+        return 100 * embedding_agreement(reference, sentence_embeddings(qmodel, batches))["cosine_mean"]
+
+    space = build_space(model, "lsq-w4a8-transformer", example_input=held_out[0], precisions=["w4a8", "w2a8"])
+    alps = ALPS(model, space, token_batches(4, 5), held_out, steps=2, calib_data=token_batches(2, 1),
+                cache_dir=tmp_path, score=cosine, config={"lr": 3e-4, "progress": False}, log=lambda _m: None)
+    result = alps.run()
+    assert result.complete and set(result.drops()) == set(space.candidates)
+    assert 0 < result.base_accuracy <= 100 and all(abs(d) < 100 for d in result.drops().values())

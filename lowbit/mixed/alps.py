@@ -50,7 +50,7 @@ from lowbit.evaluate import evaluate
 from lowbit.files import write_text_atomic
 from lowbit.mixed.cost import Precision, precision_label
 from lowbit.mixed.tune import frozen_teacher, short_finetune, step_config
-from lowbit.prepare import build_quantizer, quantize
+from lowbit.prepare import build_quantizer, forward_batch, quantize
 
 BASE = "base"
 
@@ -247,7 +247,7 @@ class ALPS:
             for i, batch in enumerate(data):
                 if i >= self.calib_batches:
                     break
-                qm(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                forward_batch(qm, batch)
         finally:
             q.calibrating = False
             qm.train(was)
