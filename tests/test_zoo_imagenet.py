@@ -276,6 +276,23 @@ def test_relu6_saturated_by_the_next_grid_is_left_to_quantizelinear(tiny, tmp_pa
     assert fused.count("QLinearConv") == 8 and fused.count("Conv") + fused.count("FusedConv") == 2
 
 
+def test_verify_reports_agreement_with_the_float64_evaluation_too(tiny, tmp_path):
+    """verify_export(float64=True): each form against the fake-quant model in float32 and in float64, and the
+    float32 model against its float64 self; the caller's quantized model stays float32."""
+    from lowbit.deploy.verify import verify_export
+
+    qmodel = lowbit.quantize(tiny, "ptq-w8a8", calib_data=_batches(2, 4)).eval()
+    folder = lowbit.export(qmodel, tmp_path / "export", input_shape=[1, 3, 16, 16])
+    g = torch.Generator().manual_seed(6)
+    data = [(x, torch.randint(0, 5, (16,), generator=g)) for x in _batches(3, 6)]
+    report = verify_export(qmodel, folder, data, float64=True, log=lambda _m: None)
+    assert report["images"] == 48
+    for key in ("engine_agreement", "engine_agreement_f64", "fake_quant_f32_agreement_f64"):
+        assert 90.0 <= report[key] <= 100.0
+    assert all(p.dtype == torch.float32 for p in qmodel.parameters())
+    assert "engine_agreement_f64" not in verify_export(qmodel, folder, data, log=lambda _m: None)
+
+
 def test_every_offline_photo_loads_as_rgb():
     pytest.importorskip("sklearn")
     pytest.importorskip("skimage")
