@@ -95,7 +95,9 @@ def stages_and_recipe(row: dict) -> str:
 
 
 def configuration(row: dict) -> str:
-    return f"{stages_and_recipe(row)}, {total_epochs(row)} epochs" + (", distilled" if row["distill"] else "")
+    epochs = total_epochs(row)
+    return (f"{stages_and_recipe(row)}, {epochs} epoch{'' if epochs == 1 else 's'}"
+            + (", distilled" if row["distill"] else ""))
 
 
 def mean_of(group: list[dict], key: str = "test_top1") -> float:
