@@ -21,14 +21,15 @@ QDQ layout (the "QDQ format" onnxruntime fuses into ``QLinearConv`` / ``QGemm`` 
 Activation codes live in uint8: a signed grid is written shifted by 128 (codes ``q + 128``, zero point ``z + 128``:
 the same values), because onnxruntime fuses a Conv into ``QLinearConv`` only when its input and output codes share a
 type. A clamp (ReLU6) whose readers' grids already map its bounds to their end codes is left out: ``QuantizeLinear``
-saturates to the same codes, and a Conv followed by a ``Clip`` would first be fused into a float ``FusedConv``.
-Below 8 bits the codes live in the same containers. ``QuantizeLinear`` saturates to the container, not to the
-narrower grid, so a narrowed input grid first clips the float input to ``[(qmin - z) s, (qmax - z) s]`` (``Clip``,
-or ``Min``/``Max`` against per-channel bounds). Weight codes below 8 bits are written multiplied by ``2^k``, the
-largest power of two that keeps them in int8 (in [-64, 63] when the layer's input codes exceed 127, so that u8 x s8
-pair sums stay inside int16 in AVX2 kernels), with the step divided by ``2^k``: the same weights, and an integer
-accumulator ``2^k`` times finer. onnxruntime's 4-bit types are not used: its CPU kernels run 4-bit only in
-weight-only MatMul, not in QDQ Conv.
+saturates to the same codes, and a Conv followed by a ``Clip`` would first be fused into a float ``FusedConv``. Zero
+padding read by quantized layers pads their codes with the zero point (``Q(0) = z``, exact), so that no float op
+sits between a Conv and its QuantizeLinear. Below 8 bits the codes live in the same containers. ``QuantizeLinear``
+saturates to the container, not to the narrower grid, so a narrowed input grid first clips the float input to
+``[(qmin - z) s, (qmax - z) s]`` (``Clip``, or ``Min``/``Max`` against per-channel bounds). Weight codes below 8
+bits are written multiplied by ``2^k``, the largest power of two that keeps them in int8 (in [-64, 63] when the
+layer's input codes exceed 127, so that u8 x s8 pair sums stay inside int16 in AVX2 kernels), with the step divided
+by ``2^k``: the same weights, and an integer accumulator ``2^k`` times finer. onnxruntime's 4-bit types are not
+used: its CPU kernels run 4-bit only in weight-only MatMul, not in QDQ Conv.
 
 Weight zero points. ONNX zero points are integers. SAWB's half-integer zero point is made
 exact by doubling the codes (``(q - z) s = (2q - 2z)(s / 2)``). Any other fractional zero point
@@ -122,19 +123,16 @@ class _Builder:
         return out
 
     # ----- activations --------------------------------------------------------------------
-    def qdq(self, value: str, g: GridData, ndim: int, where: str, own_dq: bool = False) -> str:
+    @staticmethod
+    def _qdq_key(value: str, g: GridData) -> tuple:
+        return value, g.scale.numpy().tobytes(), g.zero_point.numpy().tobytes(), str(g.qmin), str(g.qmax)
+
+    def qdq(self, value: str, g: GridData, ndim: int, where: str) -> str:
         """``value`` through ``QuantizeLinear -> DequantizeLinear`` on grid ``g``: one pair per tensor and grid,
-        shared by its readers; ``own_dq`` gives this reader a DequantizeLinear of its own on the shared
-        QuantizeLinear (onnxruntime fuses a Conv into QLinearConv only when no other node reads its input's
-        DequantizeLinear, so a float Add reading the same codes needs its own)."""
-        key = (value, g.scale.numpy().tobytes(), g.zero_point.numpy().tobytes(), str(g.qmin), str(g.qmax))
+        shared by its readers."""
+        key = self._qdq_key(value, g)
         if key in self.qdq_cache:
-            dq = self.qdq_cache[key]
-            if not own_dq:
-                return dq
-            node = next(n for n in self.nodes if n.output[0] == dq)
-            return self.node("DequantizeLinear", list(node.input), value + "_dq",
-                             **{a.name: a.i for a in node.attribute})
+            return self.qdq_cache[key]
         lo, hi = g.qrange_tensors()
         z = g.zero_point.double()
         if not torch.equal(z, torch.round(z)):
@@ -179,6 +177,17 @@ class _Builder:
         z = self.const(value + "_rzero", np.array(128, np.uint8))
         q = self.node("QuantizeLinear", [value, s, z], value + "_rq")
         return self.node("DequantizeLinear", [q, s, z], value + "_rdq")
+
+    def padded_codes(self, value: str, g: GridData, ndim: int, pad_consts: list[str], base: str) -> str:
+        """Zero padding of ``value`` applied to its codes on ``g``: ``Q -> Pad (with z) -> DQ``, the same numbers as
+        ``Q(Pad(value))`` since ``Q(0) = z``, and the DequantizeLinear is what the readers' ``qdq`` returns."""
+        dq = self.qdq(value, g, ndim, f"padding {base!r}")
+        dq_node = next(n for n in self.nodes if n.output[0] == dq)
+        q, scale, zero = dq_node.input
+        padded = self.node("Pad", [q] + pad_consts + [zero], base)
+        out = self.node("DequantizeLinear", [padded, scale, zero], base + "_dq")
+        self.qdq_cache[self._qdq_key(out, g)] = out
+        return out
 
     # ----- weights ------------------------------------------------------------------------
     def weight(self, layer: LayerData) -> tuple[str, np.ndarray | None, np.ndarray | None]:
@@ -382,6 +391,16 @@ def _clamp_is_saturation(node, users: dict, exp: Exported) -> bool:
     return True
 
 
+def _codes_grid_of_readers(readers: list, exp: Exported) -> GridData | None:
+    """The one per-tensor input grid every reader (a quantized layer) of a value reads it at, else None."""
+    grids = [exp.layers[u.layer].input_grid if u.op in LAYER_OPS else None for u in readers]
+    if not grids or any(g is None or g.scale.dim() or g.kind == "group" for g in grids):
+        return None
+    same = all(torch.equal(g.scale, grids[0].scale) and torch.equal(g.zero_point, grids[0].zero_point)
+               and g.qmin == grids[0].qmin and g.qmax == grids[0].qmax for g in grids)
+    return grids[0] if same else None
+
+
 def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
     from onnx import TensorProto, helper  # deferred: onnx is an optional dependency
 
@@ -439,7 +458,12 @@ def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
             left, right, top, bottom = n.attrs["pads"]
             nd = ndim[n.inputs[0]] or 4
             pads = [0] * (nd - 2) + [top, left] + [0] * (nd - 2) + [bottom, right]
-            vals[n.name] = b.node("Pad", [src[0], b.const(n.name + "_pads", np.array(pads, np.int64))], n.name)
+            pad_consts = [b.const(n.name + "_pads", np.array(pads, np.int64))]
+            g = _codes_grid_of_readers(users[n.name], exp)
+            if g is None:
+                vals[n.name] = b.node("Pad", [src[0]] + pad_consts, n.name)
+            else:  # pad the codes with the code of 0 (exactly z), so that the Conv before and after fuse
+                vals[n.name] = b.padded_codes(src[0], g, nd, pad_consts, n.name)
             ndim[n.name] = nd
         elif n.op == "add":
             ins = list(src)
