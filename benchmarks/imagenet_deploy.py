@@ -141,7 +141,9 @@ def write(rows: list[dict], meta: dict) -> None:
     lines += ["", "Images compared: photos " + ", ".join(sorted({f"{r['images']}" for r in rows
                                                               if r.get("data") == "photos"})) +
               "; fmnist " + ", ".join(sorted({f"{r['engine_images']}" for r in rows if r.get("data") == "fmnist"})) +
-              ". Saturated engine values: " + str(sum(r["engine_saturated"] for r in rows if "recipe" in r)) + "."]
+              ". Saturated engine values: " + str(sum(r["engine_saturated"] for r in rows if "recipe" in r)) + ". "
+              "The agreement rows come from `--no-speed` runs, the speed rows from `--recipes ''` runs; "
+              "`--models ''` only rewrites this section."]
     speeds = [r for r in rows if r["key"].endswith("/speed")]
     if speeds:
         lines += ["", "onnxruntime, `ptq-w8a8` exported with 8-bit residual grids (`quantize_residual=True`) against the "
@@ -175,7 +177,7 @@ def main() -> None:
     meta = {"calib_names": calib_names, "eval_photos": len(eval_names)}
     done = {r["key"] for r in load_rows(ROWS)}
     transfer_args = argparse.Namespace(size=SIZE, fp_steps=FP_STEPS, fp_lr=FP_LR, seed=SEED)
-    for model_name in args.models.split(","):
+    for model_name in filter(None, args.models.split(",")):
         prep = PREPROCESSING[model_name]
         calib_views = photo_views([load_photo(p) for p in calib_names], prep)
         for data_name in args.data.split(","):
@@ -197,7 +199,7 @@ def main() -> None:
                 write(load_rows(ROWS), meta)
         if f"{model_name}/speed" not in done and args.speed:
             store_row(ROWS, speed(model_name, calib_views, args.rounds, args.threads))
-            write(load_rows(ROWS), meta)
+    write(load_rows(ROWS), meta)
 
 if __name__ == "__main__":
     main()
