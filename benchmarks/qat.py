@@ -59,6 +59,11 @@ BEST_BUDGET_EPOCHS = 10  # lowbit's best protocol: at most this many fine-tuning
 # issue #14's targets for lowbit's best, as top-1 minus FP per bit width (MobileNet-style model: W2A2 -2.0)
 TARGETS = {8: 0.0, 4: 0.0, 3: -0.2, 2: -0.5}
 TARGETS_MODEL = {("mobilenet", 2): -2.0}
+# lever ablations: a shipped recipe with changes merged into its sections, {name: (recipe, changes)}
+VARIANTS = {
+    "lsq-w2a2+depthwise-channel": ("lsq-w2a2", {"layers": {"@depthwise": {"weights": {"granularity": "channel"}}}}),
+    "lsq-w2a2+weights-channel": ("lsq-w2a2", {"weights": {"granularity": "channel"}}),
+}
 
 
 def model_order(rows: dict[str, dict]) -> list[str]:
@@ -74,9 +79,25 @@ def seed_groups(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
+def recipe_spec(recipe: str) -> dict:
+    """The recipe a benchmark name stands for: a shipped recipe, a lever variant or the min-max baseline."""
+    if recipe == "minmax-w2a2":
+        return minmax_w2a2()
+    if recipe not in VARIANTS:
+        return load_recipe(recipe).to_dict()
+    base, changes = VARIANTS[recipe]
+    spec = load_recipe(base).to_dict()
+    for section, change in changes.items():
+        spec[section] = {**(spec.get(section) or {}), **change}
+    return {**spec, "name": recipe}
+
+
+def recipe_bits(recipe: str) -> int:
+    return BITS[recipe.split("+")[0].rsplit("-", 1)[1]]
+
+
 def recipe_epochs(recipe: str) -> int:
-    spec = minmax_w2a2() if recipe == "minmax-w2a2" else load_recipe(recipe).to_dict()
-    return int(spec["qat"]["epochs"])
+    return int(recipe_spec(recipe)["qat"]["epochs"])
 
 
 def is_peer_protocol(row: dict) -> bool:
@@ -203,7 +224,7 @@ def main() -> None:
     for name in args.models.split(",") if args.recipes else []:
         model = pretrained(name)
         for recipe, seed in [(r, int(s)) for r in args.recipes.split(",") if r for s in args.seeds.split(",")]:
-            spec = minmax_w2a2() if recipe == "minmax-w2a2" else recipe
+            spec = recipe_spec(recipe)
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 torch.manual_seed(seed)
@@ -211,7 +232,7 @@ def main() -> None:
                                  checkpoint_dir=tmp, epochs=args.epochs, seed=seed, distill=args.distill,
                                  progress=False, log=lambda s: None, progressive=stages or None)
             cfg = result["config"]
-            row = {"model": name, "recipe": recipe, "bits": BITS[recipe.rsplit("-", 1)[1]], "epochs": cfg["epochs"],
+            row = {"model": name, "recipe": recipe, "bits": recipe_bits(recipe), "epochs": cfg["epochs"],
                    "steps": result["steps"], "lr": cfg["lr"], "schedule": cfg["schedule"],
                    "distill": bool(args.distill), "seed": seed, "test_top1": round(result["test_top1"], 2),
                    "val_top1": round(result["metrics"]["val_top1"], 2), "progressive": list(stages),

@@ -1,7 +1,7 @@
 """Model surgery: recipe + float model -> quantized model.
 
 :func:`quantize` finds every Conv1d/Conv2d/Linear of any ``nn.Module``, resolves its recipe
-spec (defaults, ``layers`` overrides by glob, ``@first``/``@last``, ``skip``), swaps in the
+spec (defaults, ``layers`` overrides by glob, ``@first``/``@last``/``@depthwise``, ``skip``), swaps in the
 quantized layer (sharing the float parameters), and calibrates the activation quantizers on
 ``calib_data`` if given. Layers it cannot quantize stay float and are listed in
 ``qmodel.lowbit_report``. A failed call leaves the caller's model exactly as it was.
@@ -36,7 +36,7 @@ from lowbit.quant import make_quantizer
 from lowbit.nn.fold import fold_batchnorm
 from lowbit.quant.base import Quantizer
 from lowbit.quant.grid import Granularity
-from lowbit.recipe import FIRST, LAST, POINTS, Recipe, load_recipe
+from lowbit.recipe import DEPTHWISE, FIRST, LAST, POINTS, Recipe, load_recipe
 
 
 @dataclass
@@ -80,6 +80,24 @@ def embedding_tables(model: nn.Module) -> dict[str, nn.Embedding]:
             if isinstance(m, nn.Embedding) and not isinstance(m, QuantMixin)}
 
 
+def is_depthwise(layer: nn.Module) -> bool:
+    """A convolution with one input channel per group (``groups == in_channels > 1``)."""
+    return isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and layer.groups == layer.in_channels
+
+
+def match_layers(pattern: str, layers: dict[str, nn.Module]) -> list[str]:
+    """The names in ``layers`` (in order) a recipe pattern selects: ``@first``/``@last`` the first/last of
+    them, ``@depthwise`` every depthwise convolution (none in a model without one), else a shell-style glob."""
+    names = list(layers)
+    if pattern == FIRST:
+        return names[:1]
+    if pattern == LAST:
+        return names[-1:]
+    if pattern == DEPTHWISE:
+        return [n for n in names if is_depthwise(layers[n])]
+    return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
 def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict | None, dict | None]], dict[str, str]]:
     """``{layer name: (weight spec, activation spec)}`` for every layer to quantize, plus layers left float."""
     layers, left_float = quantizable_layers(model)
@@ -87,20 +105,15 @@ def resolve_plan(model: nn.Module, recipe: Recipe) -> tuple[dict[str, tuple[dict
     if not names:
         raise RecipeError(f"{type(model).__name__} has no Conv1d/Conv2d/Linear layer lowbit can quantize"
                           + (f" (left float: {left_float})" if left_float else ""))
-    aliases = {FIRST: names[0], LAST: names[-1]}
-
-    def matches(pattern: str) -> list[str]:
-        if pattern in aliases:
-            return [aliases[pattern]]
-        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-
+    matches = functools.partial(match_layers, layers=layers)
     tables = list(embedding_tables(model)) if recipe.embeddings is not None else []
     for pattern in list(recipe.layers) + recipe.skip:
         names_table = pattern not in recipe.skip and any(fnmatch.fnmatchcase(t, pattern) for t in tables)
-        if not matches(pattern) and not names_table:
+        if not matches(pattern) and not names_table and pattern != DEPTHWISE:
             shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
             raise RecipeError(f"recipe pattern {pattern!r} matches no quantizable layer; layers are: {shown}"
-                              + (f"; embedding tables: {', '.join(tables)}" if tables else ""))
+                              + (f"; embedding tables: {', '.join(tables)}" if tables else "")
+                              + (f"; selectors are {FIRST}, {LAST}, {DEPTHWISE}" if pattern.startswith("@") else ""))
     skipped = {n for p in recipe.skip for n in matches(p)}
     plan = {}
     for name in names:

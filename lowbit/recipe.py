@@ -7,6 +7,7 @@ A recipe is a YAML file, a dict of the same shape, or a :class:`Recipe`::
     layers:                       # overrides, by shell-style glob on named_modules() names
       "conv1": {weights: {bits: 8}, activations: {bits: 8}}
       "@last": {weights: {bits: 8}, activations: {bits: 8}}   # @first / @last: first / last quantizable layer
+      "@depthwise": {weights: {granularity: channel}}           # every depthwise convolution (may be none)
     skip: ["head.*"]              # these stay float
     embeddings: {method: lsq, bits: 8, granularity: channel}   # every nn.Embedding's table (default: float)
     kv_cache: {method: lsq, bits: 8, granularity: head}        # language models: keys and values as cached
@@ -58,7 +59,7 @@ POINTS = ("embeddings", "kv_cache")  # quantization points beyond the Conv/Linea
 POINT_GRANULARITIES = {"embeddings": ("tensor", "channel"), "kv_cache": ("head", "tensor")}
 MAX_SINK_PREFIX = 64  # tokens
 TOP_KEYS = set(SIDES) | {"layers", "skip"} | set(POINTS) | PIPELINE_SECTIONS
-FIRST, LAST = "@first", "@last"
+FIRST, LAST, DEPTHWISE = "@first", "@last", "@depthwise"
 
 
 @dataclass

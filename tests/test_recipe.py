@@ -160,6 +160,29 @@ def test_first_and_last_aliases():
                for n in ("conv2", "fc", "head.0"))
 
 
+def separable_net():
+    """stem conv -> depthwise 3x3 -> pointwise 1x1 -> a grouped (not depthwise) conv -> linear."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4),
+                         nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 3))
+
+
+def test_depthwise_selector_picks_every_depthwise_conv_and_may_match_none():
+    recipe = {"weights": {"method": "lsq", "bits": 2}, "activations": {"method": "lsq", "bits": 2},
+              "layers": {"@depthwise": {"weights": {"granularity": "channel"}}}}
+    plan, _ = plan_of(recipe, separable_net())
+    assert [n for n, (w, _) in plan.items() if w.get("granularity") == "channel"] == ["1"]
+    q = lowbit.quantize(separable_net(), recipe, calib_data=[torch.randn(4, 1, 6, 6)])
+    assert q.get_submodule("1").weight_quantizer.scale.numel() == 4  # one learned step per channel
+    assert q.get_submodule("3").weight_quantizer.scale.numel() == 1
+    assert all(w.get("granularity") is None for w, _ in plan_of(recipe)[0].values())  # no depthwise conv: no error
+
+
+def test_unknown_selector_names_the_known_ones():
+    with pytest.raises(RecipeError, match="@first, @last, @depthwise"):
+        plan_of({"layers": {"@dephtwise": {"weights": {"bits": 4}}}})
+
+
 def test_weights_null_keeps_weights_float():
     recipe = {"weights": None, "activations": {"method": "minmax", "bits": 4}}
     plan, _ = plan_of(recipe)

@@ -16,7 +16,6 @@ high-precision model, fixed layers included) unless ``absolute=True``.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import json
 import math
 import re
@@ -33,7 +32,7 @@ from lowbit.mixed.cost import (
     precision_label,
 )
 from lowbit.nn.modules import QuantMixin
-from lowbit.prepare import build_quantizer, resolve_plan
+from lowbit.prepare import build_quantizer, match_layers, resolve_plan
 from lowbit.recipe import FIRST, LAST, Recipe, load_recipe
 
 DEFAULT_PRECISIONS = (4, 2)
@@ -221,10 +220,10 @@ def build_space(model: nn.Module, recipe="lsq-w4a4", *, example_input=None, prec
         fixed_bits = parse_precision(fixed_bits)[0]
     plan, _ = resolve_plan(model, base)  # raises for a model with no quantizable layer
     names = list(plan)
-    aliases = {FIRST: names[0], LAST: names[-1]}
+    modules = dict(model.named_modules())
     fixed_names = set()
     for pattern in fixed or ():
-        hits = [aliases[pattern]] if pattern in aliases else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        hits = match_layers(pattern, {n: modules[n] for n in names})
         if not hits:
             raise RecipeError(f"fixed-layer pattern {pattern!r} matches no quantized layer; layers: {names[:12]}")
         fixed_names.update(hits)
@@ -242,7 +241,6 @@ def build_space(model: nn.Module, recipe="lsq-w4a4", *, example_input=None, prec
     if not candidates:
         raise RecipeError(f"no candidate layers: all {len(names)} quantized layer(s) {names[:6]} are fixed "
                           f"({list(fixed)}) or keep a float side; nothing to select")
-    modules = dict(model.named_modules())
     _check_precisions(ps, candidates, specs, modules)
     if costs is None:
         costs = CostModel.from_model(model, example_input, metric=metric)
