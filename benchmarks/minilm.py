@@ -32,6 +32,7 @@ from results_page import ROOT, load_rows, store_row, write_section  # noqa: E402
 import lowbit  # noqa: E402
 from lowbit.data.sentences import encode, sentences  # noqa: E402
 from lowbit.llm.encoder import embedding_agreement, sentence_embeddings  # noqa: E402
+from lowbit.quant import quantizer_options  # noqa: E402
 from lowbit.zoo.encoders import load_encoder  # noqa: E402
 
 SEED = 0
@@ -49,6 +50,13 @@ VARIANTS = {
     "lsq-w4a8-transformer+weights-group64": ("lsq-w4a8-transformer", {"weights": {"granularity": "group:64"}}),
     "lsq-w4a8-transformer+weights-group64+position-tables-8bit": ("lsq-w4a8-transformer", {
         "weights": {"granularity": "group:64"},
+        "layers": {"*position_embeddings": {"weights": {"bits": 8}},
+                   "*token_type_embeddings": {"weights": {"bits": 8}}}}),
+    # each token's own min-max step, computed from the input at run time (dynamic per-token activations)
+    "ptq-w8a8-transformer+token-activations": ("ptq-w8a8-transformer", {"activations": {"granularity": "token"}}),
+    "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations": ("lsq-w4a8-transformer", {
+        "weights": {"granularity": "group:64"},
+        "activations": {"method": "minmax", "granularity": "token", "symmetric": False},
         "layers": {"*position_embeddings": {"weights": {"bits": 8}},
                    "*token_type_embeddings": {"weights": {"bits": 8}}}}),
 }
@@ -81,7 +89,12 @@ def recipe_spec(key: str):
     name, changes = VARIANTS[key]
     spec = lowbit.load_recipe(name).to_dict()
     for point, change in changes.items():
-        spec[point] = {**(spec.get(point) or {}), **change}
+        base = spec.get(point) or {}
+        if point in ("weights", "activations") and change.get("method", base.get("method")) != base.get("method"):
+            # another method: the base's options that method does not take (LSQ's init) are dropped
+            keep = quantizer_options(change["method"]) | {"method", "bits", "granularity", "signed"}
+            base = {k: v for k, v in base.items() if k in keep}
+        spec[point] = {**base, **change}
     return {**spec, "name": key}
 
 

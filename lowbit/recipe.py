@@ -13,7 +13,7 @@ A recipe is a YAML file, a dict of the same shape, or a :class:`Recipe`::
     kv_cache: {method: lsq, bits: 8, granularity: head}        # language models: keys and values as cached
 
 A quantizer spec takes ``method``, ``bits``, ``granularity`` (``tensor``, ``channel``,
-``group:SIZE``), ``signed`` (``auto``/true/false) and the method's own options (e.g.
+``group:SIZE`` for weights, ``token`` for min-max activations: each token's step computed at run time), ``signed`` (``auto``/true/false) and the method's own options (e.g.
 ``percentile``, ``prior``, ``convention``). ``weights: null`` or ``activations: null`` keeps that
 side float. ``embeddings`` quantizes the table of every ``nn.Embedding`` (one step per table, or
 per row with ``granularity: channel``: one step per token); a ``layers`` pattern that names a table
@@ -175,6 +175,9 @@ def validate_spec(spec, where: str, *, full: bool) -> dict:
             make_granularity(spec["granularity"], "weight" if where.endswith("weights") else "activation")
         except ValueError as exc:
             raise RecipeError(f"{where}: {exc}") from None
+        if spec["granularity"] == "token" and method in QUANTIZERS and not QUANTIZERS[method].supports_token:
+            raise RecipeError(f"{where}: {method} cannot compute a step per token at run time; granularity 'token' "
+                              "needs method minmax")
     if method is not None and full:
         unknown = set(spec) - COMMON_KEYS - quantizer_options(method)
         if unknown:

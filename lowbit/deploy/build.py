@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from lowbit.deploy.errors import ExportError
 from lowbit.deploy.format import Exported
 from lowbit.deploy.graph import trace_graph
 from lowbit.deploy.layers import extract_layers
@@ -44,6 +45,11 @@ def build_export(qmodel: nn.Module, *, arch: str | None = None, input_shape=None
         layers = extract_layers(qmodel, graph, folded_at_quantize=folded)
     finally:
         qmodel.train(was_training)
+    for name, layer in layers.items():
+        if layer.input_grid is not None and layer.input_grid.kind == "token":
+            raise ExportError(f"layer {name!r}: its input steps are per token, computed at run time; the integer "
+                              "engine and ONNX run calibrated steps: quantize with activation granularity 'tensor' or "
+                              "'channel' (per-token steps export only from transformers)")
     left_float = {}
     for name, layer in layers.items():
         if layer.weight_grid is None or layer.input_grid is None:

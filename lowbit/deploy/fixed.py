@@ -3,7 +3,9 @@
 It holds the exported step, zero point and integer range (per-channel widths included) and,
 for weights, the exported integer codes (frozen). Its forward is the base quantizer's, so a
 rebuilt layer computes ``(codes - z) * s`` for its weight and ``fake_quant`` on its input
-with exactly the numbers the original quantizer used. Calibration does not move it.
+with exactly the numbers the original quantizer used. Calibration does not move it. An input grid
+with per-token steps (``granularity: token``) computes each token's step from the input, as the
+original min-max quantizer did.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ from lowbit.errors import CalibrationError
 from lowbit.deploy.layers import GridData
 from lowbit.quant.base import Quantizer
 from lowbit.quant.grid import Granularity
+from lowbit.quant.minmax import minmax_grid
 
 
 class FixedQuantizer(Quantizer):
     method = "fixed"
     dynamic = False
     needs_calibration = False
+    supports_token = True
 
     def __init__(self, grid: GridData, role: str, codes: torch.Tensor | None = None, name: str = ""):
         super().__init__(bits=min(max(int(grid.bits), 1), 16), signed=grid.signed,
                          granularity=Granularity(grid.kind, grid.axis, grid.group_size),
                          restricted=grid.restricted, round_mode=grid.round_mode)
         self.method = grid.method or "fixed"  # the original method, for summary() labels
-        self.role, self.name = role, name
+        self.role, self.name, self.symmetric = role, name, grid.symmetric
         self.scale = grid.scale.detach().to(torch.float32).clone()
         self.zero_point = grid.zero_point.detach().to(torch.float32).clone()
         if grid.channel_bits is not None:
@@ -54,6 +58,9 @@ class FixedQuantizer(Quantizer):
 
     def init_from(self, x):
         pass
+
+    def token_grid(self, lo, hi):
+        return minmax_grid(lo, hi, bool(self.signed), self.symmetric, self.qmin, self.qmax)
 
     def _compute(self):
         raise CalibrationError(f"{self._where()}holds an exported grid and is never calibrated")

@@ -55,11 +55,12 @@ class GridData:
     channel_bits: torch.Tensor | None  # int64 [C] per-channel widths (bit allocation), else None
     signed: bool
     restricted: bool
-    kind: str = "tensor"           # tensor / channel / group
+    kind: str = "tensor"           # tensor / channel / group / token (inputs: steps computed at run time)
     axis: int = 0
     group_size: int | None = None
     round_mode: str = "half_even"
     method: str = ""
+    symmetric: bool = True         # token grids: zero-point-free (signed data) or spanning each token's min..max
 
     @property
     def per_channel_range(self) -> bool:
@@ -90,6 +91,8 @@ class GridData:
             d["axis"] = self.axis
         if self.kind == "group":
             d["group_size"] = self.group_size
+        if self.kind == "token":
+            d["symmetric"] = self.symmetric
         if self.channel_bits is None:
             d["qmin"], d["qmax"] = int(self.qmin), int(self.qmax)
         else:
@@ -118,7 +121,7 @@ def grid_from_quantizer(q: Quantizer, where: str) -> GridData:
     if not torch.isfinite(scale).all() or bool((scale == 0).any()):
         raise ExportError(f"{where}: its step holds zero or non-finite values")
     return GridData(scale, zero, qmin, qmax, int(q.bits), cb, bool(g.signed), bool(q.restricted), gran.kind,
-                    int(gran.axis), gran.group_size, q.round_mode, q.method)
+                    int(gran.axis), gran.group_size, q.round_mode, q.method, bool(getattr(q, "symmetric", True)))
 
 
 @dataclass
@@ -153,7 +156,8 @@ class LayerData:
 
     def acc_scale(self) -> torch.Tensor | None:
         """Per output channel ``s_w * s_x`` (float64), the scale of the integer accumulator and of ``bias_int32``."""
-        if self.weight_grid is None or self.input_grid is None or self.weight_grid.kind == "group":
+        if self.weight_grid is None or self.input_grid is None or self.weight_grid.kind == "group" \
+                or self.input_grid.kind == "token":
             return None
         s_w = self.weight_grid.scale.double().expand(self.out_channels) if self.weight_grid.scale.dim() == 0 \
             else self.weight_grid.scale.double()

@@ -37,7 +37,7 @@ from lowbit.deploy.graph import LAYER_OPS, Graph, check_attrs
 from lowbit.deploy.layers import GridData, LayerData
 from lowbit.deploy.pack import MAX_BITS, packed_nbytes, unpack_bits
 from lowbit.files import is_file_record, loads_json, read_listed, safetensors_metadata
-from lowbit.quant.grid import ROUND_MODES, channel_int_range
+from lowbit.quant.grid import ROUND_MODES, channel_int_range, int_range
 from lowbit.version import __version__
 
 MAX_ZERO_POINT = 2.0 ** (MAX_BITS + 1)  # twice the widest grid: no grid's zero point lies beyond
@@ -196,8 +196,11 @@ def read_grid(f: Fields, d, field: str, side: str, layer_type: str, shape: tuple
                ) -> GridData:
     if not isinstance(d, dict):
         raise f.error(field, f"a grid object, got {d!r}")
-    kinds = ("tensor", "channel", "group") if side == "weight" else ("tensor", "channel")
+    kinds = {"weight": ("tensor", "channel", "group"), "input": ("tensor", "channel", "token")}.get(
+        side, ("tensor", "channel"))
     kind = f.get(d, "granularity", field, kinds)
+    if kind == "token":
+        return _read_token_grid(f, d, field)
     signed, restricted = f.get(d, "signed", field, bool), f.get(d, "restricted", field, bool)
     round_mode = f.get(d, "round_mode", field, ROUND_MODES)
     method = f.get(d, "method", field, str)
@@ -252,6 +255,19 @@ def read_grid(f: Fields, d, field: str, side: str, layer_type: str, shape: tuple
         cb = None
     return GridData(scale.clone(), zero.clone(), qmin, qmax, bits, cb, signed, restricted, kind, axis, group_size,
                     round_mode, method)
+
+
+def _read_token_grid(f: Fields, d: dict, field: str) -> GridData:
+    """An input grid whose steps are computed per token at run time: widths and flags only."""
+    if d.get("method") != "minmax":
+        raise f.error(f"{field}.method", f"per-token steps are min-max steps, got {d.get('method')!r}")
+    signed, restricted = f.get(d, "signed", field, bool), f.get(d, "restricted", field, bool)
+    bits = f.int_in(d, "bits", field, 1, MAX_BITS)
+    qmin, qmax = int_range(bits, signed, restricted)
+    if (d.get("qmin"), d.get("qmax")) != (qmin, qmax):
+        raise f.error(f"{field}.qmin", f"[{qmin}, {qmax}] for {bits}-bit codes, got [{d.get('qmin')}, {d.get('qmax')}]")
+    return GridData(torch.ones(()), torch.zeros(()), qmin, qmax, bits, None, signed, restricted, "token", -1, None,
+                    f.get(d, "round_mode", field, ROUND_MODES), "minmax", f.get(d, "symmetric", field, bool))
 
 
 def read_weight(f: Fields, w, field: str, layer: LayerData) -> None:
@@ -375,6 +391,9 @@ def decode_export(path: str | os.PathLike, manifest: dict, tensors: dict[str, to
     layers = {}
     for name in graph.layers:
         layers[name] = read_layer(f, name, entries[name], node_of[name].attrs)
+        if layers[name].input_grid is not None and layers[name].input_grid.kind == "token":
+            raise f.error(f"layers[{name!r}].input.granularity", "'token': per-token steps are computed at run time, "
+                                                                 "which the integer engine does not do")
         if layers[name].kind != node_of[name].op:
             raise f.error(f"layers[{name!r}].type", f"{layers[name].kind!r}, its graph node runs {node_of[name].op!r}")
     arch, shape, recipe, left_float = read_metadata(f, manifest)

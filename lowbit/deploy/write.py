@@ -63,6 +63,8 @@ def reference_bytes(ref: list | None) -> int:
 
 def write_grid(arena: Arena, g: GridData, side: str) -> dict:
     d = g.describe()
+    if g.kind == "token":
+        return d  # steps computed from each input at run time: nothing to store
     d["scale_shape"] = list(g.scale.shape)
     d["scale"] = arena.add(f"{side}.scale", g.scale)
     z = g.zero_point
@@ -119,7 +121,7 @@ def layer_entry(arena: Arena, layer: LayerData, float_bias: bool) -> dict:
     entry["bn_folded"] = {"module": layer.bn, "at": layer.bn_folded_at} if layer.bn else None
     refs = [entry["weight"].get(k) for k in ("data", "scale", "zero_point", "channel_bits")]
     if entry["input"]:
-        refs += [entry["input"][k] for k in ("scale", "zero_point", "channel_bits")]
+        refs += [entry["input"].get(k) for k in ("scale", "zero_point", "channel_bits")]
     if entry["bias"]:
         refs += [entry["bias"]["int32"], entry["bias"]["float"]]
     entry["stored_bytes"] = sum(reference_bytes(r) for r in refs)

@@ -25,13 +25,18 @@ ROLES = ("weight", "activation")
 
 
 def make_granularity(spec, role: str) -> Granularity:
-    """``"tensor"``, ``"channel"`` (axis 0 for weights, 1 for activations), ``"group:128"``, or a Granularity."""
+    """``"tensor"``, ``"channel"`` (axis 0 for weights, 1 for activations), ``"group:128"``, ``"token"``
+    (activations), or a Granularity."""
     if isinstance(spec, Granularity):
         return spec
     if spec is None or spec == "tensor":
         return Granularity()
     if spec == "channel":
         return Granularity("channel", axis=0 if role == "weight" else 1)
+    if spec == "token":
+        if role != "activation":
+            raise ValueError("token granularity (one step per token, computed at run time) applies to activations only")
+        return Granularity("token", axis=-1)
     if isinstance(spec, str) and spec.startswith("group:"):
         if role != "weight":
             raise ValueError("group granularity applies to weights only")
@@ -40,7 +45,7 @@ def make_granularity(spec, role: str) -> Granularity:
         except ValueError:
             raise ValueError(f"group granularity is written 'group:SIZE', got {spec!r}") from None
         return Granularity("group", group_size=size)
-    raise ValueError(f"granularity must be 'tensor', 'channel' or 'group:SIZE', got {spec!r}")
+    raise ValueError(f"granularity must be 'tensor', 'channel', 'group:SIZE' or 'token', got {spec!r}")
 
 
 def quantizer_options(method: str) -> set[str]:

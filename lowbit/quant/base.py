@@ -69,6 +69,7 @@ class Quantizer(nn.Module):
     method = "base"
     dynamic = False        # re-derive the step from the tensor at every training forward
     supports_bit_allocation = False  # per-channel widths: only quantizers whose grid reads qmin/qmax tensors
+    supports_token = False  # per-token steps computed at run time (token_grid): min-max only
     needs_calibration = True
 
     role = "activation"    # make_quantizer sets "weight" for weight quantizers
@@ -90,6 +91,9 @@ class Quantizer(nn.Module):
                                  f"got {bit_allocation!r}")
             if self.granularity.kind != "channel":
                 raise ValueError("bit_allocation gives each channel its own width: use granularity 'channel'")
+        if self.granularity.kind == "token" and not self.supports_token:
+            raise ValueError(f"{self.method} cannot compute a step per token at run time; granularity 'token' "
+                             "needs method minmax")
         if self.bit_allocation is not None and not self.supports_bit_allocation:
             raise ValueError(f"{self.method} does not support bit_allocation; use minmax, percentile or aciq")
         self.bias_correction = "code" if bias_correction is True else (bias_correction or None)
@@ -194,7 +198,14 @@ class Quantizer(nn.Module):
 
     def _expanded(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.granularity
+        if g.kind == "token":
+            s, z = self.token_grid(g.reduce(v.detach(), "amin"), g.reduce(v.detach(), "amax"))
+            return g.expand(s.clamp_min(EPS), v), g.expand(z, v)
         return g.expand(self.get_scale(), v), g.expand(self.get_zero_point(), v)
+
+    def token_grid(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step and zero point of each token from its range (quantizers with ``supports_token``)."""
+        raise NotImplementedError
 
     # ----- calibration ------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -227,6 +238,8 @@ class Quantizer(nn.Module):
                           stacklevel=3)
             self.signed_flag.fill_(1)
             self.reset_stats()
+        if self.granularity.kind == "token":
+            return  # per-token steps come from each input at run time; calibration only settles signedness
         v = self.granularity.view(x.detach().float())
         if self.bit_allocation is not None:
             if self._alloc_stats is None:
@@ -255,6 +268,11 @@ class Quantizer(nn.Module):
     @torch.no_grad()
     def finalize(self) -> None:
         """Turn the accumulated statistics into the grid; raises if nothing was observed."""
+        if self.granularity.kind == "token":
+            if self.signed is None:
+                raise self._nothing_observed()
+            self.initialized.fill_(True)
+            return
         self._allocate_bits()
         scale, zero_point = self._compute()
         scale = torch.as_tensor(scale, dtype=torch.float32)

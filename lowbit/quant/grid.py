@@ -94,11 +94,14 @@ def round_(x: torch.Tensor, mode: str = "half_even") -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Granularity:
-    """Which elements share one step: ``tensor``, ``channel`` (along ``axis``) or ``group``.
+    """Which elements share one step: ``tensor``, ``channel`` (along ``axis``), ``group`` or ``token``.
 
     ``group`` splits each output channel (axis 0) of a weight, flattened to
     ``[C, K]``, into ``K / group_size`` consecutive groups with a step each.
     Steps are stored compactly: ``[]`` per tensor, ``[C]`` per channel, ``[C, K/g]`` per group.
+    ``token`` (activations): one step per vector along the last axis (per token of a ``[batch, tokens,
+    features]`` input), ``[batch, tokens]``; such steps are computed from each input as it arrives
+    (dynamic quantization), never stored.
     """
 
     kind: str = "tensor"
@@ -106,8 +109,8 @@ class Granularity:
     group_size: int | None = None
 
     def __post_init__(self):
-        if self.kind not in ("tensor", "channel", "group"):
-            raise ValueError(f"granularity must be 'tensor', 'channel' or 'group', got {self.kind!r}")
+        if self.kind not in ("tensor", "channel", "group", "token"):
+            raise ValueError(f"granularity must be 'tensor', 'channel', 'group' or 'token', got {self.kind!r}")
         if self.kind == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise ValueError(f"group granularity needs a positive integer group_size, got {self.group_size!r}")
 
@@ -128,6 +131,8 @@ class Granularity:
         if self.kind == "channel":
             axis = self.axis % x.dim()
             return tuple(d for d in range(x.dim()) if d != axis)
+        if self.kind == "token":
+            return (x.dim() - 1,)
         return (2,)
 
     def param_shape(self, x: torch.Tensor) -> tuple[int, ...]:
@@ -135,6 +140,8 @@ class Granularity:
             return ()
         if self.kind == "channel":
             return (x.shape[self.axis % x.dim()],)
+        if self.kind == "token":
+            return tuple(x.shape[:-1])
         v = self.view(x)
         return tuple(v.shape[:2])
 

@@ -4,6 +4,10 @@ Min-max: the grid spans the observed range, ``[min, max]`` over all calibration 
 Symmetric (default, ``z = 0``): ``s = max(|min|, |max|) / qmax``; unsigned data:
 ``s = max / qmax``; asymmetric: ``s = (max - min) / (qmax - qmin)``, ``z = round(qmin - min / s)``.
 
+Per token (``granularity: token``, activations): the range is each token's own min and max, taken from
+every input as it arrives, in training and in inference (dynamic per-token quantization, as ZeroQuant,
+Yao et al., NeurIPS 2022, quantizes a transformer's activations); calibration only settles the sign.
+
 Percentile: the same with the range clipped at the ``p``-th percentile of ``|x|`` (signed) or
 ``x`` (unsigned) of each batch, averaged over batches (a common calibration baseline,
 e.g. TensorRT's and fms-model-optimizer's percentile calibrators).
@@ -17,10 +21,21 @@ from lowbit.quant.base import Quantizer, affine_grid, symmetric_grid
 from lowbit.quant.stats import percentile
 
 
+def minmax_grid(lo: torch.Tensor, hi: torch.Tensor, signed: bool, symmetric: bool, qmin: int, qmax: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point of the grid spanning ``[lo, hi]`` (module docstring's three cases)."""
+    if not signed:
+        return symmetric_grid(hi.clamp_min(0), qmin, qmax)
+    if symmetric:
+        return symmetric_grid(torch.maximum(lo.abs(), hi.abs()), qmin, qmax)
+    return affine_grid(lo, hi, qmin, qmax)
+
+
 class MinMaxQuantizer(Quantizer):
     method = "minmax"
     dynamic = True
     supports_bit_allocation = True
+    supports_token = True
 
     def __init__(self, bits: int = 8, signed: bool | None = None, granularity=None, *, symmetric: bool = True,
                  role: str = "activation", **kw):
@@ -43,15 +58,15 @@ class MinMaxQuantizer(Quantizer):
 
     def _compute(self):
         lo, hi = self._range()
-        if not self.signed:
-            return symmetric_grid(hi.clamp_min(0), self.qmin, self.qmax)
-        if self.symmetric:
-            return symmetric_grid(torch.maximum(lo.abs(), hi.abs()), self.qmin, self.qmax)
-        return affine_grid(lo, hi, self.qmin, self.qmax)
+        return minmax_grid(lo, hi, bool(self.signed), self.symmetric, self.qmin, self.qmax)
+
+    def token_grid(self, lo, hi):
+        return minmax_grid(lo, hi, bool(self.signed), self.symmetric, self.qmin, self.qmax)
 
 
 class PercentileQuantizer(MinMaxQuantizer):
     method = "percentile"
+    supports_token = False
 
     def __init__(self, bits: int = 8, signed: bool | None = None, granularity=None, *, percentile: float = 99.99,
                  **kw):
