@@ -33,7 +33,7 @@ class LayerRow:
 def quantizer_label(q: Quantizer | None) -> str:
     if q is None:
         return "float"
-    gran = {"tensor": "", "channel": "/ch"}.get(q.granularity.kind, f"/g{q.granularity.group_size}")
+    gran = {"tensor": "", "channel": "/ch", "token": "/token"}.get(q.granularity.kind, f"/g{q.granularity.group_size}")
     bits = f"{q.mean_bits:.2f}b" if q.channel_bits.numel() else f"{q.bits}b"
     return f"{bits} {q.method}{gran}"
 

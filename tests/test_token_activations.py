@@ -78,11 +78,34 @@ def test_encoder_with_per_token_inputs_exports_and_reloads_bit_for_bit(tmp_path)
     grid = manifest["layers"]["encoder.layer.0.attention.self.query"]["input"]
     assert grid["granularity"] == "token" and grid["symmetric"] is False and "scale" not in grid
     reloaded = lowbit.load_export(path, model=tiny_bert(seed=1))
+    packed = lowbit.load_export(path, model=tiny_bert(seed=1), packed="int8")  # per-feature steps are refused here
     for batch in token_batches(2, 5):
         with torch.no_grad():
-            assert torch.equal(qmodel(**batch).last_hidden_state, reloaded(**batch).last_hidden_state)
+            want = qmodel(**batch).last_hidden_state
+            assert torch.equal(want, reloaded(**batch).last_hidden_state)
+            torch.testing.assert_close(packed(**batch).last_hidden_state, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_recipe_asking_token_steps_of_a_learned_quantizer_is_refused_at_load():
     with pytest.raises(RecipeError, match="lsq cannot compute a step per token.*minmax"):
         lowbit.load_recipe({"activations": {"method": "lsq", "bits": 8, "granularity": "token"}})
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("kernel", ["int8", "int4"])
+def test_packed_linear_runs_per_token_steps_in_one_integer_product(symmetric, kernel):
+    from lowbit.deploy.packed import PackedLinear  # the deploy layer, above the quantizers tested above
+    from lowbit.deploy.layers import layer_from_module
+
+    recipe = {"weights": {"method": "minmax", "bits": 4, "granularity": "channel"},
+              "activations": {"method": "minmax", "bits": 8, "granularity": "token", "symmetric": symmetric}}
+    x = tokens(2)[..., :16].repeat(1, 1, 4) + 0.5  # 64 features; shifted so asymmetric grids have a zero point
+    qlayer = lowbit.quantize(nn.Sequential(nn.Linear(64, 32)), recipe, calib_data=[x]).eval()[0]
+    packed = PackedLinear(layer_from_module("fc", qlayer), kernel)
+    assert packed.kernel == kernel
+    with torch.no_grad():
+        got, want = packed(x), qlayer(x)
+    if kernel == "int8":  # exact int32 accumulation: float32 rounding only
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # bfloat16 accumulator: 8 significant bits
+        assert bool(((got - want).abs() <= 2.0**-8 * want.abs().amax() * 4).all())

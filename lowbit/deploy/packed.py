@@ -39,6 +39,12 @@ Two kernels:
 :class:`PackedEmbedding` keeps an int8 table (codes in [-128, 127]) and one step per row (or one step):
 ``table[ids] = q[ids] * s[ids]`` in float32, bit for bit the fake-quant table's rows.
 
+**Per-token input steps** (an input grid of ``granularity: token``): each row ``t`` of the input gets its
+min-max step ``s_x[t]`` and zero point ``z_x[t]`` from the row itself, exactly as the fake-quant quantizer
+computes them (:func:`lowbit.quant.minmax.minmax_grid`), and ``y[t, c] = (s_x[t] s_w[c]) acc[t, c] + b[c]``
+with ``acc[t, c] = sum_k (q_x[t, k] - z_x[t]) q_w[c, k]``: still one integer matrix product (the int8 path
+subtracts ``(z_x[t] - o) sum_k q_w[c, k]`` per row and column, exact in int32).
+
 Anything else (weights with a zero point, group-wise or per-channel widths, an input left float or with
 per-channel steps, wider grids) is refused by :func:`pack_model`, naming the module and this supported
 set, rather than run partly packed.
@@ -54,13 +60,16 @@ from torch import nn
 from lowbit.deploy.errors import ExportError
 from lowbit.deploy.layers import GridData, LayerData, layer_from_module
 from lowbit.nn.modules import QuantEmbedding, QuantLinear, float_class
+from lowbit.quant.base import EPS
 from lowbit.quant.grid import round_
+from lowbit.quant.minmax import minmax_grid
 
 INT4_GROUP = 32      # input features per step group in the int4 layout (the kernel takes 32, 64, 128 or 256)
 INT4_N_MULTIPLE = 16  # the int4 packing needs output features in multiples of 16
 KERNELS = ("int4", "int8")
 SUPPORTED = ("Linear layers with signed weights of at most 8 bits, zero point 0, one step per output channel or per "
-             "tensor, and a static per-tensor input grid of at most 256 codes with an integer zero point; Embedding "
+             "tensor, and a static per-tensor or a per-token input grid of at most 256 codes with an integer zero "
+             "point; Embedding "
              "tables with signed weights of at most 8 bits, zero point 0, per-row or per-tensor steps")
 
 
@@ -87,7 +96,7 @@ def _input_grid(layer: LayerData) -> GridData:
     g = layer.input_grid
     if g is None:
         raise _unsupported(layer.name, "its input is float")
-    if g.kind != "tensor" or g.channel_bits is not None or g.bits > 8:
+    if g.kind not in ("tensor", "token") or g.channel_bits is not None or g.bits > 8:
         raise _unsupported(layer.name, f"its input grid is {g.kind}-wise at {g.bits} bits")
     if float(g.zero_point) != round(float(g.zero_point)):
         raise _unsupported(layer.name, "its input grid has a fractional zero point")
@@ -112,7 +121,8 @@ class PackedLinear(_PackedModule):
         self.in_features, self.out_features = layer.weight_shape[1], layer.weight_shape[0]
         w_step = _weight_steps(layer)
         g = _input_grid(layer)
-        self.input_step, self.input_zero = float(g.scale), float(g.zero_point)
+        self.per_token = (bool(g.signed), g.symmetric) if g.kind == "token" else None  # steps of each row
+        self.input_step, self.input_zero = float(g.scale), float(g.zero_point)  # static grid (1, 0 per token)
         self.input_range = (int(g.qmin), int(g.qmax))
         self.round_mode = g.round_mode
         codes = layer.weight_codes
@@ -135,28 +145,46 @@ class PackedLinear(_PackedModule):
             self.register_buffer("weight_int8", codes.to(torch.int8).contiguous())
             shift = round(self.input_zero) - self.input_offset  # (z_x - o) sum_k q_w[c, k], subtracted from acc
             self.register_buffer("acc_correction", (shift * codes.to(torch.int32).sum(1)).to(torch.int32)
-                                 if shift else None)
+                                 if shift and not self.per_token else None)
+            self.register_buffer("weight_sums", codes.to(torch.int32).sum(1).to(torch.int32)
+                                 if self.per_token else None)  # sum_k q_w[c, k], times (z_x[t] - o) per row
         self.register_buffer("output_step", (w_step.double() * float(g.scale)).float())  # s_x s_w[c]
         self.register_buffer("bias", layer.bias.clone() if layer.bias is not None else None)
 
-    def input_codes(self, x: torch.Tensor, minus: float) -> torch.Tensor:
-        """``q_x - minus`` as float32, ``q_x = round(x / s_x + z_x)`` clamped (the fake-quant input's codes)."""
-        u = x / self.input_step
-        if self.input_zero:
-            u = u + self.input_zero
+    def input_grid(self, rows: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """``(s_x, z_x)``: the static grid's, or each row's ``[T, 1]`` min-max grid (per-token steps)."""
+        if self.per_token is None:
+            return self.input_step, self.input_zero
+        signed, symmetric = self.per_token
+        s, z = minmax_grid(rows.amin(1, keepdim=True), rows.amax(1, keepdim=True), signed, symmetric,
+                           *self.input_range)
+        return s.clamp_min(EPS), z
+
+    def input_codes(self, x: torch.Tensor, minus, grid=None) -> torch.Tensor:
+        """``q_x - minus`` as float32, ``q_x = round(x / s_x + z_x)`` clamped (the fake-quant input's codes);
+        ``grid``: the rows' ``(s_x, z_x)`` when already computed."""
+        step, zero = grid if grid is not None else self.input_grid(x)
+        u = x / step
+        if self.per_token is not None or zero:
+            u = u + zero
         u = round_(u, self.round_mode).clamp_(*self.input_range)
-        return u - minus if minus else u
+        return u - minus
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
+        step, zero = grid = self.input_grid(rows)
         if self.kernel == "int4":
-            acc = torch.ops.aten._weight_int4pack_mm_for_cpu(self.input_codes(rows, self.input_zero).to(torch.bfloat16),
+            acc = torch.ops.aten._weight_int4pack_mm_for_cpu(self.input_codes(rows, zero, grid).to(torch.bfloat16),
                                                              self.weight_packed, INT4_GROUP, self.scales_and_zeros)
         else:
-            acc = torch._int_mm(self.input_codes(rows, self.input_offset).to(torch.int8), self.weight_int8.t())
+            acc = torch._int_mm(self.input_codes(rows, self.input_offset, grid).to(torch.int8), self.weight_int8.t())
             if self.acc_correction is not None:
                 acc = acc - self.acc_correction
+            if self.per_token is not None:
+                acc = acc - (zero.to(torch.int32) - self.input_offset) * self.weight_sums
         y = torch.mul(acc, self.output_step)  # bfloat16 / int32 promoted to float32
+        if self.per_token is not None:
+            y = y * step  # s_x[t]: y = (s_w[c] acc) s_x[t], the order of the fake-quant product aside
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
