@@ -71,6 +71,9 @@ VARIANTS = {  # --variant A[+B]: changes to a recipe, by name, for the sweep (ca
                                "skip": [*r.get("skip", []), "lm_head"]}),
     "sink-prefix": ("float sink prefix (BOS) in the cache",
                     lambda r: {**r, "kv_cache": {**r["kv_cache"], **SINK_PREFIX}}),
+    "token-activations": ("Linear inputs with per-token min-max steps computed at run time",
+                          lambda r: {**r, "activations": {"method": "minmax", "bits": r["activations"]["bits"],
+                                                          "granularity": "token"}}),
 }
 
 
