@@ -109,3 +109,18 @@ def test_packed_linear_runs_per_token_steps_in_one_integer_product(symmetric, ke
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:  # bfloat16 accumulator: 8 significant bits
         assert bool(((got - want).abs() <= 2.0**-8 * want.abs().amax() * 4).all())
+
+
+def test_a_causal_lm_with_per_token_inputs_exports_reloads_and_packs(tmp_path):
+    pytest.importorskip("transformers")
+    from tiny_lm import tiny_lm, token_batch  # needs transformers
+
+    model = tiny_lm(hidden_size=64, intermediate_size=128)
+    qmodel = lowbit.quantize(model, "ptq-w8a8kv8-token", calib_data=[token_batch()]).eval()
+    path = lowbit.export(qmodel, tmp_path / "export")
+    ids = token_batch(seed=4)
+    with torch.no_grad():
+        want = qmodel(ids).logits
+        assert torch.equal(lowbit.load_export(path, model=model)(ids).logits, want)
+        packed = lowbit.load_export(path, model=model, packed="int8")(ids).logits
+    torch.testing.assert_close(packed, want, rtol=1e-4, atol=1e-4)
