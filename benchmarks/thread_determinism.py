@@ -58,26 +58,30 @@ def weights_diff(a: dict, b: dict) -> float:
                else float(not torch.equal(a[k], b[k])) for k in a)
 
 
-def float_logits_diff(model: str) -> float:
-    """Largest logit difference of the float model on one test batch between 1 and 2 threads (same process)."""
-    net = pretrained(model).eval()
-    x = next(iter(make_loader("fashion-mnist", "test", 128)))[0]
-    out = {}
+def float_step_diffs(model: str) -> tuple[float, float]:
+    """Largest difference between 1 and 2 threads (same process, same batch of 128 test images) of the float
+    model's logits and of one backward pass's weight gradients."""
+    net = pretrained(model)
+    x, y = next(iter(make_loader("fashion-mnist", "test", 128)))
+    out, grads = {}, {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        with torch.no_grad():
-            out[threads] = net(x)
-    return float((out[1] - out[2]).abs().max())
+        net.zero_grad()
+        out[threads] = net(x)
+        torch.nn.functional.cross_entropy(out[threads], y).backward()
+        grads[threads] = [p.grad.clone() for p in net.parameters()]
+    grad_diff = max(float((a - b).abs().max()) for a, b in zip(grads[1], grads[2]))
+    return float((out[1] - out[2]).detach().abs().max()), grad_diff
 
 
-def verdict(diffs: dict[str, float], logits: float) -> str:
+def verdict(diffs: dict[str, float], logits: float, grads: float) -> str:
     """What the comparisons say about issue #14's 0.36-point gap (lowbit qat, 2 threads, against RESULTS, 1)."""
     path_same = all(v == 0 for k, v in diffs.items() if k.startswith("benchmark path vs CLI"))
     threads_same = all(v == 0 for k, v in diffs.items() if k.startswith("1 vs 2"))
     if path_same and not threads_same:
         return ("The CLI and the benchmark path give bit-identical weights at either thread count; only the thread "
-                "count changes them" + (", and it already changes the float model's logits (the same convolutions "
-                "summed in another order)" if logits > 0 else "") + ". So the 0.36-point gap issue #14 reports "
+                "count changes them" + (", and it already changes one backward pass of the float model (the same "
+                "gradient sums split across threads in another order)" if grads > 0 or logits > 0 else "") + ". So the 0.36-point gap issue #14 reports "
                 "between `lowbit qat` with 2 threads and RESULTS with 1 thread is float summation order amplified "
                 "by training (each step starts from slightly different weights, and values at a rounding boundary "
                 "of the grid flip), not a difference between the two paths. Compare a result with rows of its own "
@@ -112,13 +116,14 @@ def main() -> None:
         diffs[label] = diff = weights_diff(runs[a], runs[b])
         rows.append(f"| {label} | {diff:.3g} | {'yes' if diff == 0 else 'no'} |")
         print(label, diff, flush=True)
-    logits = float_logits_diff(args.model)
+    logits, grads = float_step_diffs(args.model)
     body = (f"`{args.recipe}` on `{args.model}`, seed {SEED}, {args.steps} fine-tuning steps, run four ways (each a "
             "fresh process with `OMP_NUM_THREADS` set): the benchmark path (`run_qat` as `benchmarks/qat.py` calls "
             "it) and the CLI (`python -m lowbit qat`), each with 1 and 2 threads; the saved weights compared.\n\n"
             + "\n".join(rows)
-            + f"\n\nThe float model alone, same batch of 128 test images, 1 against 2 threads in one process: largest "
-            f"logit difference {logits:.3g}.\n\n" + verdict(diffs, logits))
+            + f"\n\nThe float model alone (training mode), one batch of 128 test images, 1 against 2 threads in one "
+            f"process: largest logit difference {logits:.3g}, largest weight-gradient difference {grads:.3g}.\n\n"
+            + verdict(diffs, logits, grads))
     write_section("thread-determinism", "Same seed, 1 and 2 threads", body, SEED)
 
 
