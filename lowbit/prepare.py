@@ -138,6 +138,10 @@ def build_quantizer(spec: dict | None, role: str, name: str, layer: nn.Module | 
     granularity = spec.get("granularity")
     if role == "activation" and granularity == "channel" and isinstance(layer, nn.Linear):
         granularity = Granularity("channel", axis=-1)
+    if granularity == "token" and layer is not None and not isinstance(layer, nn.Linear):
+        raise RecipeError(f"layer {name!r} inputs: granularity 'token' steps each vector of a Linear input's last "
+                          f"axis, and this is a {type(layer).__name__}; give it 'tensor' or 'channel' "
+                          f"(layers: {{{name!r}: {{activations: {{granularity: tensor}}}}}})")
     try:
         q = make_quantizer(spec["method"], bits=spec["bits"], role=role,
                            signed=None if signed in ("auto", None) else bool(signed),

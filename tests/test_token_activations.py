@@ -124,3 +124,12 @@ def test_a_causal_lm_with_per_token_inputs_exports_reloads_and_packs(tmp_path):
         assert torch.equal(lowbit.load_export(path, model=model)(ids).logits, want)
         packed = lowbit.load_export(path, model=model, packed="int8")(ids).logits
     torch.testing.assert_close(packed, want, rtol=1e-4, atol=1e-4)
+
+
+def test_token_steps_on_a_convolution_are_refused_naming_the_layer_and_the_fix():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    recipe = {"activations": {"method": "minmax", "bits": 8, "granularity": "token"}}
+    with pytest.raises(RecipeError, match="layer '0' inputs.*Conv2d.*granularity: tensor"):
+        lowbit.quantize(model, recipe, calib_data=[torch.randn(2, 1, 6, 6)])
+    recipe["layers"] = {"0": {"activations": {"granularity": "tensor"}}}
+    assert lowbit.quantize(model, recipe, calib_data=[torch.randn(2, 1, 6, 6)]).lowbit_report.quantized
