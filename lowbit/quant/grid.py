@@ -189,7 +189,9 @@ class _FakeQuant(torch.autograd.Function):
         if kernels is not None:
             bounds = (torch.as_tensor(qmin, dtype=x.dtype, device=x.device),
                       torch.as_tensor(qmax, dtype=x.dtype, device=x.device))
-            outs = _run_fused(kernels[0], x, scale, zero_point, *bounds, round_mode == "half_up", shifted, codes_dtype)
+            # detached: a Parameter (a weight) and a plain tensor would be two compiled variants of the same kernel
+            outs = _run_fused(kernels[0], x.detach(), scale.detach(), zero_point.detach(), *bounds,
+                              round_mode == "half_up", shifted, codes_dtype)
             if outs is not None:
                 ctx.save_for_backward(x, scale, zero_point, *bounds)
                 ctx.fused = (scale_grad, grad_scale, pass_through, shifted, round_mode == "half_up", kernels[1])
@@ -208,7 +210,7 @@ class _FakeQuant(torch.autograd.Function):
         if hasattr(ctx, "fused"):  # the fused forward ran
             x, scale, zero_point, qmin, qmax = ctx.saved_tensors
             scale_grad, grad_scale, pass_through, shifted, half_up, kernel = ctx.fused
-            args = (grad.contiguous(), x, scale, zero_point, qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype, device=x.device),
+            args = (grad.contiguous(), x.detach(), scale.detach(), zero_point.detach(), qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype, device=x.device),
                     half_up, shifted, scale_grad if ctx.needs_input_grad[1] else None, pass_through,
                     ctx.needs_input_grad[2])
             grad_x, grad_s, grad_z = _run_fused(kernel, *args) or _fused_backward(*args)
@@ -281,7 +283,7 @@ def _fused_backward(grad, x, scale, zero_point, qmin, qmax, grad_scale, half_up:
 
 
 _FUSED: dict = {}
-RECOMPILE_LIMIT = 64  # kernel variants: grid flags x tensor ranks x step layouts seen in one model
+RECOMPILE_LIMIT = 256  # kernel variants: grid flags x tensor ranks x step layouts x code types, over the models of one process
 
 
 def _fused_kernels():
