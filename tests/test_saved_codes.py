@@ -126,3 +126,17 @@ def test_the_forward_keeps_a_quarter_of_the_input_bytes_or_less(tmp_path):
         kept[compact] = _bytes_kept_by_the_forward(layer, x, tmp_path / f"{compact}.json")
     # float: the fake-quantized input (4 bytes per element) kept for the convolution; compact: its int8 codes
     assert kept[False] - kept[True] >= 0.74 * x0.numel() * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,options", [("lsq", dict(bits=4)), ("lsq", dict(bits=2, asymmetric=True))],
+                         ids=["codes-from-the-kernel", "codes-recomputed"])
+def test_compiled_fake_quant_hands_over_the_same_codes(method, options):
+    x0 = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(1)).relu()
+    layer = _layer("conv", method, options, x0)
+    layer.input_quantizer.fused = layer.weight_quantizer.fused = True
+    y0, gx0, gp0 = _grads(layer, x0, compact=False)
+    y1, gx1, gp1 = _grads(layer, x0, compact=True)
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    for name in gp0:
+        assert torch.equal(gp0[name], gp1[name]), name
