@@ -7,7 +7,7 @@ PY=${PY:-.venv/bin/python}
 $PY benchmarks/baselines.py
 $PY benchmarks/accuracy.py
 $PY benchmarks/ptq_ablation.py
-$PY benchmarks/step_cost.py
+$PY benchmarks/step_cost.py --compile-quantizers
 $PY benchmarks/eagl_speed.py
 $PY benchmarks/export_engine.py
 $PY benchmarks/export_speed.py

@@ -56,7 +56,9 @@ class FinetuneConfig:
     Speed: ``compile_quantizers`` runs every quantizer's fake-quant as two kernels compiled by
     ``torch.compile`` during fine-tuning (:mod:`lowbit.quant.grid`: same values, the step gradients
     up to float rounding; the first steps pay the compilation, tens of seconds on a CPU; where it
-    cannot build, a warning and the eager op).
+    cannot build, a warning and the eager op). Memory: in training, each quantized layer keeps the input it saves
+    for its backward as int8/uint8 codes (:mod:`lowbit.nn.saved_codes`; same values and gradients), so a step
+    holds little more than the float step's activations (docs/RESULTS.md, section step-cost).
 
     Bookkeeping: ``checkpoint_every`` steps (0: at epoch ends only; always at the end),
     ``log_every`` steps (0: per epoch only), ``progress`` bar (None: when stderr is a

@@ -105,6 +105,9 @@ class Quantizer(nn.Module):
                              f"got {bias_correction!r}")
         self.calibrating = False
         self.enabled = True
+        self.output_grid = None  # (step, zero point) of the latest fake-quantized output, set by _expanded
+        self.keep_codes = False  # keep the latest output's integer codes as output_codes (see _on_grid)
+        self.output_codes = None
         self.name = ""  # filled in by model preparation, used in error messages
         self.register_buffer("signed_flag", torch.tensor(-1 if signed is None else int(signed), dtype=torch.int8))
         self.register_buffer("initialized", torch.tensor(False))
@@ -197,11 +200,16 @@ class Quantizer(nn.Module):
         return ((v - z) * s).reshape(q.shape)
 
     def _expanded(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step and zero point broadcast against the view ``v``; also kept as :attr:`output_grid`, the grid of the
+        latest output (a quantized layer reads it to save its input as codes: lowbit.nn.saved_codes)."""
         g = self.granularity
         if g.kind == "token":
             s, z = self.token_grid(g.reduce(v.detach(), "amin"), g.reduce(v.detach(), "amax"))
-            return g.expand(s.clamp_min(EPS), v), g.expand(z, v)
-        return g.expand(self.get_scale(), v), g.expand(self.get_zero_point(), v)
+            s, z = g.expand(s.clamp_min(EPS), v), g.expand(z, v)
+        else:
+            s, z = g.expand(self.get_scale(), v), g.expand(self.get_zero_point(), v)
+        self.output_grid = (s.detach(), z.detach())  # detached: a module holding graph tensors cannot be deep-copied
+        return s, z
 
     def token_grid(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Step and zero point of each token from its range (quantizers with ``supports_token``)."""
@@ -314,7 +322,18 @@ class Quantizer(nn.Module):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         v = self.granularity.view(x)
         s, z = self._expanded(v)
-        return fake_quant(v, s, z, *self._bounds(v), round_mode=self.round_mode, fused=self.fused).reshape(x.shape)
+        return self._on_grid(x, v, s, z, *self._bounds(v))
+
+    def _on_grid(self, x: torch.Tensor, v: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin, qmax,
+                 **options) -> torch.Tensor:
+        """:func:`~lowbit.quant.grid.fake_quant` of the view ``v`` with this quantizer's rounding and kernels, in
+        ``x``'s shape. With :attr:`keep_codes` (set by the quantized layer this quantizer feeds) and gradients
+        recorded, the integer codes are kept as :attr:`output_codes` (or None where the grid cannot give them)."""
+        keep = self.keep_codes and torch.is_grad_enabled() and self.granularity.kind != "group"
+        out = fake_quant(v, s, z, qmin, qmax, round_mode=self.round_mode, fused=self.fused, keep_codes=keep, **options)
+        if keep:
+            out, self.output_codes = out
+        return out.reshape(x.shape)
 
     # ----- bookkeeping ------------------------------------------------------------------
     def _where(self) -> str:

@@ -174,38 +174,51 @@ class _FakeQuant(torch.autograd.Function):
     ``sum(g (q - z)) - sum(g inside x/s)`` (LSQ) or ``sum(g (q - z)) - sum(g inside (q - z))``
     (clip only), two multiply-reductions with no temporary for a per-tensor step. A zero point
     that is zero everywhere (every symmetric and unsigned grid) skips its two passes.
+
+    Memory: the forward keeps ``x`` (which the layer before usually keeps anyway) and the codes as int8/uint8, not
+    ``x/s`` and the float codes; the backward recomputes ``x/s`` with the same op, so the gradients are the same bit
+    for bit, for two more passes over the tensor. On request the forward also returns those codes (``keep_codes``).
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through, fused):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through, fused,
+                keep_codes):
         shifted = bool(torch.any(zero_point != 0))
         kernels = _fused_kernels() if fused else None
+        codes_dtype = _codes_dtype(qmin, qmax) if keep_codes and not shifted else None
         if kernels is not None:
             bounds = (torch.as_tensor(qmin, dtype=x.dtype, device=x.device),
                       torch.as_tensor(qmax, dtype=x.dtype, device=x.device))
-            out = _run_fused(kernels[0], x, scale, zero_point, *bounds, round_mode == "half_up", shifted)
-            if out is not None:
+            # detached: a Parameter (a weight) and a plain tensor would be two compiled variants of the same kernel
+            outs = _run_fused(kernels[0], x.detach(), scale.detach(), zero_point.detach(), *bounds,
+                              round_mode == "half_up", shifted, codes_dtype)
+            if outs is not None:
                 ctx.save_for_backward(x, scale, zero_point, *bounds)
                 ctx.fused = (scale_grad, grad_scale, pass_through, shifted, round_mode == "half_up", kernels[1])
-                return out
+                return _mark_codes(ctx, *outs)
         xs = x / scale
         q = round_(xs + zero_point if shifted else xs, round_mode).clamp_(qmin, qmax)
-        ctx.save_for_backward(xs, q, zero_point, scale)
+        dtype = _codes_dtype(qmin, qmax)
+        codes = q if dtype is None else q.to(dtype)  # exact: q holds integers of that range
+        ctx.save_for_backward(x, codes, zero_point, scale)
         ctx.cfg = (qmin, qmax, scale_grad, grad_scale, pass_through, shifted)
-        return (q - zero_point) * scale if shifted else q * scale
+        out = (q - zero_point) * scale if shifted else q * scale
+        return _mark_codes(ctx, out, codes if codes_dtype is not None else None)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_codes):
         if hasattr(ctx, "fused"):  # the fused forward ran
             x, scale, zero_point, qmin, qmax = ctx.saved_tensors
             scale_grad, grad_scale, pass_through, shifted, half_up, kernel = ctx.fused
-            args = (grad.contiguous(), x, scale, zero_point, qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype, device=x.device),
+            args = (grad.contiguous(), x.detach(), scale.detach(), zero_point.detach(), qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype, device=x.device),
                     half_up, shifted, scale_grad if ctx.needs_input_grad[1] else None, pass_through,
                     ctx.needs_input_grad[2])
             grad_x, grad_s, grad_z = _run_fused(kernel, *args) or _fused_backward(*args)
-            return grad_x, grad_s, grad_z, None, None, None, None, None, None, None
-        xs, q, zero_point, scale = ctx.saved_tensors
+            return grad_x, grad_s, grad_z, None, None, None, None, None, None, None, None
+        x, q, zero_point, scale = ctx.saved_tensors
         qmin, qmax, scale_grad, grad_scale, pass_through, shifted = ctx.cfg
+        xs = x / scale  # the forward's x/s, bit for bit (the same op on the same tensors)
+        q = q.to(x.dtype)
         pre = xs + zero_point if shifted else xs
         inside = (pre > qmin) & (pre < qmax)
         grad_inside = grad * inside
@@ -221,14 +234,34 @@ class _FakeQuant(torch.autograd.Function):
         grad_z = None
         if ctx.needs_input_grad[2]:
             grad_z = -_sum_to((grad - grad_inside) * scale, zero_point.shape) * grad_scale
-        return grad_x, grad_s, grad_z, None, None, None, None, None, None, None
+        return grad_x, grad_s, grad_z, None, None, None, None, None, None, None, None
 
 
-def _fused_forward(x, scale, zero_point, qmin, qmax, half_up: bool, shifted: bool):
-    """The forward of :class:`_FakeQuant` as one expression, for ``torch.compile``."""
+def _codes_dtype(qmin, qmax) -> torch.dtype | None:
+    """int8 or uint8 where the integer range ``[qmin, qmax]`` (ints) fits, to keep codes in a quarter of the
+    memory of float32; None otherwise (per-channel ranges, wider grids)."""
+    if isinstance(qmin, int) and isinstance(qmax, int):
+        for dtype in (torch.int8, torch.uint8):
+            info = torch.iinfo(dtype)
+            if info.min <= qmin and qmax <= info.max:
+                return dtype
+    return None
+
+
+def _mark_codes(ctx, out: torch.Tensor, codes: torch.Tensor | None):
+    """The forward's two outputs: the fake-quantized tensor and, where asked for, its integer codes (no gradient)."""
+    if codes is not None:
+        ctx.mark_non_differentiable(codes)
+    return out, codes
+
+
+def _fused_forward(x, scale, zero_point, qmin, qmax, half_up: bool, shifted: bool, codes_dtype):
+    """The forward of :class:`_FakeQuant` as one expression, for ``torch.compile``; with ``codes_dtype``, the codes
+    in that integer type too (written in the same pass)."""
     u = x / scale + zero_point if shifted else x / scale
     q = (torch.floor(u + 0.5) if half_up else torch.round(u)).clamp(qmin, qmax)
-    return (q - zero_point) * scale if shifted else q * scale
+    out = (q - zero_point) * scale if shifted else q * scale
+    return out, (q.to(codes_dtype) if codes_dtype is not None else None)
 
 
 def _fused_backward(grad, x, scale, zero_point, qmin, qmax, grad_scale, half_up: bool, shifted: bool,
@@ -250,7 +283,7 @@ def _fused_backward(grad, x, scale, zero_point, qmin, qmax, grad_scale, half_up:
 
 
 _FUSED: dict = {}
-RECOMPILE_LIMIT = 64  # kernel variants: grid flags x tensor ranks x step layouts seen in one model
+RECOMPILE_LIMIT = 256  # kernel variants: grid flags x tensor ranks x step layouts x code types, over the models of one process
 
 
 def _fused_kernels():
@@ -293,18 +326,21 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, *,
                round_mode: str = "half_even", scale_grad: str | None = None, grad_scale: float = 1.0,
-               pass_through: bool = False, fused: bool = False) -> torch.Tensor:
+               pass_through: bool = False, fused: bool = False, keep_codes: bool = False):
     """Quantize to the grid and back: ``(clamp(round(x/s + z), qmin, qmax) - z) * s``.
 
     ``scale`` and ``zero_point`` must already broadcast against ``x``. ``scale_grad`` is
     ``None`` (no step gradient), ``"lsq"`` or ``"clip"``; ``pass_through=True`` passes the
     ``x`` gradient everywhere (SAWB+) instead of zeroing it where ``x`` is clipped; ``fused``
-    runs the compiled kernels (module docstring).
+    runs the compiled kernels (module docstring). ``keep_codes=True`` returns ``(x_hat, codes)``: the integer codes
+    ``q`` as int8/uint8 where the grid has no zero point and its range fits, else None (the codes a quantized layer
+    keeps for its backward: lowbit.nn.saved_codes).
     """
     if scale_grad not in (None, "lsq", "clip"):
         raise ValueError(f"scale_grad must be None, 'lsq' or 'clip', got {scale_grad!r}")
-    return _FakeQuant.apply(x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through,
-                           fused)
+    out, codes = _FakeQuant.apply(x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through,
+                                  fused, keep_codes)
+    return (out, codes) if keep_codes else out
 
 
 def quantize_int(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,

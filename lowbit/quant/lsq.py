@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from lowbit.quant.base import Quantizer, affine_grid
-from lowbit.quant.grid import fake_quant
 from lowbit.quant.mse_step import minmax_step, mse_optimal_affine, mse_optimal_step
 
 MIN_STEP = 1e-5
@@ -121,12 +120,13 @@ class LSQQuantizer(Quantizer):
         z = self.zero_point.clamp(self.qmin, self.qmax)
         return z + (z.round() - z).detach()
 
-    def grad_scale(self, x: torch.Tensor) -> float:
-        """LSQ's ``g = 1 / sqrt(N Q_P)`` with ``N`` the elements that share one step."""
-        n = x.numel() / max(1, self.get_scale().numel())
+    def grad_scale(self, x: torch.Tensor, qmax: int | None = None) -> float:
+        """LSQ's ``g = 1 / sqrt(N Q_P)`` with ``N`` the elements that share one step (``qmax``: ``Q_P`` when the
+        caller has it already)."""
+        n = x.numel() / max(1, self.scale.numel())
         if self.role != "weight" and self.n_features == "sample" and x.dim() > 1:
             n /= x.shape[0]
-        return 1.0 / math.sqrt(n * self.qmax)
+        return 1.0 / math.sqrt(n * (self.qmax if qmax is None else qmax))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", asymmetric" if self.asymmetric else "")
@@ -134,8 +134,8 @@ class LSQQuantizer(Quantizer):
     def fake_quant(self, x):
         v = self.granularity.view(x)
         s, z = self._expanded(v)
-        return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode, scale_grad="lsq",
-                          grad_scale=self.grad_scale(x), fused=self.fused).reshape(x.shape)
+        qmin, qmax = self.qrange
+        return self._on_grid(x, v, s, z, qmin, qmax, scale_grad="lsq", grad_scale=self.grad_scale(x, qmax))
 
 
 def _assign(param: nn.Parameter, value: torch.Tensor) -> nn.Parameter:

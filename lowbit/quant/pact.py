@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lowbit.quant.base import Quantizer
-from lowbit.quant.grid import fake_quant, int_range
+from lowbit.quant.grid import int_range
 from lowbit.quant.stats import percentile
 
 MIN_ALPHA = 1e-3
@@ -89,5 +89,4 @@ class PACTQuantizer(Quantizer):
     def fake_quant(self, x):
         v = self.granularity.view(x)
         s, z = self._expanded(v)
-        return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode,
-                          scale_grad="clip" if self.gradient == "pact" else "lsq", fused=self.fused).reshape(x.shape)
+        return self._on_grid(x, v, s, z, *self.qrange, scale_grad="clip" if self.gradient == "pact" else "lsq")

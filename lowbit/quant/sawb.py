@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from lowbit.quant.base import Quantizer
-from lowbit.quant.grid import Granularity, check_bits, fake_quant, int_range
+from lowbit.quant.grid import Granularity, check_bits, int_range
 
 CONVENTIONS = ("even", "odd")
 COEFFICIENTS = {
@@ -134,8 +134,7 @@ class SAWBQuantizer(Quantizer):
     def fake_quant(self, x):
         v = self.granularity.view(x)
         s, z = self._expanded(v)
-        return fake_quant(v, s, z, self.qmin, self.qmax, round_mode=self.round_mode,
-                          pass_through=not self.clip_grad, fused=self.fused).reshape(x.shape)
+        return self._on_grid(x, v, s, z, *self.qrange, pass_through=not self.clip_grad)
 
     def extra_repr(self):
         return super().extra_repr() + f", convention={self.convention}"
