@@ -8,7 +8,7 @@ stores that tensor as ``k = round(m x_hat / s)`` (``m = 1``, or 2 for half-integ
 type that holds the grid's code range (int8, uint8, else int16), or keeps the int8/uint8 codes the fake-quant already
 produced (grids without a zero point; no extra pass), and the backward gets back ``k * (s / m)``. That is ``x_hat`` bit for bit: ``c`` is exact in float32 and ``c * s`` repeats the product that
 produced ``x_hat``; so values and gradients are unchanged (tests/test_saved_codes.py checks the gradients against a
-run without the hook). Cost: one pass over the input in the backward per layer, and three in the forward where the fake-quant gave no codes.
+run without the hook). Cost: two fast passes over the input in the backward per layer, and three in the forward where the fake-quant gave no codes.
 
 Our choice of mechanism (autograd's saved-tensor hooks rather than a hand-written convolution backward): the layer's
 own backward runs unchanged. Tensors other than ``x_hat`` pass through the hook untouched. Not used inside activation
@@ -72,9 +72,10 @@ def _packer(key: tuple, encode, step: torch.Tensor, halves: int):
 
 
 def _unpack(packed):
-    """``codes * step`` (``codes * (step / 2)`` for half-integer codes) in one pass: the integer codes convert
-    exactly, and halving the step is exact, so this is the product that made ``x_hat``."""
+    """``codes * step`` (``codes * (step / 2)`` for half-integer codes): the integer codes convert to float exactly,
+    and halving the step is exact, so this is the product that made ``x_hat``. Converted first and multiplied in
+    place: two vectorized passes, about twice as fast as one mixed-type multiplication on a CPU."""
     if isinstance(packed, torch.Tensor):
         return packed
     codes, step, halves = packed
-    return codes * (step * (1.0 / halves) if halves != 1 else step)
+    return codes.to(step.dtype).mul_(step * (1.0 / halves) if halves != 1 else step)

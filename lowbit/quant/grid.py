@@ -41,6 +41,7 @@ set, whose zero point is the half-integer ``(2^b - 1) / 2``.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -183,12 +184,11 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, round_mode, scale_grad, grad_scale, pass_through, fused,
                 keep_codes):
-        shifted = bool(torch.any(zero_point != 0))
+        shifted = float(zero_point) != 0.0 if zero_point.numel() == 1 else bool(torch.any(zero_point != 0))
         kernels = _fused_kernels() if fused else None
         codes_dtype = _codes_dtype(qmin, qmax) if keep_codes and not shifted else None
         if kernels is not None:
-            bounds = (torch.as_tensor(qmin, dtype=x.dtype, device=x.device),
-                      torch.as_tensor(qmax, dtype=x.dtype, device=x.device))
+            bounds = (_constant(qmin, x.dtype, x.device), _constant(qmax, x.dtype, x.device))
             # detached: a Parameter (a weight) and a plain tensor would be two compiled variants of the same kernel
             outs = _run_fused(kernels[0], x.detach(), scale.detach(), zero_point.detach(), *bounds,
                               round_mode == "half_up", shifted, codes_dtype)
@@ -210,7 +210,8 @@ class _FakeQuant(torch.autograd.Function):
         if hasattr(ctx, "fused"):  # the fused forward ran
             x, scale, zero_point, qmin, qmax = ctx.saved_tensors
             scale_grad, grad_scale, pass_through, shifted, half_up, kernel = ctx.fused
-            args = (grad.contiguous(), x.detach(), scale.detach(), zero_point.detach(), qmin, qmax, torch.tensor(grad_scale, dtype=x.dtype, device=x.device),
+            args = (grad.contiguous(), x.detach(), scale.detach(), zero_point.detach(), qmin, qmax,
+                    _constant(grad_scale, x.dtype, x.device),
                     half_up, shifted, scale_grad if ctx.needs_input_grad[1] else None, pass_through,
                     ctx.needs_input_grad[2])
             grad_x, grad_s, grad_z = _run_fused(kernel, *args) or _fused_backward(*args)
@@ -237,14 +238,33 @@ class _FakeQuant(torch.autograd.Function):
         return grad_x, grad_s, grad_z, None, None, None, None, None, None, None, None
 
 
+def _constant(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``value`` as a tensor for the compiled kernels: a number as a 0-dim tensor made once per value (bounds and LSQ
+    gradient scales repeat every step; never written to), a per-channel range converted as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=dtype, device=device)
+    return _number(float(value), dtype, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _number(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
 def _codes_dtype(qmin, qmax) -> torch.dtype | None:
     """int8 or uint8 where the integer range ``[qmin, qmax]`` (ints) fits, to keep codes in a quarter of the
     memory of float32; None otherwise (per-channel ranges, wider grids)."""
     if isinstance(qmin, int) and isinstance(qmax, int):
-        for dtype in (torch.int8, torch.uint8):
-            info = torch.iinfo(dtype)
-            if info.min <= qmin and qmax <= info.max:
-                return dtype
+        return _int_codes_dtype(qmin, qmax)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _int_codes_dtype(qmin: int, qmax: int) -> torch.dtype | None:
+    for dtype in (torch.int8, torch.uint8):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
     return None
 
 
