@@ -40,6 +40,19 @@ ROWS = ROOT / "docs" / "results" / "minilm.json"
 RECIPES = ["ptq-w8a8", "ptq-w8a8-transformer", "ptq-w4a4-minmax", "ptq-w4a4-aciq", "lsq-w4a8-transformer"]
 FINETUNED = "lsq-w4a8-transformer"
 # alternatives to a shipped recipe's choices, measured beside it: (recipe, changes to its point specs)
+EIGHT_BIT = {"weights": {"bits": 8}}
+POSITION_TABLES_8BIT = {"*position_embeddings": EIGHT_BIT, "*token_type_embeddings": EIGHT_BIT}
+
+
+def w4a8_token(*eight_bit_layers: str) -> tuple[str, dict]:
+    """lsq-w4a8-transformer with group-64 weight steps, 8-bit position tables, per-token min-max inputs, and the
+    layers matching ``eight_bit_layers`` at 8-bit weights."""
+    return ("lsq-w4a8-transformer", {
+        "weights": {"granularity": "group:64"},
+        "activations": {"method": "minmax", "granularity": "token", "symmetric": False},
+        "layers": {**POSITION_TABLES_8BIT, **{pattern: EIGHT_BIT for pattern in eight_bit_layers}}})
+
+
 VARIANTS = {
     "ptq-w8a8-transformer+symmetric-activations": ("ptq-w8a8-transformer", {"activations": {"symmetric": True}}),
     # each feature's range clipped at a percentile of each calibration batch, averaged over batches
@@ -49,36 +62,17 @@ VARIANTS = {
                                                                                         "percentile": 99.99}}),
     "lsq-w4a8-transformer+weights-group64": ("lsq-w4a8-transformer", {"weights": {"granularity": "group:64"}}),
     "lsq-w4a8-transformer+weights-group64+position-tables-8bit": ("lsq-w4a8-transformer", {
-        "weights": {"granularity": "group:64"},
-        "layers": {"*position_embeddings": {"weights": {"bits": 8}},
-                   "*token_type_embeddings": {"weights": {"bits": 8}}}}),
+        "weights": {"granularity": "group:64"}, "layers": POSITION_TABLES_8BIT}),
     # each token's own min-max step, computed from the input at run time (dynamic per-token activations)
     "ptq-w8a8-transformer+token-activations": ("ptq-w8a8-transformer", {"activations": {"granularity": "token"}}),
-    "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations": ("lsq-w4a8-transformer", {
-        "weights": {"granularity": "group:64"},
-        "activations": {"method": "minmax", "granularity": "token", "symmetric": False},
-        "layers": {"*position_embeddings": {"weights": {"bits": 8}},
-                   "*token_type_embeddings": {"weights": {"bits": 8}}}}),
+    "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations": w4a8_token(),
     # the layers whose 4-bit weights cost the most output error when lowered alone (FFN inputs, attention values)
     # kept at 8 bits: +2.2 MB, inside the 6x size budget
-    "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations+ffn-in-value-8bit": (
-        "lsq-w4a8-transformer", {
-            "weights": {"granularity": "group:64"},
-            "activations": {"method": "minmax", "granularity": "token", "symmetric": False},
-            "layers": {"*position_embeddings": {"weights": {"bits": 8}},
-                       "*token_type_embeddings": {"weights": {"bits": 8}},
-                       "*intermediate.dense": {"weights": {"bits": 8}},
-                       "*attention.self.value": {"weights": {"bits": 8}}}}),
+    "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations+ffn-in-value-8bit": w4a8_token(
+        "*intermediate.dense", "*attention.self.value"),
     # and the attention output projections (+0.4 MB: 6.05x smaller than fp32)
-    "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations+ffn-in-value-attn-out-8bit": (
-        "lsq-w4a8-transformer", {
-            "weights": {"granularity": "group:64"},
-            "activations": {"method": "minmax", "granularity": "token", "symmetric": False},
-            "layers": {"*position_embeddings": {"weights": {"bits": 8}},
-                       "*token_type_embeddings": {"weights": {"bits": 8}},
-                       "*intermediate.dense": {"weights": {"bits": 8}},
-                       "*attention.self.value": {"weights": {"bits": 8}},
-                       "*attention.output.dense": {"weights": {"bits": 8}}}}),
+    "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations+ffn-in-value-attn-out-8bit":
+        w4a8_token("*intermediate.dense", "*attention.self.value", "*attention.output.dense"),
 }
 TRAIN_SENTENCES = 4096
 LR = lowbit.load_recipe(FINETUNED).sections["qat"]["lr"]  # the recipe's own rate; rows at another are kept apart
