@@ -12,7 +12,8 @@ compilation happens in the warm-up steps).
 
 Peak memory of a step: the tensors the model holds when the step starts (parameters, buffers, gradients, optimizer
 state) plus the highest running sum of the bytes the step allocates and frees on top of them (activations kept for the
-backward, temporaries), from the allocator's events in ``torch.profiler`` (``profile_memory``; in time order); the same for every model.
+backward, temporaries), from the allocator's events in ``torch.profiler`` (``profile_memory``; in time order); the
+same for every model.
 """
 
 from __future__ import annotations

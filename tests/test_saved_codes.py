@@ -11,8 +11,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from lowbit.nn import QuantConv2d, QuantLinear
-from lowbit.nn.saved_codes import code_dtype, saved_as_codes
+from lowbit.nn.saved_codes import saved_as_codes
 from lowbit.quant import Granularity, make_quantizer
+from lowbit.quant.grid import code_dtype
 
 torch.set_num_threads(1)
 
@@ -33,7 +34,8 @@ def _layer(kind: str, method: str, options: dict, x: torch.Tensor) -> nn.Module:
     if kind == "linear" and options.get("granularity") == "channel":
         options["granularity"] = Granularity("channel", axis=-1)
     wq = make_quantizer("lsq", bits=4, role="weight", granularity="channel")
-    layer = (QuantConv2d if kind == "conv" else QuantLinear).from_float(float_layer, wq, make_quantizer(method, **options))
+    layer_class = QuantConv2d if kind == "conv" else QuantLinear
+    layer = layer_class.from_float(float_layer, wq, make_quantizer(method, **options))
     layer.input_quantizer.init_from(x)
     return layer.train()
 
@@ -48,7 +50,8 @@ def _grads(layer: nn.Module, x0: torch.Tensor, compact: bool):
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-@pytest.mark.parametrize("method,options", INPUT_QUANTIZERS, ids=[f"{m}-{i}" for i, (m, _) in enumerate(INPUT_QUANTIZERS)])
+@pytest.mark.parametrize("method,options", INPUT_QUANTIZERS,
+                         ids=[f"{m}-{i}" for i, (m, _) in enumerate(INPUT_QUANTIZERS)])
 def test_codes_saved_for_the_backward_give_the_same_gradients(kind, method, options):
     if kind == "conv" and options.get("granularity") == "token":
         pytest.skip("per-token steps apply to Linear inputs only")

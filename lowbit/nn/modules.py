@@ -68,6 +68,14 @@ class QuantMixin:
         q.output_grid, q.output_codes, q.keep_codes = None, None, self.compact_saved_input
         return q(x)
 
+    def quantized_call(self, x: torch.Tensor, op) -> torch.Tensor:
+        """``op(x_hat, w_hat, bias)`` on the quantized input and weight, the input saved as codes
+        (:meth:`saving_input`)."""
+        x_hat = self.quantized_input(x)
+        w_hat = self.quantized_weight()
+        with self.saving_input(x_hat):
+            return op(x_hat, w_hat, self.bias)
+
     def saving_input(self, x_hat: torch.Tensor):
         """The context in which the layer's op runs on ``x_hat``, the output of :meth:`quantized_input` just before:
         it saves ``x_hat`` as integer codes where the input quantizer put it on its grid (lowbit.nn.saved_codes)."""
@@ -107,26 +115,17 @@ def rebind(module: nn.Module, cls: type, drop: tuple[str, ...] = ()) -> nn.Modul
 
 class QuantConv1d(QuantMixin, nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.quantized_input(x)
-        w = self.quantized_weight()
-        with self.saving_input(x):
-            return self._conv_forward(x, w, self.bias)
+        return self.quantized_call(x, self._conv_forward)
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.quantized_input(x)
-        w = self.quantized_weight()
-        with self.saving_input(x):
-            return self._conv_forward(x, w, self.bias)
+        return self.quantized_call(x, self._conv_forward)
 
 
 class QuantLinear(QuantMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.quantized_input(x)
-        w = self.quantized_weight()
-        with self.saving_input(x):
-            return nn.functional.linear(x, w, self.bias)
+        return self.quantized_call(x, nn.functional.linear)
 
 
 class QuantEmbedding(QuantMixin, nn.Embedding):

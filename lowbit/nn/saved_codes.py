@@ -5,10 +5,12 @@ an integer (a multiple of 1/2 for SAWB's half-integer zero point) and ``s`` the 
 keeps ``x_hat`` until the backward, for the weight gradient: 4 bytes per element, the largest share of a fine-tuning
 step's memory beside the float activations the model saves anyway. Inside :func:`saved_as_codes`, a saved-tensor hook
 stores that tensor as ``k = round(m x_hat / s)`` (``m = 1``, or 2 for half-integer codes) in the narrowest integer
-type that holds the grid's code range (int8, uint8, else int16), or keeps the int8/uint8 codes the fake-quant already
-produced (grids without a zero point; no extra pass), and the backward gets back ``k * (s / m)``. That is ``x_hat`` bit for bit: ``c`` is exact in float32 and ``c * s`` repeats the product that
-produced ``x_hat``; so values and gradients are unchanged (tests/test_saved_codes.py checks the gradients against a
-run without the hook). Cost: two fast passes over the input in the backward per layer, and three in the forward where the fake-quant gave no codes.
+type that holds the grid's code range (int8, uint8, else int16), or keeps the int8/uint8 codes the fake-quant
+already produced (grids without a zero point; no extra pass), and the backward gets back ``k * (s / m)``. That is
+``x_hat`` bit for bit: ``c`` is exact in float32 and ``c * s`` repeats the product that produced ``x_hat``; so values
+and gradients are unchanged (tests/test_saved_codes.py checks the gradients against a run without the hook). Cost:
+two fast passes over the input in the backward per layer, and three in the forward where the fake-quant gave no
+codes.
 
 Our choice of mechanism (autograd's saved-tensor hooks rather than a hand-written convolution backward): the layer's
 own backward runs unchanged. Tensors other than ``x_hat`` pass through the hook untouched. Not used inside activation
@@ -21,16 +23,7 @@ import contextlib
 
 import torch
 
-CODE_TYPES = (torch.int8, torch.uint8, torch.int16)
-
-
-def code_dtype(low: float, high: float) -> torch.dtype | None:
-    """The narrowest integer type of :data:`CODE_TYPES` holding ``[low, high]``; None when none does."""
-    for dtype in CODE_TYPES:
-        info = torch.iinfo(dtype)
-        if info.min <= low and high <= info.max:
-            return dtype
-    return None
+from lowbit.quant.grid import code_dtype
 
 
 def saved_as_codes(x_hat: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin, qmax,

@@ -251,21 +251,30 @@ def _number(value: float, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(value, dtype=dtype, device=device)
 
 
+CODE_TYPES = (torch.int8, torch.uint8, torch.int16)
+BYTE_CODE_TYPES = CODE_TYPES[:2]
+
+
+def code_dtype(low: float, high: float, types: tuple[torch.dtype, ...] = CODE_TYPES) -> torch.dtype | None:
+    """The narrowest integer type of ``types`` holding ``[low, high]``; None when none does."""
+    for dtype in types:
+        info = torch.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    return None
+
+
 def _codes_dtype(qmin, qmax) -> torch.dtype | None:
     """int8 or uint8 where the integer range ``[qmin, qmax]`` (ints) fits, to keep codes in a quarter of the
     memory of float32; None otherwise (per-channel ranges, wider grids)."""
     if isinstance(qmin, int) and isinstance(qmax, int):
-        return _int_codes_dtype(qmin, qmax)
+        return _byte_code_dtype(qmin, qmax)
     return None
 
 
 @functools.lru_cache(maxsize=None)
-def _int_codes_dtype(qmin: int, qmax: int) -> torch.dtype | None:
-    for dtype in (torch.int8, torch.uint8):
-        info = torch.iinfo(dtype)
-        if info.min <= qmin and qmax <= info.max:
-            return dtype
-    return None
+def _byte_code_dtype(qmin: int, qmax: int) -> torch.dtype | None:
+    return code_dtype(qmin, qmax, BYTE_CODE_TYPES)
 
 
 def _mark_codes(ctx, out: torch.Tensor, codes: torch.Tensor | None):
@@ -303,7 +312,7 @@ def _fused_backward(grad, x, scale, zero_point, qmin, qmax, grad_scale, half_up:
 
 
 _FUSED: dict = {}
-RECOMPILE_LIMIT = 256  # kernel variants: grid flags x tensor ranks x step layouts x code types, over the models of one process
+RECOMPILE_LIMIT = 256  # kernel variants: grid flags x tensor ranks x step layouts x code types, all models of a process
 
 
 def _fused_kernels():
