@@ -9,8 +9,9 @@ the test documents are reported; fine-tuning draws from the train documents. No 
 Per recipe: mean and worst cosine between the float and quantized mean-pooled embeddings, the share of sentences
 whose nearest other held-out sentence is the same for both (lowbit.llm.encoder), and the stored size of the model
 (lowbit.stored_size_bytes: packed weights and tables at their bit widths, steps, float LayerNorms and biases)
-against fp32. ``lsq-w4a8-transformer`` is measured as calibrated and after ``--finetune-steps`` steps of
-distillation from the float model (lowbit.finetune; sentence and token cosine).
+against fp32. ``--finetune-recipe`` (``lsq-w4a8-transformer``, ``lsq-w4a8-bert`` or a variant of them) is
+measured as calibrated and after ``--finetune-steps`` steps of distillation from the float model (lowbit.finetune;
+sentence and token cosine) with the recipe's own fine-tuning settings (``--lr`` overrides its rate).
 
 Rows go to docs/results/minilm.json as they finish (a rerun skips rows already there); the section "minilm" of
 docs/RESULTS.md is rewritten from all rows.
@@ -37,8 +38,10 @@ from lowbit.zoo.encoders import load_encoder  # noqa: E402
 
 SEED = 0
 ROWS = ROOT / "docs" / "results" / "minilm.json"
-RECIPES = ["ptq-w8a8", "ptq-w8a8-transformer", "ptq-w4a4-minmax", "ptq-w4a4-aciq", "lsq-w4a8-transformer"]
+RECIPES = ["ptq-w8a8", "ptq-w8a8-transformer", "ptq-w4a4-minmax", "ptq-w4a4-aciq", "lsq-w4a8-transformer",
+           "lsq-w4a8-bert"]
 FINETUNED = "lsq-w4a8-transformer"
+TUNABLE = ["lsq-w4a8-transformer", "lsq-w4a8-bert"]  # the shipped recipes meant to be fine-tuned
 # alternatives to a shipped recipe's choices, measured beside it: (recipe, changes to its point specs)
 EIGHT_BIT = {"weights": {"bits": 8}}
 POSITION_TABLES_8BIT = {"*position_embeddings": EIGHT_BIT, "*token_type_embeddings": EIGHT_BIT}
@@ -75,7 +78,12 @@ VARIANTS = {
         w4a8_token("*intermediate.dense", "*attention.self.value", "*attention.output.dense"),
 }
 TRAIN_SENTENCES = 4096
-LR = lowbit.load_recipe(FINETUNED).sections["qat"]["lr"]  # the recipe's own rate; rows at another are kept apart
+
+
+def finetune_settings(key: str) -> dict:
+    """The fine-tuning section of a shipped recipe, or of the recipe a variant changes; rows at another learning
+    rate than that section's are kept apart."""
+    return lowbit.load_recipe(VARIANTS.get(key, (key,))[0]).sections["qat"]
 
 
 def measure(qmodel, model, references: dict, fp32_bytes) -> dict:
@@ -151,11 +159,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default=",".join(RECIPES + list(VARIANTS)))
     ap.add_argument("--finetune-steps", type=int, default=300)
-    ap.add_argument("--finetune-recipe", default=FINETUNED, choices=[FINETUNED] + [v for v, (r, _) in VARIANTS.items()
-                                                                                    if r == FINETUNED])
+    ap.add_argument("--finetune-recipe", default=FINETUNED, choices=TUNABLE + [v for v, (r, _) in VARIANTS.items()
+                                                                              if r in TUNABLE])
     ap.add_argument("--train-sentences", type=int, default=TRAIN_SENTENCES)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=LR, help="fine-tuning learning rate (choose by the calib cosine)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="fine-tuning learning rate (default: the recipe's; choose by the calib cosine)")
     ap.add_argument("--fresh", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(SEED)
@@ -181,7 +190,9 @@ def main() -> None:
               f"{100 * row['same_neighbour']:.1f} %, {row['times_smaller']:.2f}x smaller", flush=True)
         write(load_rows(ROWS), meta)
     tuned = args.finetune_recipe
-    key = (f"{tuned}+finetune{args.finetune_steps}" + (f"+lr{args.lr:g}" if args.lr != LR else "")
+    settings = finetune_settings(tuned)
+    lr = settings["lr"] if args.lr is None else args.lr
+    key = (f"{tuned}+finetune{args.finetune_steps}" + (f"+lr{lr:g}" if lr != settings["lr"] else "")
            + (f"+{args.train_sentences}sentences" if args.train_sentences != TRAIN_SENTENCES else ""))
     if args.finetune_steps and key not in done:
         start = time.perf_counter()
@@ -189,12 +200,12 @@ def main() -> None:
         before = embedding_agreement(calib_reference, sentence_embeddings(qmodel, calib))["cosine_mean"]
         train = encode(tokenizer, sentences("train", args.train_sentences, seed=SEED), batch_size=args.batch_size)
         lowbit.finetune(qmodel, train, teacher=model, eval_data=calib,
-                        config={**lowbit.load_recipe(FINETUNED).sections["qat"], "lr": args.lr,
+                        config={**settings, "lr": lr,
                                 "max_steps": args.finetune_steps, "epochs": 100})
         row = {"key": key, "recipe": VARIANTS.get(tuned, (tuned,))[0], "variant": tuned if tuned in VARIANTS else None,
                **measure(qmodel, model, references, fp32_bytes),
                "seconds": time.perf_counter() - start, "finetune_steps": args.finetune_steps,
-               "batch_size": args.batch_size, "train_sentences": args.train_sentences, "lr": args.lr,
+               "batch_size": args.batch_size, "train_sentences": args.train_sentences, "lr": lr,
                "calib_cosine_before": before}
         row["calib_cosine_after"] = row["val_cosine_mean"]  # the calib sentences are the validation split
         store_row(ROWS, row)

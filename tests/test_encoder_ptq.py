@@ -15,11 +15,11 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 50
 
 
-def tiny_bert(seed: int = 0):
-    """A 2-layer BertModel (hidden 16) with random weights, in eval mode."""
+def tiny_bert(seed: int = 0, hidden: int = 16):
+    """A 2-layer BertModel (hidden 16 unless told) with random weights, in eval mode."""
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=32)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=2 * hidden, max_position_embeddings=32)
     return transformers.BertModel(config).eval()
 
 
@@ -42,7 +42,7 @@ def shipped_for_models():
 
 @pytest.mark.parametrize("recipe", shipped_for_models())
 def test_every_shipped_recipe_takes_tokenizer_batches(recipe):
-    model = tiny_bert()
+    model = tiny_bert(hidden=64)  # whole groups of 64 weights for lsq-w4a8-bert
     qmodel = lowbit.quantize(model, recipe, calib_data=token_batches(2, 1))
     embeddings = [n for n, m in qmodel.named_modules() if isinstance(m, QuantEmbedding)]
     assert embeddings == ["embeddings.word_embeddings", "embeddings.position_embeddings",
@@ -50,7 +50,7 @@ def test_every_shipped_recipe_takes_tokenizer_batches(recipe):
     batch = token_batches(1, 2)[0]
     with torch.no_grad():
         out = qmodel(**batch).last_hidden_state
-    assert torch.isfinite(out).all() and out.shape == (8, 12, 16)
+    assert torch.isfinite(out).all() and out.shape == (8, 12, 64)
     assert not any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())  # the caller's model
 
 
@@ -174,6 +174,21 @@ def test_layer_patterns_override_single_embedding_tables():
     with pytest.raises(RecipeError, match=r"'\*nowhere_embeddings' matches no.*embedding tables: embeddings\.word"):
         lowbit.quantize(tiny_bert(), {**recipe, "layers": {"*nowhere_embeddings": {"weights": {"bits": 8}}}},
                         calib_data=token_batches(1, 1))
+
+
+def test_the_bert_recipe_keeps_the_sensitive_layers_at_8_bits_and_the_rest_at_4():
+    """lsq-w4a8-bert: FFN inputs, attention values and output projections, position and token-type tables at 8-bit
+    weights; queries, keys, FFN outputs and word embeddings at 4; every Linear input per-token 8-bit."""
+    qmodel = lowbit.quantize(tiny_bert(hidden=64), "lsq-w4a8-bert", calib_data=token_batches(1, 1))
+    layer = qmodel.encoder.layer[0]
+    eight = [layer.intermediate.dense, layer.attention.self.value, layer.attention.output.dense,
+             qmodel.embeddings.position_embeddings, qmodel.embeddings.token_type_embeddings]
+    four = [layer.attention.self.query, layer.attention.self.key, layer.output.dense, qmodel.embeddings.word_embeddings]
+    assert [m.weight_quantizer.bits for m in eight] == [8] * 5
+    assert [m.weight_quantizer.bits for m in four] == [4] * 4
+    assert layer.attention.self.query.weight_quantizer.granularity.group_size == 64
+    assert {(m.input_quantizer.bits, m.input_quantizer.granularity.kind) for m in layer.modules()
+            if isinstance(m, torch.nn.Linear)} == {(8, "token")}
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused_at_quantize_time():
