@@ -66,6 +66,13 @@ VARIANTS = {
     "lsq-w4a8-transformer+weights-group64": ("lsq-w4a8-transformer", {"weights": {"granularity": "group:64"}}),
     "lsq-w4a8-transformer+weights-group64+position-tables-8bit": ("lsq-w4a8-transformer", {
         "weights": {"granularity": "group:64"}, "layers": POSITION_TABLES_8BIT}),
+    # output-error calibration instead of min-max: weight steps at the least squared quantization error (LSQ's mse
+    # init, not trained here), the mean output shift of each layer's weight error folded into its bias, or both
+    "ptq-w8a8-transformer+weights-mse": ("ptq-w8a8-transformer", {"weights": {"method": "lsq", "init": "mse"}}),
+    "ptq-w8a8-transformer+bias-correction": ("ptq-w8a8-transformer", {"weights": {"bias_correction": True}}),
+    # each input feature's step and offset at the least squared error on the calibration batches
+    "ptq-w8a8-transformer+activations-mse": ("ptq-w8a8-transformer", {"activations": {
+        "method": "lsq", "init": "mse", "asymmetric": True}}),
     # each token's own min-max step, computed from the input at run time (dynamic per-token activations)
     "ptq-w8a8-transformer+token-activations": ("ptq-w8a8-transformer", {"activations": {"granularity": "token"}}),
     "lsq-w4a8-transformer+weights-group64+position-tables-8bit+token-activations": w4a8_token(),
