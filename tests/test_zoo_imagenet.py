@@ -257,7 +257,8 @@ def test_relu6_saturated_by_the_next_grid_is_left_to_quantizelinear(tiny, tmp_pa
     """A ReLU6 whose readers' grids already map 0 and 6 to their end codes (through zero padding too) is left out of
     the ONNX graph, exactly; the one feeding the float identity addition stays. Without those Clips (with every
     activation in uint8, and the TensorFlow padding applied to codes), onnxruntime fuses the speed export's convs into
-    QLinearConv, all but the stem's, whose output goes to the kept Clip first."""
+    QLinearConv; the stem's too, since the speed export puts its output on an 8-bit grid spanning [0, 6], which
+    saturates where the ReLU6 does and so replaces it."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     qmodel = lowbit.quantize(tiny, "ptq-w8a8", calib_data=_batches(2, 4))
@@ -273,7 +274,11 @@ def test_relu6_saturated_by_the_next_grid_is_left_to_quantizelinear(tiny, tmp_pa
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(speed.SerializeToString(), options, providers=["CPUExecutionProvider"])
     fused = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
-    assert fused.count("QLinearConv") == 9 and fused.count("Conv") + fused.count("FusedConv") == 1
+    assert "Clip" not in [n.op_type for n in speed.graph.node]
+    scales = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in speed.graph.initializer
+              if i.name.endswith("_cscale")}
+    assert scales == {"stem_0_cscale": [pytest.approx(6 / 255)]}
+    assert fused.count("QLinearConv") == 10 and fused.count("Conv") + fused.count("FusedConv") == 0
 
 
 def test_verify_reports_agreement_with_the_float64_evaluation_too(tiny, tmp_path):

@@ -49,7 +49,11 @@ int32 (``DequantizeLinear`` with step ``s_w s_x``, the QDQ convention), so that 
 ResNet fuses into ``QLinearConv`` (below 8 bits the scaled codes above make that bias ``2^k``
 times finer). This changes the numbers (an extra
 8-bit rounding on the residual path, and the int32 bias): it is a speed option, used by
-``benchmarks/export_speed.py``, with its accuracy in ``benchmarks/export_engine.py``.
+``benchmarks/export_speed.py``, with its accuracy in ``benchmarks/export_engine.py``. A layer whose output
+reaches no quantized layer but a clamp first (MobileNetV2's and EfficientNet-Lite's last convolution: ReLU6, then
+global pooling) gets an 8-bit grid spanning the clamp's bounds, ``s = (hi - lo) / 255``, which saturates exactly
+where the clamp does, so the clamp is left out and the layer fuses too (one more 8-bit rounding, before the
+pooling).
 """
 
 from __future__ import annotations
@@ -177,6 +181,15 @@ class _Builder:
         z = self.const(value + "_rzero", np.array(128, np.uint8))
         q = self.node("QuantizeLinear", [value, s, z], value + "_rq")
         return self.node("DequantizeLinear", [q, s, z], value + "_rdq")
+
+    def qdq_range(self, value: str, lo: float, hi: float) -> str:
+        """``value`` through an unsigned 8-bit grid spanning ``[lo, hi]`` (``lo <= 0 < hi``): step
+        ``(hi - lo) / 255``, zero point ``round(-lo / step)``; it saturates at ``lo`` and ``hi``, as a clamp does."""
+        step = np.float32((hi - lo) / 255.0)
+        s = self.const(value + "_cscale", np.array(step, np.float32))
+        z = self.const(value + "_czero", np.array(round(-lo / float(step)), np.uint8))
+        q = self.node("QuantizeLinear", [value, s, z], value + "_cq")
+        return self.node("DequantizeLinear", [q, s, z], value + "_cdq")
 
     def padded_codes(self, value: str, g: GridData, ndim: int, pad_consts: list[str], base: str) -> str:
         """Zero padding of ``value`` applied to its codes on ``g``: ``Q -> Pad (with z) -> DQ``, the same numbers as
@@ -328,7 +341,7 @@ def to_onnx(source, path: str | os.PathLike | None = None, *, input_shape=None, 
                               "get 8-bit grids from their calibrated range")
         plain = _build(exp, input_shape, {})
         residual_scales = _calibrate_residual(exp, plain, calib_data, calib_batches)
-    model = _build(exp, input_shape, residual_scales)
+    model = _build(exp, input_shape, residual_scales, _clamped_outputs(exp) if quantize_residual else {})
     onnx.checker.check_model(model)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +356,21 @@ def _residual_inputs(exp: Exported) -> list[str]:
     for n in exp.graph.nodes:
         if n.op == "add":
             out += [i for i in n.inputs if by_name[i].op in LAYER_OPS and i not in out]
+    return out
+
+
+def _clamped_outputs(exp: Exported) -> dict[str, tuple[float, float]]:
+    """Layer outputs read only by a clamp that is not a saturation of quantized readers (``_clamp_is_saturation``):
+    ``{layer node: (lo, hi)}`` of the clamp, the range an output grid of the speed export spans."""
+    users = exp.graph.users()
+    out = {}
+    for n in exp.graph.nodes:
+        readers = users[n.name]
+        if n.op in LAYER_OPS and len(readers) == 1 and readers[0].op == "clamp" \
+                and not _clamp_is_saturation(readers[0], users, exp):
+            lo, hi = readers[0].attrs["min"], readers[0].attrs["max"]
+            if lo <= 0.0 < hi:
+                out[n.name] = (float(lo), float(hi))
     return out
 
 
@@ -401,7 +429,8 @@ def _codes_grid_of_readers(readers: list, exp: Exported) -> GridData | None:
     return grids[0] if same else None
 
 
-def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
+def _build(exp: Exported, input_shape, residual_scales: dict[str, float],
+           clamped: dict[str, tuple[float, float]] | None = None):
     from onnx import TensorProto, helper  # deferred: onnx is an optional dependency
 
     b = _Builder(exp, residual_scales=residual_scales)
@@ -446,10 +475,12 @@ def _build(exp: Exported, input_shape, residual_scales: dict[str, float]):
                 out = b.node("Add", [out, bias_const], n.name + "_biased")
             if n.name in residual_scales:
                 out = b.qdq_int8(out, residual_scales[n.name])
+            if n.name in (clamped or {}):
+                out = b.qdq_range(out, *clamped[n.name])
             vals[n.name], ndim[n.name] = out, nd
         elif n.op == "relu":
             vals[n.name], ndim[n.name] = b.node("Relu", src, n.name), ndim[n.inputs[0]]
-        elif n.op == "clamp" and _clamp_is_saturation(n, users, exp):
+        elif n.op == "clamp" and (_clamp_is_saturation(n, users, exp) or n.inputs[0] in (clamped or {})):
             vals[n.name], ndim[n.name] = src[0], ndim[n.inputs[0]]
         elif n.op == "clamp":
             bounds = [b.const(f"{n.name}_{k}", np.array(n.attrs[k], np.float32)) for k in ("min", "max")]
