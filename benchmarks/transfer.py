@@ -14,7 +14,7 @@ also calibrate), the 10,000 test images reported for information.
    ``--fp-steps`` steps of batch 64 (859: one epoch; SGD, Nesterov momentum 0.9, lr ``--fp-lr`` cosine with 50
    warm-up steps, weight decay 4e-5). Kept in ``runs/transfer/`` so a rerun of the quantized rows reuses it.
 2. *PTQ recipes*: calibrated on the 512 images, no training.
-3. *QAT recipes*: the recipe's ``qat:`` settings (optimizer, lr, schedule, quantizer settings), cut to
+3. *QAT recipes* (and the levers of benchmarks/qat.py, e.g. ``lsq-w2a2+clip``): the recipe's ``qat:`` settings (optimizer, lr, schedule, quantizer settings), cut to
    ``--qat-steps`` steps of batch 64, with distillation from the FP transfer model (the recipe's weight and
    temperature) unless ``--no-distill``.
 
@@ -35,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagenet_agreement import recipe_for  # noqa: E402
+from qat import VARIANTS, recipe_spec  # noqa: E402
 from results_page import ROOT, git_commit, load_rows, store_row, write_section  # noqa: E402
 
 import lowbit  # noqa: E402
@@ -122,10 +123,11 @@ def measure(model: nn.Module, data: dict) -> dict:
 
 def quantized_row(fp: nn.Module, recipe_name: str, data: dict, args, log) -> dict:
     start = time.perf_counter()
-    qmodel = lowbit.quantize(fp, recipe_for(recipe_name, fp), calib_data=[x for x, _ in data["calib"]])
+    recipe = recipe_spec(recipe_name) if recipe_name in VARIANTS else recipe_for(recipe_name, fp)
+    qmodel = lowbit.quantize(fp, recipe, calib_data=[x for x, _ in data["calib"]])
     row = {"kind": "PTQ", "steps": 0, "distill": False}
-    if recipe_name in QAT:
-        config = lowbit.FinetuneConfig.from_recipe(recipe_name, max_steps=args.qat_steps, batch_size=BATCH,
+    if recipe_name in QAT or recipe_name in VARIANTS:
+        config = lowbit.FinetuneConfig.from_recipe(recipe, max_steps=args.qat_steps, batch_size=BATCH,
                                                    seed=args.seed, log_every=50, tensorboard=False,
                                                    compile_quantizers=args.compile_quantizers,
                                                    **({"distill_weight": 0.0} if args.no_distill else {}))
@@ -186,8 +188,9 @@ def main() -> None:
             store_row(ROWS, row, key=key)
             log(f"{model_name} fp32: validation {row['val_top1']:.2f}, test {row['test_top1']:.2f}")
         for recipe in [r for r in args.recipes.split(",") if r]:
-            steps = args.qat_steps if recipe in QAT else 0
-            if (model_name, fp_info["fp_key"], recipe, steps, recipe in QAT and not args.no_distill) in done:
+            qat = recipe in QAT or recipe in VARIANTS  # a shipped QAT recipe or a lever of benchmarks/qat.py
+            steps = args.qat_steps if qat else 0
+            if (model_name, fp_info["fp_key"], recipe, steps, qat and not args.no_distill) in done:
                 continue
             row = {**base, "recipe": recipe, **quantized_row(fp, recipe, data, args, log), "commit": git_commit()}
             store_row(ROWS, row, key=key)
